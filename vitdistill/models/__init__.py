@@ -1,0 +1,125 @@
+"""Model variants by name (timm's spelling), the factories `create` / `create_dino`, and `adapt_params`."""
+import dataclasses
+
+import flax.linen as nn
+import flax.traverse_util
+import numpy as np
+from absl import logging
+
+from vitdistill.errors import CheckpointError, ConfigError
+from vitdistill.models.dino import DINO, DinoHead
+from vitdistill.models.regnet import RegNet
+from vitdistill.models.resnet import ResNet
+from vitdistill.models.vit import VisionTransformer, last_attention, resample_pos_embed
+
+__all__ = ['MODELS', 'create', 'create_dino', 'adapt_params', 'VisionTransformer', 'DINO', 'DinoHead', 'ResNet',
+           'RegNet', 'last_attention', 'resample_pos_embed']
+
+_TINY = dict(embed_dim=192, depth=12, num_heads=3)
+_SMALL = dict(embed_dim=384, depth=12, num_heads=6)
+_BASE = dict(embed_dim=768, depth=12, num_heads=12)
+_MICRO = dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4)
+
+MODELS = {
+    # DeiT (arXiv 2012.12877), ImageNet-1k classifiers.
+    'deit_tiny_patch16_224': (VisionTransformer, _TINY),
+    'deit_small_patch16_224': (VisionTransformer, _SMALL),
+    'deit_base_patch16_224': (VisionTransformer, _BASE),
+    'deit_base_patch16_384': (VisionTransformer, dict(_BASE, img_size=384)),
+    'deit_tiny_distilled_patch16_224': (VisionTransformer, dict(_TINY, distilled=True)),
+    'deit_small_distilled_patch16_224': (VisionTransformer, dict(_SMALL, distilled=True)),
+    'deit_base_distilled_patch16_224': (VisionTransformer, dict(_BASE, distilled=True)),
+    'deit_base_distilled_patch16_384': (VisionTransformer, dict(_BASE, img_size=384, distilled=True)),
+    # DINO (arXiv 2104.14294) backbones: CLS features, no classifier.
+    'vit_small_patch16_224': (VisionTransformer, dict(_SMALL, num_classes=0)),
+    'vit_small_patch8_224': (VisionTransformer, dict(_SMALL, patch_size=8, num_classes=0)),
+    'vit_base_patch16_224': (VisionTransformer, dict(_BASE, num_classes=0)),
+    'vit_base_patch8_224': (VisionTransformer, dict(_BASE, patch_size=8, num_classes=0)),
+    # CNN teachers.
+    'resnet18': (ResNet, dict(block='basic', layers=(2, 2, 2, 2))),
+    'resnet50': (ResNet, dict(block='bottleneck', layers=(3, 4, 6, 3))),
+    'regnety_160': (RegNet, dict(w0=200, wa=106.23, wm=2.48, group_size=112, depth=18, se_ratio=0.25)),
+    # Small variants for CPU work on 28-32 px images.
+    'deit_micro_patch4_32': (VisionTransformer, dict(_MICRO, num_classes=10)),
+    'deit_micro_distilled_patch4_32': (VisionTransformer, dict(_MICRO, num_classes=10, distilled=True)),
+    'vit_micro_patch4_32': (VisionTransformer, dict(_MICRO, num_classes=0)),
+    'resnet_micro': (ResNet, dict(block='basic', layers=(1, 1, 1, 1), widths=(32, 64, 128, 256), stem_width=32,
+                                  cifar_stem=True, num_classes=10)),
+}
+
+
+def create(name: str, **overrides) -> nn.Module:
+    """The module for `name`, with dataclass fields overridden (num_classes, img_size, dtype, ...)."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    module_cls, defaults = MODELS[name]
+    fields = [f.name for f in dataclasses.fields(module_cls) if f.name not in ('parent', 'name')]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ConfigError(f"{name} ({module_cls.__name__}) has no field {', '.join(map(repr, unknown))}; "
+                         f"valid fields: {', '.join(fields)}")
+    return module_cls(**{**defaults, **overrides})
+
+
+def create_dino(backbone_name: str, *, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                norm_last_layer: bool = True, **backbone_overrides) -> DINO:
+    """A DINO student/teacher: the named ViT backbone (num_classes=0) plus the projection head."""
+    if backbone_overrides.get('num_classes', 0) != 0:
+        raise ConfigError(f"a DINO backbone has no classifier; drop num_classes={backbone_overrides['num_classes']}")
+    backbone = create(backbone_name, **{**backbone_overrides, 'num_classes': 0})
+    if not isinstance(backbone, VisionTransformer):
+        raise ConfigError(f"DINO needs a Vision Transformer backbone; {backbone_name!r} is a {type(backbone).__name__}")
+    head = DinoHead(out_dim, hidden_dim, bottleneck_dim, norm_last_layer,
+                    dtype=backbone.dtype, param_dtype=backbone.param_dtype)
+    return DINO(backbone, head)
+
+
+CLASSIFIER_SCOPES = ('head', 'head_dist', 'fc')  # ViT/DINO/RegNet heads, ResNet's fc
+
+
+def _prefix_tokens(pos_embed_path, flat_params):
+    return 2 if pos_embed_path.replace('pos_embed', 'dist_token') in flat_params else 1
+
+
+def adapt_params(loaded, target):
+    """Pretrained `loaded` params fitted to a fresh model's `target` params, for fine-tuning.
+
+    - a 224-px position embedding is resampled to the target's grid with plain bicubic
+      (`F.interpolate(mode='bicubic')`, as the official DeiT fine-tuning script does);
+    - a classifier or DINO head that is absent or sized for other classes keeps its fresh init;
+    - backbone-only params load into a DINO model's `backbone`, and a DINO model's backbone
+      into a plain ViT.
+    Any other mismatch (another width or depth) is an error naming every clash.
+    """
+    if 'backbone' in target and 'backbone' not in loaded:
+        loaded = {'backbone': loaded}
+    elif 'backbone' in loaded and 'backbone' not in target:
+        loaded = loaded['backbone']
+    loaded = flax.traverse_util.flatten_dict(loaded, sep='/')
+    target = flax.traverse_util.flatten_dict(target, sep='/')
+    fitted, fresh, clashes = {}, [], []
+    for path, fresh_value in target.items():
+        value = loaded.get(path)
+        if value is None:
+            fresh.append(path)
+        elif value.shape == fresh_value.shape:
+            fitted[path] = value
+        elif path.endswith('pos_embed') and _prefix_tokens(path, loaded) == _prefix_tokens(path, target):
+            prefix = _prefix_tokens(path, target)
+            grid = int(round((fresh_value.shape[1] - prefix) ** 0.5))
+            fitted[path] = np.asarray(resample_pos_embed(value, (grid, grid), prefix, antialias=False))
+            logging.info('resampled %s from %s to %s', path, value.shape, fresh_value.shape)
+        elif path.split('/')[0] in CLASSIFIER_SCOPES:
+            fresh.append(path)
+        else:
+            clashes.append(f'{path}: pretrained {list(value.shape)}, model {list(fresh_value.shape)}')
+    if clashes or not any(path in loaded for path in target):
+        raise CheckpointError('the pretrained params do not fit this model (another architecture?):\n  '
+                         + '\n  '.join(clashes or ['no parameter name in common']))
+    if fresh:
+        logging.warning('kept the fresh init of %d params not in (or not fitting) the pretrained ones: %s',
+                     len(fresh), ', '.join(fresh))
+    unused = sorted(set(loaded) - set(target))
+    if unused:
+        logging.info('ignored %d pretrained params the model does not have: %s', len(unused), ', '.join(unused))
+    return flax.traverse_util.unflatten_dict({**target, **fitted}, sep='/')

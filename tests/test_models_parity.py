@@ -1,0 +1,171 @@
+"""Parity with the PyTorch reference models: timm 1.0 for every named model, and a DINO head
+written in the official layout (facebookresearch/dino `DINOHead` and `MultiCropWrapper`).
+
+Random weights, batch 2, eval mode, float32 on the CPU (where XLA's float32 matmuls are full
+precision, so no `jax_default_matmul_precision` setting is needed). Target: max |Δ| <= 1e-4,
+scaled by the output magnitude when it exceeds 1 (the CNNs, after randomising BatchNorm).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch', reason="torch is not installed (pip install -e '.[torch]')")
+timm = pytest.importorskip('timm', reason="timm is not installed (pip install -e '.[torch]')")
+F = torch.nn.functional
+
+from vitdistill.convert import from_torch  # noqa: E402
+from vitdistill.models import MODELS, create, create_dino, resample_pos_embed  # noqa: E402
+
+TIMM_NAMES = [name for name in MODELS if 'micro' not in name]
+# Non-native input sizes, checked against timm's `dynamic_img_size=True` resampling.
+OTHER_SIZES = {
+    'vit_small_patch16_224': [96], 'vit_small_patch8_224': [96],
+    'vit_base_patch16_224': [96], 'vit_base_patch8_224': [96],
+    'deit_tiny_patch16_224': [384], 'deit_tiny_distilled_patch16_224': [384],
+}
+
+
+def nhwc(images):
+    return jnp.asarray(images.numpy().transpose(0, 2, 3, 1))
+
+
+def check_close(actual, expected, what):
+    """Asserts max |Δ| <= 1e-4 * max(1, output scale); prints the error for the report."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    error, scale = float(np.abs(actual - expected).max()), float(np.abs(expected).max())
+    print(f'{what}: max abs error {error:.2e} (output scale {scale:.3g})')
+    assert error <= 1e-4 * max(1.0, scale), f'{what}: max abs error {error:.3g} at output scale {scale:.3g}'
+
+
+def timm_model(name):
+    kwargs = {'dynamic_img_size': True} if name in OTHER_SIZES else {}
+    if name.startswith('vit_'):
+        kwargs['num_classes'] = 0
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    # timm starts BatchNorm at identity statistics and zero-inits each block's last scale,
+    # which would hide layout mistakes: randomise them.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize('name', TIMM_NAMES)
+def test_matches_timm(name):
+    reference = timm_model(name)
+    variables = from_torch(reference.state_dict(), name)
+    model = create(name)
+    assert (sum(x.size for x in jax.tree.leaves(variables['params']))
+            == sum(p.numel() for p in reference.parameters()))
+    apply = jax.jit(model.apply, static_argnames=('train', 'both_heads'))
+    generator = torch.Generator().manual_seed(1)
+    for size in [getattr(model, 'img_size', 224)] + OTHER_SIZES.get(name, []):
+        images = torch.randn(2, 3, size, size, generator=generator)
+        with torch.no_grad():
+            expected = reference(images)
+        check_close(apply(variables, nhwc(images)), expected, f'{name} {size}px')
+
+    if getattr(model, 'distilled', False):  # both heads, as in distillation training
+        reference.train()
+        reference.set_distilled_training(True)
+        with torch.no_grad():
+            expected_cls, expected_dist = reference(images)
+        actual_cls, actual_dist = apply(variables, nhwc(images), train=True)
+        check_close(actual_cls, expected_cls, f'{name} {size}px train cls head')
+        check_close(actual_dist, expected_dist, f'{name} {size}px train dist head')
+
+
+@pytest.mark.parametrize('antialias', [False, True])
+@pytest.mark.parametrize('grid', [(6, 6), (24, 24), (7, 12), (1, 1)])
+def test_resample_pos_embed_matches_torch_interpolate(grid, antialias):
+    pos_embed = torch.randn(1, 2 + 14 * 14, 8, generator=torch.Generator().manual_seed(0))
+    patches = pos_embed[:, 2:].reshape(1, 14, 14, 8).permute(0, 3, 1, 2)
+    resampled = F.interpolate(patches, size=grid, mode='bicubic', align_corners=False, antialias=antialias)
+    expected = torch.cat([pos_embed[:, :2], resampled.permute(0, 2, 3, 1).reshape(1, -1, 8)], dim=1)
+    actual = resample_pos_embed(jnp.asarray(pos_embed.numpy()), grid, 2, antialias=antialias)
+    np.testing.assert_allclose(actual, expected.numpy(), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# DINO head and multi-crop wrapper, written as in the official repository.
+# ---------------------------------------------------------------------------
+
+
+class OfficialDinoHead(torch.nn.Module):
+    """facebookresearch/dino's DINOHead (use_bn=False, nlayers=3)."""
+
+    def __init__(self, in_dim, out_dim, norm_last_layer, parametrized, hidden_dim=2048, bottleneck_dim=256):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(in_dim, hidden_dim), torch.nn.GELU(),
+            torch.nn.Linear(hidden_dim, hidden_dim), torch.nn.GELU(),
+            torch.nn.Linear(hidden_dim, bottleneck_dim))
+        linear = torch.nn.Linear(bottleneck_dim, out_dim, bias=False)
+        if parametrized:  # torch >= 2.1 spelling: parametrizations.weight.original0/original1
+            self.last_layer = torch.nn.utils.parametrizations.weight_norm(linear)
+            gain = self.last_layer.parametrizations.weight.original0
+        else:
+            self.last_layer = torch.nn.utils.weight_norm(linear)
+            gain = self.last_layer.weight_g
+        with torch.no_grad():
+            gain.fill_(1.0) if norm_last_layer else gain.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
+
+
+class OfficialMultiCrop(torch.nn.Module):
+    """facebookresearch/dino's MultiCropWrapper: backbone per run of equal resolutions, head once."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, crops):
+        sizes = torch.tensor([crop.shape[-1] for crop in crops])
+        ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0)
+        features, start = [], 0
+        for end in ends.tolist():
+            features.append(self.backbone(torch.cat(crops[start:end])))
+            start = end
+        return self.head(torch.cat(features))
+
+
+DINO_CASES = {
+    'micro, norm_last_layer': ('vit_micro_patch4_32', True, False, 4096, [32, 32, 16, 16]),
+    'micro, learned gain, parametrizations': ('vit_micro_patch4_32', False, True, 4096, [32, 32, 16, 16]),
+    'vit_small, norm_last_layer': ('vit_small_patch16_224', True, False, 65536, [224, 224, 96, 96]),
+}
+
+
+@pytest.mark.filterwarnings('ignore:.*weight_norm.*:FutureWarning')  # the official head uses the old spelling
+@pytest.mark.parametrize('case', DINO_CASES)
+def test_dino_matches_official_layout(case):
+    name, norm_last_layer, parametrized, out_dim, sizes = DINO_CASES[case]
+    torch.manual_seed(0)
+    if name == 'vit_micro_patch4_32':
+        backbone = timm.models.vision_transformer.VisionTransformer(
+            img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4, num_classes=0, dynamic_img_size=True)
+    else:
+        backbone = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+    head = OfficialDinoHead(backbone.embed_dim, out_dim, norm_last_layer, parametrized)
+    reference = OfficialMultiCrop(backbone, head).eval()
+    generator = torch.Generator().manual_seed(1)
+    crops = [torch.randn(2, 3, size, size, generator=generator) for size in sizes]
+    with torch.no_grad():
+        expected = reference(crops)
+
+    # A DINO training checkpoint: the student's keys carry `module.`.
+    checkpoint = {'student': {f'module.{k}': v for k, v in reference.state_dict().items()}, 'epoch': 0}
+    variables = from_torch(checkpoint, name, key='student', with_head=True)
+    assert ('weight_g' in variables['params']['head']['last_layer']) == (not norm_last_layer)
+    model = create_dino(name, out_dim=out_dim, norm_last_layer=norm_last_layer)
+    actual = jax.jit(model.apply)(variables, [nhwc(crop) for crop in crops])
+    assert actual.shape == (len(crops) * 2, out_dim)
+    check_close(actual, expected, f'DINO {case} {sizes}')

@@ -1,0 +1,17 @@
+"""Errors a user can act on: the entry points print their message, not a traceback."""
+
+
+class UserError(Exception):
+    """Something about the input (config, data, checkpoint) that the user must change."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work; the message names the key, the value and the valid choices."""
+
+
+class DataError(UserError, RuntimeError):
+    """A data source is missing or malformed; the message says where it looked and how to fix it."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint is missing, unreadable, or does not fit the model; the message names what differs."""

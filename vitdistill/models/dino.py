@@ -1,0 +1,73 @@
+"""DINO projection head and the multi-crop wrapper (backbone once per resolution, head once)."""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vitdistill.models.vit import VisionTransformer, torch_default_init, trunc_normal_02
+
+
+class DinoHead(nn.Module):
+    """MLP -> L2-normalise -> weight-normalised Linear without bias (official DINO layout).
+
+    Names follow the official `mlp.0/2/4` and `last_layer.weight_v/weight_g`. `weight_v` is
+    [in, out]; `weight_g` is [1, out] (PyTorch's [out, 1] transposed, kept 2-D because DINO's
+    weight decay treats it as a matrix) and exists only when `norm_last_layer` is False:
+    otherwise the gain is frozen at 1, so there is nothing to learn or store.
+    """
+
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = dict(kernel_init=trunc_normal_02, bias_init=nn.initializers.zeros,
+                     dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.gelu(nn.Dense(self.hidden_dim, name='mlp_0', **dense)(x), approximate=False)
+        x = nn.gelu(nn.Dense(self.hidden_dim, name='mlp_2', **dense)(x), approximate=False)
+        x = nn.Dense(self.bottleneck_dim, name='mlp_4', **dense)(x)
+        x = x.astype(jnp.float32)
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize
+        return WeightNormLinear(self.out_dim, self.norm_last_layer, self.dtype, self.param_dtype,
+                                name='last_layer')(x)
+
+
+class WeightNormLinear(nn.Module):
+    """y = x @ (g * v / ||v||), the norm taken per output unit, like `nn.utils.weight_norm(Linear)`."""
+
+    features: int
+    fixed_gain: bool
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        in_dim = x.shape[-1]
+        v = self.param('weight_v', torch_default_init(in_dim), (in_dim, self.features), self.param_dtype)
+        v = v.astype(jnp.float32)
+        kernel = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+        if not self.fixed_gain:
+            kernel = kernel * self.param('weight_g', nn.initializers.ones, (1, self.features), self.param_dtype)
+        return x.astype(self.dtype) @ kernel.astype(self.dtype)
+
+
+class DINO(nn.Module):
+    """Backbone + head over a list of crops; returns [n_crops * B, out_dim], crop-major rows."""
+
+    backbone: VisionTransformer
+    head: DinoHead
+
+    def __call__(self, crops: Sequence[Any], *, train: bool = False):
+        """Runs the backbone once per run of consecutive same-resolution crops, then the head once."""
+        features, group = [], []
+        for crop in crops:
+            if group and crop.shape[1:3] != group[0].shape[1:3]:
+                features.append(self.backbone(jnp.concatenate(group), train=train))
+                group = []
+            group.append(crop)
+        features.append(self.backbone(jnp.concatenate(group), train=train))
+        return self.head(jnp.concatenate(features))

@@ -1,0 +1,161 @@
+"""RegNetY in timm's layout (`stem`, `s1..s4/b1..bN`, `head/fc`): the DeiT teacher regnety_160."""
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitdistill.models.resnet import batch_norm
+
+
+def regnet_stages(w0: int, wa: float, wm: float, depth: int, group_size: int, quant: int = 8):
+    """Per-stage (width, depth, group width) from RegNet's linear-then-quantised width rule.
+
+    Mirrors timm's `generate_regnet` + `adjust_widths_groups_comp` (bottleneck ratio 1),
+    including its float32 arithmetic, so the widths match to the channel.
+    """
+    widths_cont = np.arange(depth, dtype=np.float32) * np.float32(wa) + np.float32(w0)
+    exps = np.round(np.log(widths_cont / np.float32(w0)) / np.float32(np.log(wm)))
+    widths = (np.round(np.float32(w0) * np.power(np.float32(wm), exps) / quant) * quant).astype(int)
+    stage_widths, stage_depths = np.unique(widths, return_counts=True)
+    stages = []
+    for width, stage_depth in zip(stage_widths.tolist(), stage_depths.tolist()):
+        group = min(group_size, width)
+        stages.append((int(round(width / group) * group), stage_depth, group))
+    return stages
+
+
+def conv_init(groups: int):
+    """timm's RegNet init: normal(0, sqrt(2 / fan_out)), fan_out = k*k*out / groups."""
+
+    def init(key, shape, dtype=jnp.float32):
+        kh, kw, _, out = shape
+        return jax.random.normal(key, shape, dtype) * np.sqrt(2.0 * groups / (kh * kw * out))
+
+    return init
+
+
+class ConvNormAct(nn.Module):
+    """conv (no bias) -> BatchNorm -> optional ReLU, named `conv`/`bn` as in timm."""
+
+    features: int
+    kernel: int = 1
+    stride: int = 1
+    groups: int = 1
+    act: bool = True
+    zero_scale: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = nn.Conv(self.features, (self.kernel, self.kernel), self.stride, padding=self.kernel // 2,
+                    feature_group_count=self.groups, use_bias=False, kernel_init=conv_init(self.groups),
+                    dtype=self.dtype, param_dtype=self.param_dtype, name='conv')(x)
+        x = batch_norm(train, self.dtype, self.param_dtype, 'bn', self.zero_scale)(x)
+        return nn.relu(x) if self.act else x
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gate: mean-pool -> 1x1 conv -> ReLU -> 1x1 conv -> sigmoid (`fc1`, `fc2`)."""
+
+    reduced: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = partial(nn.Conv, kernel_size=(1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=conv_init(1), bias_init=nn.initializers.zeros)
+        gate = jnp.mean(x, axis=(1, 2), keepdims=True)
+        gate = nn.relu(dense(self.reduced, name='fc1')(gate))
+        return x * nn.sigmoid(dense(x.shape[-1], name='fc2')(gate))
+
+
+class RegNetBlock(nn.Module):
+    """1x1 -> grouped 3x3 (stride) -> SE -> 1x1, plus a 1x1 conv shortcut when the shape changes."""
+
+    width: int
+    stride: int
+    group_width: int
+    se_ratio: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        in_width = x.shape[-1]
+        y = ConvNormAct(self.width, name='conv1', **dtypes)(x, train=train)
+        y = ConvNormAct(self.width, 3, self.stride, self.width // self.group_width, name='conv2', **dtypes)(
+            y, train=train)
+        if self.se_ratio:
+            # The squeeze width follows the block's *input* width (timm, pycls).
+            y = SqueezeExcite(int(round(in_width * self.se_ratio)), name='se', **dtypes)(y)
+        y = ConvNormAct(self.width, act=False, zero_scale=True, name='conv3', **dtypes)(y, train=train)
+        if self.stride != 1 or in_width != self.width:
+            x = ConvNormAct(self.width, 1, self.stride, act=False, name='downsample', **dtypes)(x, train=train)
+        return nn.relu(y + x)
+
+
+class RegStage(nn.Module):
+    """Blocks `b1..bN` of one width; the first one strides by 2."""
+
+    width: int
+    depth: int
+    group_width: int
+    se_ratio: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        for b in range(self.depth):
+            x = RegNetBlock(self.width, 2 if b == 0 else 1, self.group_width, self.se_ratio, self.dtype,
+                            self.param_dtype, name=f'b{b + 1}')(x, train=train)
+        return x
+
+
+class RegNet(nn.Module):
+    """RegNet(Y): 3x3/2 stem, four stages of stride 2, average pool, `head/fc`.
+
+    Returns class logits, or the pooled features when num_classes=0.
+    """
+
+    w0: int = 200
+    wa: float = 106.23
+    wm: float = 2.48
+    group_size: int = 112
+    depth: int = 18
+    se_ratio: float = 0.25
+    stem_width: int = 32
+    num_classes: int = 1000
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, *, train: bool = False):
+        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = ConvNormAct(self.stem_width, 3, 2, name='stem', **dtypes)(images.astype(self.dtype), train=train)
+        stages = regnet_stages(self.w0, self.wa, self.wm, self.depth, self.group_size)
+        for s, (width, stage_depth, group_width) in enumerate(stages):
+            x = RegStage(width, stage_depth, group_width, self.se_ratio, name=f's{s + 1}', **dtypes)(x, train=train)
+        x = jnp.mean(x, axis=(1, 2))
+        if self.num_classes == 0:
+            return x
+        return RegNetHead(self.num_classes, name='head', **dtypes)(x)
+
+
+class RegNetHead(nn.Module):
+    """timm's ClassifierHead scope: `head/fc`, init normal(0.01)."""
+
+    num_classes: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros,
+                        dtype=self.dtype, param_dtype=self.param_dtype, name='fc')(x)

@@ -1,0 +1,277 @@
+"""Vision Transformer shared by DeiT (optionally distilled) and DINO backbones.
+
+Parameter names mirror timm's `VisionTransformer` / `VisionTransformerDistilled` so that
+official checkpoints convert with the short rule table in `vitdistill.convert`.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def torch_default_init(fan_in: int):
+    """PyTorch's default Linear/Conv init, U(±1/sqrt(fan_in)), for weights and biases alike."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+# ---------------------------------------------------------------------------
+# Position-embedding resampling.
+# ---------------------------------------------------------------------------
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic convolution kernel with parameter `a` (PyTorch: -0.75, antialiased PyTorch/PIL: -0.5)."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def bicubic_matrix(in_size: int, out_size: int, *, antialias: bool) -> np.ndarray:
+    """[out_size, in_size] matrix equal to 1-D `F.interpolate(mode='bicubic', align_corners=False)`.
+
+    antialias=False: PyTorch's upsample_bicubic2d: a = -0.75, source coordinate
+    (i + 0.5) * in/out - 0.5 (not clamped), the four taps' indices clamped to the border.
+    antialias=True: PyTorch's antialiased kernel (what timm's `dynamic_img_size` uses):
+    a = -0.5, the kernel widened by in/out when shrinking, taps outside the input dropped
+    and the remaining weights renormalised.
+    """
+    scale = in_size / out_size
+    matrix = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        if antialias:
+            support = 2.0 * max(scale, 1.0)
+            center = scale * (i + 0.5)
+            lo = max(int(center - support + 0.5), 0)
+            hi = min(int(center + support + 0.5), in_size)
+            taps = np.arange(lo, hi)
+            weights = _cubic((taps - center + 0.5) / max(scale, 1.0), a=-0.5)
+            matrix[i, taps] = weights / weights.sum()
+        else:
+            src = (i + 0.5) * scale - 0.5
+            base = int(np.floor(src))
+            t = src - base
+            weights = _cubic(np.array([t + 1, t, 1 - t, 2 - t]), a=-0.75)
+            for offset, weight in zip(range(-1, 3), weights):
+                matrix[i, min(max(base + offset, 0), in_size - 1)] += weight
+    return matrix
+
+
+def resample_pos_embed(pos_embed, new_grid_hw: Sequence[int], num_prefix_tokens: int, *, antialias: bool = False):
+    """Bicubically resamples the patch part of a [1, T, D] position embedding to a new grid.
+
+    The old grid is square (as in every model here). The result equals PyTorch's
+    `F.interpolate(..., mode='bicubic', align_corners=False, antialias=antialias)`; the
+    interpolation is two small constant matrices, so it is cheap inside a jitted step.
+    """
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old = int(round(np.sqrt(patches.shape[1])))
+    if old * old != patches.shape[1]:
+        raise ValueError(f"pos_embed has {patches.shape[1]} patch positions, not a square grid")
+    new_h, new_w = new_grid_hw
+    if (new_h, new_w) == (old, old):
+        return pos_embed
+    rows = jnp.asarray(bicubic_matrix(old, new_h, antialias=antialias), jnp.float32)
+    cols = jnp.asarray(bicubic_matrix(old, new_w, antialias=antialias), jnp.float32)
+    grid = patches.reshape(1, old, old, -1).astype(jnp.float32)
+    grid = jnp.einsum('ih,jw,bhwd->bijd', rows, cols, grid, precision=jax.lax.Precision.HIGHEST)
+    grid = grid.reshape(1, new_h * new_w, -1).astype(pos_embed.dtype)
+    return jnp.concatenate([prefix, grid], axis=1)
+
+
+# ---------------------------------------------------------------------------
+# Modules.
+# ---------------------------------------------------------------------------
+
+
+def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
+    """Stochastic-depth rate of each block: linear from 0 to `drop_path_rate` (timm, DeiT, DINO)."""
+    return [float(r) for r in np.linspace(0.0, drop_path_rate, depth)]
+
+
+class DropPath(nn.Module):
+    """Drops the whole residual branch per sample with probability `rate` (rng stream 'dropout')."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        if not train or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        if keep == 0.0:
+            return jnp.zeros_like(x)
+        mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return x * mask.astype(x.dtype) / keep
+
+
+class PatchEmbed(nn.Module):
+    """P×P stride-P conv, named `proj` as in timm."""
+
+    patch_size: int
+    embed_dim: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        fan_in = 3 * self.patch_size**2
+        return nn.Conv(
+            self.embed_dim, (self.patch_size, self.patch_size), strides=self.patch_size, padding='VALID',
+            kernel_init=torch_default_init(fan_in), bias_init=torch_default_init(fan_in),
+            dtype=self.dtype, param_dtype=self.param_dtype, name='proj')(images)
+
+
+def _dense(features, dtype, param_dtype, name):
+    return nn.Dense(features, kernel_init=trunc_normal_02, bias_init=nn.initializers.zeros,
+                    dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection; also returns the softmax weights."""
+
+    num_heads: int
+    attn_drop_rate: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        batch, tokens, dim = x.shape
+        head_dim = dim // self.num_heads
+        qkv = _dense(3 * dim, self.dtype, self.param_dtype, 'qkv')(x)
+        q, k, v = jnp.moveaxis(qkv.reshape(batch, tokens, 3, self.num_heads, head_dim), 2, 0)
+        logits = jnp.einsum('bqhd,bkhd->bhqk', q * head_dim**-0.5, k)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        dropped = nn.Dropout(self.attn_drop_rate, deterministic=not train)(weights).astype(self.dtype)
+        out = jnp.einsum('bhqk,bkhd->bqhd', dropped, v).reshape(batch, tokens, dim)
+        return _dense(dim, self.dtype, self.param_dtype, 'proj')(out), weights
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact (erf) GELU -> fc2."""
+
+    hidden_dim: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dim = x.shape[-1]
+        x = _dense(self.hidden_dim, self.dtype, self.param_dtype, 'fc1')(x)
+        x = nn.gelu(x, approximate=False)
+        return _dense(dim, self.dtype, self.param_dtype, 'fc2')(x)
+
+
+def _layer_norm(dtype, param_dtype, name):
+    # Flax computes LayerNorm statistics in float32 whatever the compute dtype.
+    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; sows its attention weights (DINO's maps) and output tokens (linear probes)."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        branch, attention = Attention(self.num_heads, self.attn_drop_rate, name='attn', **dtypes)(
+            _layer_norm(name='norm1', **dtypes)(x), train=train)
+        self.sow('intermediates', 'attention', attention)
+        x = x + DropPath(self.drop_path_rate)(branch, train=train)
+        branch = Mlp(int(x.shape[-1] * self.mlp_ratio), name='mlp', **dtypes)(_layer_norm(name='norm2', **dtypes)(x))
+        x = x + DropPath(self.drop_path_rate)(branch, train=train)
+        self.sow('intermediates', 'tokens', x)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """ViT / DeiT / distilled DeiT / DINO backbone (num_classes=0), timm's architecture.
+
+    Inputs whose sides are multiples of `patch_size` but differ from `img_size` get the
+    patch position embeddings resampled bicubically. `pos_embed_antialias=True` reproduces
+    timm's `dynamic_img_size=True` (PyTorch's antialiased bicubic, a = -0.5); False reproduces
+    plain `F.interpolate(mode='bicubic')` (a = -0.75), as the official DeiT fine-tuning script
+    does. (Official DINO's `interpolate_pos_encoding` is plain bicubic too, but passes
+    `scale_factor=(n + 0.1) / N`, which shifts the sampling grid slightly; neither mode copies that.)
+
+    `drop_rate` is dropout on the token(s) entering the head, as in timm >= 0.9; DeiT's
+    original timm 0.3 also applied it after the position embedding and inside the blocks
+    (DeiT's default is 0 either way).
+    """
+
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    distilled: bool = False
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    pos_embed_antialias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, *, train: bool = False, both_heads: bool | None = None):
+        """Class logits [B, C]; distilled: the heads' mean, or (cls, dist) logits when `both_heads`
+        (default: `train`); num_classes=0: the final-norm CLS feature [B, D]."""
+        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        batch, height, width, _ = images.shape
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}")
+        x = PatchEmbed(self.patch_size, self.embed_dim, name='patch_embed', **dtypes)(images.astype(self.dtype))
+        x = x.reshape(batch, -1, self.embed_dim)
+
+        prefix = [self.param('cls_token', trunc_normal_02, (1, 1, self.embed_dim), self.param_dtype)]
+        if self.distilled:
+            prefix.append(self.param('dist_token', trunc_normal_02, (1, 1, self.embed_dim), self.param_dtype))
+        native_grid = self.img_size // self.patch_size
+        pos_embed = self.param('pos_embed', trunc_normal_02,
+                               (1, len(prefix) + native_grid**2, self.embed_dim), self.param_dtype)
+        pos_embed = resample_pos_embed(pos_embed, (height // self.patch_size, width // self.patch_size),
+                                       len(prefix), antialias=self.pos_embed_antialias)
+        prefix = [jnp.broadcast_to(token, (batch, 1, self.embed_dim)).astype(self.dtype) for token in prefix]
+        x = jnp.concatenate(prefix + [x], axis=1) + pos_embed.astype(self.dtype)
+
+        for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
+            x = Block(self.num_heads, self.mlp_ratio, self.attn_drop_rate, rate, name=f'blocks_{i}', **dtypes)(
+                x, train=train)
+        x = _layer_norm(name='norm', **dtypes)(x)
+
+        head_drop = nn.Dropout(self.drop_rate, deterministic=not train)
+        if not self.distilled:
+            if self.num_classes == 0:
+                return x[:, 0]
+            return _dense(self.num_classes, self.dtype, self.param_dtype, 'head')(head_drop(x[:, 0]))
+        if self.num_classes == 0:
+            return (x[:, 0] + x[:, 1]) / 2
+        cls_logits = _dense(self.num_classes, self.dtype, self.param_dtype, 'head')(head_drop(x[:, 0]))
+        dist_logits = _dense(self.num_classes, self.dtype, self.param_dtype, 'head_dist')(head_drop(x[:, 1]))
+        if train if both_heads is None else both_heads:
+            return cls_logits, dist_logits
+        return (cls_logits + dist_logits) / 2
+
+
+def last_attention(model: VisionTransformer, variables, images):
+    """Softmax attention of the last block, [B, heads, T, T] (DINO's attention maps)."""
+    _, state = model.apply(variables, images, train=False, mutable=['intermediates'])
+    return state['intermediates'][f'blocks_{model.depth - 1}']['attention'][0]
