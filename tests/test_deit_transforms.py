@@ -1,0 +1,215 @@
+"""DeiT transforms: crop/erase sampling statistics against torchvision/timm, PIL resampling, tf.data == eager."""
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import stats
+
+from augment_testing import (assert_rate, eager, in_tf_data, map_in_tf_data, over_seeds,
+                             sample_image, unnormalize)
+from vitdistill.data import deit_transforms as dt
+
+N_DRAWS = 2000
+
+
+def _torchvision_crop_params(height, width, count, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    torch = pytest.importorskip("torch")
+    transforms = pytest.importorskip("torchvision.transforms")
+    torch.manual_seed(0)
+    image = torch.zeros(1, height, width)
+    return np.array([transforms.RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(count)])
+
+
+def _crop_params(height, width, count, **kwargs):
+    return np.stack(over_seeds(lambda seed: dt.sample_crop_box(seed, height, width, **kwargs), count), axis=1)
+
+
+@pytest.mark.parametrize("height,width", [(375, 500), (400, 60)])
+def test_crop_box_sampling_matches_torchvision(height, width):
+    ours = _crop_params(height, width, N_DRAWS)  # (top, left, h, w), computed in tf.data
+    want = _torchvision_crop_params(height, width, N_DRAWS)
+    top, left, crop_h, crop_w = ours.T
+    assert np.all((top >= 0) & (left >= 0) & (top + crop_h <= height) & (left + crop_w <= width))
+    assert np.all((crop_h > 0) & (crop_w > 0))
+
+    # (400, 60): few draws fit, and in_ratio 0.15 < 3/4 makes the fallback the full width, height
+    # round(60 / (3/4)) = 80, centred.
+    if height == 400:
+        fallback_box = [(400 - 80) // 2, 0, 80, 60]
+        is_fallback = np.all(ours == fallback_box, axis=1)
+        torch_fallback = np.all(want == fallback_box, axis=1)
+        assert abs(is_fallback.mean() - torch_fallback.mean()) < 0.05, (is_fallback.mean(), torch_fallback.mean())
+        assert 0.2 < is_fallback.mean() < 0.9
+    else:
+        is_fallback = torch_fallback = np.zeros(N_DRAWS, bool)
+    sampled = ours[~is_fallback]
+    area = sampled[:, 2] * sampled[:, 3] / (height * width)
+    # sides are rounded: allow half a pixel on each side
+    slack = (sampled[:, 2] + sampled[:, 3]) / (2 * height * width) + 0.25 / (height * width)
+    assert np.all(area >= 0.08 - slack) and np.all(area <= 1.0 + slack)
+    log_aspect = np.log(sampled[:, 3] / sampled[:, 2])
+    aspect_slack = 0.5 / sampled[:, 2] + 0.5 / sampled[:, 3]
+    assert np.all(np.abs(log_aspect) <= math.log(4 / 3) + aspect_slack)
+
+    torch_sampled = want[~torch_fallback]
+    torch_area = torch_sampled[:, 2] * torch_sampled[:, 3] / (height * width)
+    assert stats.ks_2samp(area, torch_area).pvalue > 1e-3
+    assert stats.ks_2samp(log_aspect, np.log(torch_sampled[:, 3] / torch_sampled[:, 2])).pvalue > 1e-3
+    # placement: uniform over the free range
+    free = height - sampled[:, 2]
+    relative_top = sampled[:, 0][free > 0] / free[free > 0]
+    assert abs(relative_top.mean() - 0.5) < 0.05
+    print(f"{height}x{width}: mean area {area.mean():.3f} (torchvision {torch_area.mean():.3f}), "
+          f"fallback {is_fallback.mean():.3f} (torchvision {torch_fallback.mean():.3f})")
+
+
+def test_crop_box_eager_matches_tf_data():
+    for k in range(3):
+        seed = np.array([k, 5], np.int64)
+        got = eager(lambda s: dt.sample_crop_box(s, 375, 500), seed)
+        np.testing.assert_array_equal(in_tf_data(lambda s: dt.sample_crop_box(s, 375, 500), seed), got)
+
+
+def test_random_resized_crop_matches_pil_and_is_deterministic():
+    transforms = pytest.importorskip("torchvision.transforms")
+    functional = pytest.importorskip("torchvision.transforms.functional")
+    from PIL import Image
+
+    image = sample_image("flower", size=(160, 120))
+    seeds = np.array([[k, 3] for k in range(8)], np.int64)
+    graph = map_in_tf_data(lambda s: dt.random_resized_crop(image, s, 48), seeds)
+    assert graph.shape == (8, 48, 48, 3) and graph.dtype == np.float32
+    assert len({g.tobytes() for g in graph}) == 8
+    for k in range(3):
+        got = eager(lambda s: dt.random_resized_crop(image, s, 48), seeds[k])
+        np.testing.assert_allclose(graph[k], got, atol=1e-3)
+        top, left, h, w = (int(v) for v in dt.sample_crop_box(seeds[k], 120, 160))
+        want = np.asarray(functional.resized_crop(Image.fromarray(image), top, left, h, w, [48, 48],
+                                                  interpolation=transforms.InterpolationMode.BICUBIC))
+        difference = np.abs(got - want)
+        assert difference.mean() < 0.5 and difference.max() < 8, (difference.mean(), difference.max())
+
+
+def test_flip_rate_and_effect():
+    image = np.arange(4 * 6 * 3, dtype=np.float32).reshape(4, 6, 3)
+    flipped = over_seeds(lambda seed: dt.horizontal_flip(image, seed), N_DRAWS)
+    is_flipped = np.all(flipped == image[:, ::-1], axis=(1, 2, 3))
+    assert np.all(is_flipped | np.all(flipped == image, axis=(1, 2, 3)))
+    rate = assert_rate(is_flipped, 0.5, "flip")
+    seed = np.array([7, 0], np.int64)
+    np.testing.assert_array_equal(eager(dt.horizontal_flip, image, seed), in_tf_data(dt.horizontal_flip, image, seed))
+    print(f"flip rate {rate:.3f}")
+
+
+def test_random_erasing_statistics():
+    zeros = np.zeros((32, 32, 3), np.float32)
+    erased = over_seeds(lambda seed: dt.random_erasing(zeros, seed), N_DRAWS)
+    touched = np.any(erased != 0, axis=-1)
+    was_erased = touched.any(axis=(1, 2))
+    rate = assert_rate(was_erased, 0.25, "erase")
+    fractions = []
+    for mask in touched[was_erased]:
+        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        assert mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all(), "erased area is not one rectangle"
+        fractions.append(mask.mean())
+    noise = erased[was_erased][touched[was_erased]].ravel()
+    assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02
+    assert stats.kstest(noise[:20000], "norm").pvalue > 1e-3
+    # rounding the sides of a 32x32 box moves the area by up to about half a pixel per side
+    fractions = np.array(fractions)
+    assert fractions.min() >= 0.02 - 0.01 and fractions.max() <= 1 / 3 + 0.04
+
+    seed = np.array([11, 0], np.int64)
+    np.testing.assert_array_equal(eager(dt.random_erasing, zeros, seed), in_tf_data(dt.random_erasing, zeros, seed))
+    print(f"erase rate {rate:.3f}; erased fraction {fractions.min():.3f}..{fractions.max():.3f}, "
+          f"mean {fractions.mean():.3f}; noise mean {noise.mean():.3f} std {noise.std():.3f}")
+
+
+def test_erase_box_sampling_matches_timm():
+    torch = pytest.importorskip("torch")
+    random_erasing = pytest.importorskip("timm.data.random_erasing")
+    import random
+
+    height = width = 64
+    boxes = np.stack(over_seeds(lambda seed: dt.sample_erase_box(seed, height, width, p=1.0), N_DRAWS), axis=1)
+    erase, top, left, erase_h, erase_w = boxes.T
+    assert erase.all()  # one of the 10 attempts always fits
+    assert np.all((top + erase_h <= height) & (left + erase_w <= width))
+    area = erase_h * erase_w / (height * width)
+    slack = (erase_h + erase_w) / (2 * height * width) + 0.25 / (height * width)  # sides are rounded
+    assert np.all(area >= 0.02 - slack) and np.all(area <= 1 / 3 + slack)
+    log_aspect = np.log(erase_h / erase_w)
+    assert np.all(np.abs(log_aspect) <= np.log(1 / 0.3) + 0.5 / erase_h + 0.5 / erase_w)
+
+    random.seed(0)
+    torch.manual_seed(0)
+    eraser = random_erasing.RandomErasing(probability=1.0, mode="pixel", device="cpu")
+    timm_area = []
+    for _ in range(1000):
+        image = torch.zeros(1, height, width)
+        eraser(image)
+        timm_area.append(float((image != 0).float().mean()))
+    assert stats.ks_2samp(area, timm_area).pvalue > 1e-3
+    print(f"erased area mean {area.mean():.3f} (timm {np.mean(timm_area):.3f})")
+
+
+def _disc_image(height, width, radius=30):
+    rows, cols = np.mgrid[:height, :width]
+    inside = (rows - (height - 1) / 2) ** 2 + (cols - (width - 1) / 2) ** 2 <= radius ** 2
+    image = np.full((height, width, 3), 40, np.uint8)
+    image[inside] = 220
+    return image
+
+
+@pytest.mark.parametrize("height,width", [(300, 400), (450, 320)])
+def test_eval_transform_keeps_centre_and_matches_pil(height, width):
+    transforms = pytest.importorskip("torchvision.transforms")
+    from PIL import Image
+
+    image = _disc_image(height, width)
+    got = eager(dt.eval_transform, image)
+    assert got.shape == (224, 224, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(in_tf_data(dt.eval_transform, image), got, atol=1e-4)
+    bright = unnormalize(got)[..., 0] > 130
+    rows, cols = np.nonzero(bright)
+    assert abs(rows.mean() - 111.5) <= 0.75 and abs(cols.mean() - 111.5) <= 0.75  # odd margins: half a pixel
+
+    photo = sample_image("china", size=(width, height))
+    reference = transforms.Compose([transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+                                    transforms.CenterCrop(224)])
+    want = np.asarray(reference(Image.fromarray(photo))).astype(np.float32)
+    ours = unnormalize(eager(dt.eval_transform, photo))
+    difference = np.abs(ours - want)
+    assert difference.mean() < 0.5 and difference.max() < 8, (difference.mean(), difference.max())
+    print(f"eval transform vs PIL, {height}x{width}: mean |diff| {difference.mean():.3f}, max {difference.max():.2f}")
+
+
+def test_eval_transform_refuses_crop_pct_above_one():
+    with pytest.raises(ValueError, match="crop_pct=1.2"):
+        dt.eval_transform(np.zeros((8, 8, 3), np.uint8), size=8, crop_pct=1.2)
+
+
+def test_deit_train_transform_composition():
+    image = sample_image("flower", size=(80, 60))
+    seeds = np.array([[k, 1] for k in range(8)], np.int64)
+    graph = map_in_tf_data(lambda s: dt.deit_train_transform(image, s, size=32), seeds)
+    assert graph.shape == (8, 32, 32, 3) and graph.dtype == np.float32 and np.isfinite(graph).all()
+    assert len({g.tobytes() for g in graph}) == 8
+    np.testing.assert_allclose(eager(lambda s: dt.deit_train_transform(image, s, size=32), seeds[0]), graph[0],
+                               atol=1e-3)
+
+    # everything random switched off: the normalised bicubic resize of the whole (square) image
+    square = sample_image("china", size=(64, 64))
+    plain = eager(lambda s: dt.deit_train_transform(square, s, size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0,
+                                                    rand_augment=False, erase_prob=0.0), seeds[0])
+    resized = tf.clip_by_value(tf.image.resize(square.astype(np.float32), [32, 32], "bicubic", antialias=True), 0, 255)
+    np.testing.assert_allclose(plain, dt.normalize(resized), atol=1e-5)
+    # the steps, one at a time: flip always, then erasing always
+    flipped = eager(lambda s: dt.deit_train_transform(square, s, size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0,
+                                                      rand_augment=None, erase_prob=0.0), seeds[0])
+    np.testing.assert_allclose(flipped, plain[:, ::-1], atol=1e-5)
+    erased = eager(lambda s: dt.deit_train_transform(square, s, size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0,
+                                                     rand_augment=False, erase_prob=1.0), seeds[0])
+    changed = np.any(erased != plain, axis=-1)
+    assert 0.01 < changed.mean() < 0.4

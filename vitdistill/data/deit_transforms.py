@@ -1,0 +1,186 @@
+"""DeiT's image transforms in TensorFlow, one image at a time, usable eagerly and in `tf.data`.
+
+Training is timm's `create_transform(is_training=True, auto_augment='rand-m9-mstd0.5-inc1',
+re_prob=0.25, re_mode='pixel', interpolation='bicubic')`: random resized crop, horizontal flip,
+RandAugment, normalisation, random erasing. Evaluation is DeiT's resize-256 / centre-crop-224.
+Randomness is stateless: every random function takes a `seed` of shape [2] and splits it.
+Images are float32 in 0..255 units until `normalize`.
+"""
+import math
+
+import tensorflow as tf
+
+from vitdistill.data import IMAGENET_MEAN, IMAGENET_STD
+from vitdistill.data.randaugment import rand_augment as _rand_augment
+
+
+def normalize(image):
+    """0..255 RGB -> (x / 255 - mean) / std with ImageNet statistics."""
+    mean = tf.constant(IMAGENET_MEAN, tf.float32) * 255.0
+    std = tf.constant(IMAGENET_STD, tf.float32) * 255.0
+    return (tf.cast(image, tf.float32) - mean) / std
+
+
+def split_seed(seed, num):
+    """`num` independent stateless seeds derived from `seed`."""
+    return tf.unstack(tf.random.experimental.stateless_split(seed, num))
+
+
+def coin(seed, p):
+    """True with probability `p` (timm/torchvision draw `rand() < p`)."""
+    return tf.random.stateless_uniform([], seed) < p
+
+
+def _random_int(seed, high):
+    """Uniform integer in [0, high] (Python's `random.randint(0, high)`)."""
+    return tf.random.stateless_uniform([], seed, minval=0, maxval=high + 1, dtype=tf.int32)
+
+
+def _first_fit(fits, values, default):
+    """`values[i]` for the first `i` where `fits[i]`, else `default`."""
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+    return tf.where(tf.reduce_any(fits), tf.gather(values, first), default)
+
+
+def sample_crop_box(seed, height, width, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
+    """torchvision `RandomResizedCrop.get_params`: (top, left, crop_height, crop_width), int32.
+
+    Up to `attempts` draws of an area fraction ~ U(scale) and an aspect ratio (w/h) log-uniform in
+    `ratio`; sides are int(round(sqrt(.))); the first box that fits is placed uniformly. If none
+    fits: the centred crop of the whole image, its aspect ratio clamped to `ratio`.
+    """
+    area_seed, ratio_seed, top_seed, left_seed = split_seed(seed, 4)
+    height = tf.cast(height, tf.int32)
+    width = tf.cast(width, tf.int32)
+    h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+    target_area = h * w * tf.random.stateless_uniform([attempts], area_seed, scale[0], scale[1], dtype=tf.float64)
+    log_ratio = tf.random.stateless_uniform(
+        [attempts], ratio_seed, math.log(ratio[0]), math.log(ratio[1]), dtype=tf.float64)
+    aspect = tf.exp(log_ratio)
+    crop_w = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
+    crop_h = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
+    fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+
+    in_ratio = w / h
+    lo, hi = min(ratio), max(ratio)
+    fallback_w = tf.cast(tf.where(in_ratio > hi, tf.round(h * hi), w), tf.int32)
+    fallback_h = tf.cast(tf.where(in_ratio < lo, tf.round(w / lo), h), tf.int32)
+    found = tf.reduce_any(fits)
+    crop_h = _first_fit(fits, crop_h, fallback_h)
+    crop_w = _first_fit(fits, crop_w, fallback_w)
+    top = tf.where(found, _random_int(top_seed, height - crop_h), (height - crop_h) // 2)
+    left = tf.where(found, _random_int(left_seed, width - crop_w), (width - crop_w) // 2)
+    return top, left, crop_h, crop_w
+
+
+def resized_crop(image, box, size, *, method="bicubic"):
+    """Crop `box` = (top, left, height, width) and resize to size x size as PIL does.
+
+    `antialias=True` widens the kernel when shrinking, like PIL's resize; TF's bicubic is Keys'
+    a = -0.5, PIL's too. Values are clipped to 0..255, as PIL's uint8 output is.
+    """
+    top, left, crop_h, crop_w = box
+    crop = tf.slice(tf.cast(image, tf.float32), tf.stack([top, left, 0]), tf.stack([crop_h, crop_w, -1]))
+    resized = tf.image.resize(crop, [size, size], method=method, antialias=True)
+    return tf.ensure_shape(tf.clip_by_value(resized, 0.0, 255.0), [size, size, image.shape[-1]])
+
+
+def random_resized_crop(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), method="bicubic"):
+    """torchvision RandomResizedCrop(size, scale, ratio, interpolation) -> float32 [size, size, C]."""
+    shape = tf.shape(image)
+    box = sample_crop_box(seed, shape[0], shape[1], scale=scale, ratio=ratio)
+    return resized_crop(image, box, size, method=method)
+
+
+def horizontal_flip(image, seed, p=0.5):
+    """Mirror left-right with probability `p`."""
+    return tf.cond(coin(seed, p), lambda: image[:, ::-1], lambda: image)
+
+
+def sample_erase_box(seed, height, width, *, p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), attempts=10):
+    """timm RandomErasing's choices: (erase, top, left, erase_height, erase_width).
+
+    With probability `p`, up to `attempts` draws of an area fraction ~ U(scale) and an aspect ratio
+    (h/w) log-uniform in `ratio`; the first box strictly smaller than the image is placed uniformly.
+    """
+    apply_seed, area_seed, ratio_seed, top_seed, left_seed = split_seed(seed, 5)
+    height = tf.cast(height, tf.int32)
+    width = tf.cast(width, tf.int32)
+    area = tf.cast(height * width, tf.float64)
+    target_area = area * tf.random.stateless_uniform([attempts], area_seed, scale[0], scale[1], dtype=tf.float64)
+    aspect = tf.exp(tf.random.stateless_uniform(
+        [attempts], ratio_seed, math.log(ratio[0]), math.log(ratio[1]), dtype=tf.float64))
+    erase_h = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
+    erase_w = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
+    fits = (erase_w < width) & (erase_h < height)
+    erase = coin(apply_seed, p) & tf.reduce_any(fits)
+    erase_h = _first_fit(fits, erase_h, 0)
+    erase_w = _first_fit(fits, erase_w, 0)
+    return erase, _random_int(top_seed, height - erase_h), _random_int(left_seed, width - erase_w), erase_h, erase_w
+
+
+def random_erasing(image_normalised, seed, p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), max_attempts=10):
+    """timm RandomErasing(p, mode='pixel', max_count=1) on a normalised image: one box of N(0, 1) noise."""
+    box_seed, noise_seed = split_seed(seed, 2)
+    shape = tf.shape(image_normalised)
+    erase, top, left, erase_h, erase_w = sample_erase_box(
+        box_seed, shape[0], shape[1], p=p, scale=scale, ratio=ratio, attempts=max_attempts)
+
+    def erased():
+        rows = tf.range(shape[0])[:, None, None]
+        cols = tf.range(shape[1])[None, :, None]
+        inside = (rows >= top) & (rows < top + erase_h) & (cols >= left) & (cols < left + erase_w)
+        noise = tf.random.stateless_normal(shape, noise_seed, dtype=image_normalised.dtype)
+        return tf.where(inside, noise, image_normalised)
+
+    return tf.cond(erase, erased, lambda: image_normalised)
+
+
+def deit_train_transform(image_uint8, seed, *, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                         interpolation="bicubic", hflip=0.5, rand_augment=True, ra_num_ops=2,
+                         ra_magnitude=9.0, ra_magnitude_std=0.5, ra_prob=0.5, erase_prob=0.25):
+    """DeiT's training augmentation of one image -> float32 [size, size, 3], normalised.
+
+    Keywords are named like `config.augment`; `hflip=0`, `rand_augment=False` (or None) and
+    `erase_prob=0` switch those steps off.
+    """
+    crop_seed, flip_seed, ra_seed, erase_seed = split_seed(seed, 4)
+    image = random_resized_crop(image_uint8, crop_seed, size, scale=scale, ratio=ratio, method=interpolation)
+    if hflip > 0:
+        image = horizontal_flip(image, flip_seed, p=hflip)
+    if rand_augment:
+        image = _rand_augment(image, ra_seed, num_ops=ra_num_ops, magnitude=ra_magnitude,
+                              magnitude_std=ra_magnitude_std, prob=ra_prob)
+    image = normalize(image)
+    if erase_prob > 0:
+        image = random_erasing(image, erase_seed, p=erase_prob)
+    return image
+
+
+def resize_shorter_side(image, shorter, *, method="bicubic"):
+    """torchvision Resize(shorter): the shorter side becomes `shorter`, the longer int(shorter * long / short)."""
+    shape = tf.shape(image)
+    h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+    short = tf.minimum(h, w)
+    new_h = tf.where(h <= w, tf.constant(shorter, tf.float64), tf.floor(shorter * h / short))
+    new_w = tf.where(w <= h, tf.constant(shorter, tf.float64), tf.floor(shorter * w / short))
+    new_size = tf.cast(tf.stack([new_h, new_w]), tf.int32)
+    resized = tf.image.resize(tf.cast(image, tf.float32), new_size, method=method, antialias=True)
+    return tf.clip_by_value(resized, 0.0, 255.0)
+
+
+def center_crop(image, size):
+    """torchvision CenterCrop(size) of an image at least size x size: offsets int(round((H - size) / 2))."""
+    shape = tf.shape(image)
+    top = tf.cast(tf.round((shape[0] - size) / 2), tf.int32)
+    left = tf.cast(tf.round((shape[1] - size) / 2), tf.int32)
+    crop = tf.slice(image, tf.stack([top, left, 0]), [size, size, -1])
+    return tf.ensure_shape(crop, [size, size, image.shape[-1]])
+
+
+def eval_transform(image_uint8, *, size=224, crop_pct=0.875, interpolation="bicubic"):
+    """DeiT/timm evaluation: resize the shorter side to int(size / crop_pct), centre crop, normalise."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct={crop_pct} must be in (0, 1]: the resized image has to cover the crop")
+    image = resize_shorter_side(image_uint8, int(size / crop_pct), method=interpolation)
+    return normalize(center_crop(image, size))

@@ -1,0 +1,91 @@
+"""Mixup / CutMix with label smoothing, in JAX, inside the jitted train step.
+
+timm `Mixup(mode='batch', correct_lam=True)` as DeiT uses it: one lambda per batch, each image
+mixed with its partner in the reversed batch, and the targets -- smoothed one-hot vectors --
+mixed with the same lambda. Shapes are static: the CutMix box is a mask built from iotas.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def smooth_one_hot(labels, num_classes, smoothing=0.0):
+    """One-hot targets with `smoothing` spread over all classes: off = s / C, on = 1 - s + s / C."""
+    off = smoothing / num_classes
+    on = 1.0 - smoothing + off
+    return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (on - off) + off
+
+
+def cutmix_box(lam, cy, cx, height, width):
+    """timm's rand_bbox: sides int(H * sqrt(1 - lam)), int(W * sqrt(1 - lam)) about (cy, cx), clipped.
+
+    Returns (y_lo, y_hi, x_lo, x_hi), int32; the box is rows y_lo:y_hi, columns x_lo:x_hi.
+    """
+    cut_ratio = jnp.sqrt(1.0 - lam)
+    cut_h = jnp.floor(height * cut_ratio).astype(jnp.int32)
+    cut_w = jnp.floor(width * cut_ratio).astype(jnp.int32)
+    y_lo, y_hi = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + (cut_h + 1) // 2, 0, height)
+    x_lo, x_hi = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + (cut_w + 1) // 2, 0, width)
+    return jnp.stack([y_lo, y_hi, x_lo, x_hi]).astype(jnp.int32)
+
+
+def sample_mix_params(rng, image_size, *, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=1.0):
+    """The batch's mixing choices: {'lam', 'use_cutmix', 'box' = (y_lo, y_hi, x_lo, x_hi)}.
+
+    With probability `prob` the batch is mixed: by CutMix with probability `switch_prob` when both
+    alphas are positive (only by the one that is positive otherwise), with lam ~ Beta(alpha, alpha).
+    CutMix pastes `cutmix_box` around a uniform centre and corrects lam to 1 - box area / image
+    area. An unmixed batch has lam = 1.
+    """
+    height, width = image_size
+    apply_key, switch_key, mixup_key, cutmix_key, y_key, x_key = jax.random.split(rng, 6)
+    apply = jax.random.uniform(apply_key) < prob
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        use_cutmix = jax.random.uniform(switch_key) < switch_prob
+    else:
+        use_cutmix = jnp.asarray(cutmix_alpha > 0)
+    use_cutmix &= apply
+    lam_mixup = jax.random.beta(mixup_key, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else 1.0
+    lam_cutmix = jax.random.beta(cutmix_key, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else 1.0
+    lam = jnp.where(apply, jnp.where(use_cutmix, lam_cutmix, lam_mixup), 1.0)
+    cy = jax.random.randint(y_key, (), 0, height)
+    cx = jax.random.randint(x_key, (), 0, width)
+    box = cutmix_box(lam, cy, cx, height, width)
+    box_lam = 1.0 - ((box[1] - box[0]) * (box[3] - box[2])) / (height * width)
+    return {
+        "lam": jnp.where(use_cutmix, box_lam, lam).astype(jnp.float32),
+        "use_cutmix": use_cutmix,
+        "box": box,
+    }
+
+
+def mix_batch(params, images, targets):
+    """Apply `sample_mix_params`'s choices: each image and target mixed with the reversed batch's."""
+    _, height, width, _ = images.shape
+    lam = params["lam"]
+    partners = images[::-1]
+    y_lo, y_hi, x_lo, x_hi = params["box"]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (height, width), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (height, width), 1)
+    in_box = (rows >= y_lo) & (rows < y_hi) & (cols >= x_lo) & (cols < x_hi)
+    pasted = jnp.where(in_box[None, :, :, None], partners, images)
+    blended = lam.astype(images.dtype) * images + (1.0 - lam).astype(images.dtype) * partners
+    mixed = jnp.where(params["use_cutmix"], pasted, blended)
+    return mixed, lam * targets + (1.0 - lam) * targets[::-1]
+
+
+def mixup_cutmix(rng, images, labels, *, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
+                 prob=1.0, label_smoothing=0.1):
+    """Mix a batch of NHWC `images` and class ids `labels` -> (images, soft targets [B, num_classes]).
+
+    Both alphas 0: no mixing, targets are the smoothed one-hot labels. The batch size must be even
+    (timm's requirement: an odd batch would mix its middle image with itself).
+    """
+    batch, height, width = images.shape[:3]
+    if batch % 2:
+        raise ValueError(f"mixup/cutmix needs an even batch size, got {batch}: use an even batch_size per step")
+    targets = smooth_one_hot(labels, num_classes, label_smoothing)
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return images, targets
+    params = sample_mix_params(rng, (height, width), mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+                               switch_prob=switch_prob, prob=prob)
+    return mix_batch(params, images, targets)
