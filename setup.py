@@ -22,6 +22,7 @@ setup(
         "numpy>=1.26",
         "scikit-learn>=1.3",
         "tqdm>=4.66",
+        "tensorboard>=2.16",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],

@@ -1,0 +1,15 @@
+"""DeiT-Ti on ImageNet (paper: 72.2 top-1), the official recipe.
+
+    python -m vitdistill.main --config=configs/deit_ti.py --workdir=DIR --config.data.data_dir=TFDS_DIR
+
+Official facebookresearch/deit defaults: 300 epochs, batch 1024, AdamW lr 5e-4 x batch/512, weight
+decay 0.05, 5 warm-up epochs, cosine per epoch to 1e-5, RandAugment m9, random erasing 0.25,
+mixup 0.8 / cutmix 1.0, label smoothing 0.1, repeated augmentation x3, stochastic depth 0.1.
+`:runlocal` shrinks it to a micro model on scikit-learn's digits for a CPU smoke run.
+"""
+from vitdistill import recipes, small_data
+
+
+def get_config(arg=None):
+    config = recipes.deit("deit_tiny_patch16_224", distilled=False)
+    return small_data.runlocal(config) if arg == "runlocal" else config

@@ -1,0 +1,63 @@
+"""The command line as a user meets it: configs, overrides, runlocal smoke runs, and error messages."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from ml_collections import config_flags
+
+from vitdistill import models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def _main(*args, timeout=600):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "vitdistill.main", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_loads_and_names_a_known_model(path):
+    config = config_flags.config_flags._LoadConfigModule("config", path).get_config()
+    assert config.method in ("deit", "dino")
+    assert config.model.name in models.MODELS
+    if config.method == "deit" and config.distill.kind != "none":
+        teacher = config.teacher.train.model.name if config.teacher.train else config.teacher.model
+        assert teacher in models.MODELS
+    assert config.batch_size > 0 and config.epochs > 0
+    first = open(path).read().split('"""')[1]
+    assert "python -m vitdistill.main --config=configs/" + os.path.basename(path) in first
+
+
+def test_runlocal_deit_smoke_run_and_resume(tmp_path):
+    workdir = str(tmp_path / "run")
+    run = _main("--config=configs/deit_s_distilled.py:runlocal", f"--workdir={workdir}",
+                "--config.data.image_size=16", "--config.teacher.train.data.image_size=16")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| student deit_micro_distilled_patch4_32 | class" in run.stdout
+    assert os.path.exists(os.path.join(workdir, "config.json"))
+    assert os.path.isdir(os.path.join(workdir, "tensorboard"))
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["model"]["name"] == "deit_micro_distilled_patch4_32"
+    again = _main("--config=configs/deit_s_distilled.py:runlocal", f"--workdir={workdir}",
+                  "--config.data.image_size=16", "--config.teacher.train.data.image_size=16")
+    assert again.returncode == 0 and "resuming at step 4/4" in again.stdout + again.stderr
+
+
+def test_unknown_override_names_the_key_and_the_valid_ones(tmp_path):
+    run = _main("--config=configs/deit_s.py", f"--workdir={tmp_path}", "--config.optim.lrr=1e-3", timeout=120)
+    assert run.returncode != 0
+    assert "lrr" in run.stderr and "weight_decay" in run.stderr
+
+
+def test_missing_imagenet_ends_with_a_short_message_not_a_traceback(tmp_path):
+    run = _main("--config=configs/deit_s.py", f"--workdir={tmp_path / 'w'}",
+                f"--config.data.data_dir={tmp_path / 'tfds'}", timeout=120)
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    assert "imagenet2012" in run.stderr and str(tmp_path / "tfds") in run.stderr
+    assert "tfds build" in run.stderr and "manual" in run.stderr

@@ -1,0 +1,160 @@
+"""The data stream: deterministic by position, sharded by process, padded eval sets, sources."""
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from ml_collections import ConfigDict
+
+from vitdistill.data import pipeline, sources
+from vitdistill.errors import ConfigError, DataError
+
+
+def _toy(n=10, size=4):
+    images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, size, size, 3), np.uint8)
+    return sources.in_memory("toy", images, np.arange(n) % 3, 3)
+
+
+def _identity(image, seed):
+    noise = tf.random.stateless_uniform([], seed)
+    return {"image": tf.cast(image, tf.float32), "noise": noise}
+
+
+def _ids(ds, steps):
+    it = ds.as_numpy_iterator()
+    return [next(it) for _ in range(steps)]
+
+
+def test_index_stream_is_a_permutation_per_epoch_and_resumes_exactly():
+    stream = [int(i) for _, i in pipeline.index_stream(10, seed=0).take(30).as_numpy_iterator()]
+    for e in range(3):
+        assert sorted(stream[10 * e:10 * (e + 1)]) == list(range(10))
+    assert stream[:10] != stream[10:20]  # a new order each epoch
+    resumed = [int(i) for _, i in pipeline.index_stream(10, seed=0, start_position=13).take(17).as_numpy_iterator()]
+    assert resumed == stream[13:]
+    other_seed = [int(i) for _, i in pipeline.index_stream(10, seed=1).take(10).as_numpy_iterator()]
+    assert other_seed != stream[:10]
+
+
+def test_repeated_augmentation_repeats_each_image_in_a_row_and_keeps_the_epoch_length():
+    stream = [int(i) for _, i in pipeline.index_stream(12, seed=0, repeats=3).take(12).as_numpy_iterator()]
+    assert [stream[i] for i in range(0, 12, 3)] == [stream[i + 1] for i in range(0, 12, 3)]
+    assert [stream[i] for i in range(0, 12, 3)] == [stream[i + 2] for i in range(0, 12, 3)]
+    assert len(set(stream)) == 4  # an epoch covers a third of the distinct images
+
+
+def test_train_batches_resume_at_a_step_and_split_between_processes():
+    src = _toy(10)
+    full = _ids(pipeline.train_dataset(src, _identity, seed=5, global_batch=4), 6)
+    resumed = _ids(pipeline.train_dataset(src, _identity, seed=5, global_batch=4, start_step=3), 3)
+    for a, b in zip(full[3:], resumed):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["noise"], b["noise"])  # augmentation seeds follow the position
+    halves = [_ids(pipeline.train_dataset(src, _identity, seed=5, global_batch=4, process_index=k,
+                                          process_count=2), 6) for k in range(2)]
+    for step in range(6):
+        joined = np.concatenate([halves[0][step]["image"], halves[1][step]["image"]])
+        np.testing.assert_array_equal(joined, full[step]["image"])
+
+
+def test_eval_dataset_counts_every_example_once_over_processes():
+    src = _toy(11)
+    seen = []
+    batches = set()
+    for k in range(3):
+        ds, n = pipeline.eval_dataset(src, lambda im: {"image": tf.cast(im, tf.float32)}, global_batch=6,
+                                      process_index=k, process_count=3)
+        batches.add(n)
+        for b in ds.as_numpy_iterator():
+            seen += [int(v) for v, m in zip(b["image"][:, 0, 0, 0], b["mask"]) if m]
+    assert sorted(seen) == list(range(11))
+    assert len(batches) == 1  # every process yields the same number of batches
+
+
+def test_batch_size_errors_name_the_fix():
+    with pytest.raises(ConfigError, match="divisible by the 2 devices"):
+        pipeline.check_batch_size(3, 2, 100, "x")
+    with pytest.raises(ConfigError, match="larger than the 10 examples"):
+        pipeline.check_batch_size(16, 2, 10, "x")
+
+
+def test_digits_split_is_fixed_stratified_and_disjoint():
+    train, test = sources.digits("train"), sources.digits("test")
+    assert train.num_examples + test.num_examples == 1797
+    assert train.num_classes == 10
+    labels = [int(test.load(tf.constant(i, tf.int64))["label"]) for i in range(test.num_examples)]
+    counts = np.bincount(labels, minlength=10)
+    assert counts.min() >= 34 and counts.max() <= 38  # ~20% of each class of ~180
+    image = train.load(tf.constant(0, tf.int64))["image"].numpy()
+    assert image.shape == (8, 8, 3) and image.dtype == np.uint8 and image.max() > 200
+
+
+def _write_idx(path, array):
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx_files_and_a_clear_error_when_missing(tmp_path):
+    images = np.random.RandomState(0).randint(0, 255, (5, 28, 28))
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(5))
+    src = sources.fashion_mnist("test", str(tmp_path))
+    assert src.num_examples == 5
+    first = src.load(tf.constant(1, tf.int64))
+    np.testing.assert_array_equal(first["image"].numpy()[..., 0], images[1])
+    assert int(first["label"]) == 1
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        sources.fashion_mnist("train", str(tmp_path))
+    (tmp_path / "bad").mkdir()
+    with open(tmp_path / "bad" / "t10k-images-idx3-ubyte", "wb") as f:
+        f.write(b"\x00\x00\x08\x03" + struct.pack(">III", 5, 28, 28) + b"\x00" * 10)
+    _write_idx(tmp_path / "bad" / "t10k-labels-idx1-ubyte.gz", np.arange(5))
+    with pytest.raises(DataError, match="truncated"):
+        sources.fashion_mnist("test", str(tmp_path / "bad"))
+
+
+def test_image_folder_reads_classes_and_names_a_corrupt_file(tmp_path):
+    for name, colour in (("cat", 10), ("dog", 200)):
+        folder = tmp_path / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(3):
+            data = tf.io.encode_png(np.full((6, 5, 3), colour + i, np.uint8)).numpy()
+            (folder / f"{i}.png").write_bytes(data)
+    src = sources.image_folder(str(tmp_path), "train")
+    assert src.num_examples == 6 and src.class_names == ["cat", "dog"]
+    example = src.load(tf.constant(4, tf.int64))
+    assert int(example["label"]) == 1 and example["image"].shape == (6, 5, 3)
+    (tmp_path / "train" / "dog" / "9.png").write_bytes(b"not an image at all")
+    src = sources.image_folder(str(tmp_path), "train")
+    config = ConfigDict({"batch_size": 7, "seed": 0})
+    ds = pipeline.train_dataset(src, lambda im, s: {"image": tf.image.resize(im, [4, 4])}, seed=0, global_batch=7)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        next(ds.as_numpy_iterator())
+    suspects = pipeline.batch_examples(src, 0, config)
+    assert str(tmp_path / "train" / "dog" / "9.png") in suspects
+    with pytest.raises(DataError, match="does not exist"):
+        sources.image_folder(str(tmp_path), "val")
+
+
+def test_unknown_source_and_unprepared_tfds_say_what_to_do(tmp_path):
+    with pytest.raises(DataError, match="valid sources: digits, fashion_mnist, folder, tfds"):
+        sources.get_source(ConfigDict({"source": "imagenet"}), "train")
+    data = ConfigDict({"source": "tfds", "name": "imagenet2012", "data_dir": str(tmp_path), "manual_dir": None})
+    with pytest.raises(DataError, match="not prepared") as err:
+        sources.get_source(data, "train")
+    assert str(tmp_path) in str(err.value) and "manual" in str(err.value)
+
+
+def test_limited_source_keeps_the_first_examples():
+    src = sources.limited(_toy(10), 4)
+    assert src.num_examples == 4 and "[:4]" in src.name
+    assert sources.limited(_toy(10), None).num_examples == 10
+
+
+@pytest.mark.skipif(not os.path.exists(sources.FASHION_MNIST_DIR), reason="dataset-fashion-mnist not installed")
+def test_debian_fashion_mnist_when_installed():
+    src = sources.fashion_mnist("test")
+    assert src.num_examples == 10000 and src.num_classes == 10

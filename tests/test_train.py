@@ -1,0 +1,141 @@
+"""End to end on tiny models and scikit-learn's digits: one step per distillation kind, DINO steps,
+resumption that reproduces an uninterrupted run bit for bit, and the errors a user meets."""
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from vitdistill import recipes, small_data
+from vitdistill.errors import CheckpointError, ConfigError
+from vitdistill.train import loop
+
+
+def _deit_config(kind="hard", steps=2):
+    config = recipes.deit("deit_micro_distilled_patch4_32", distilled=True)
+    small_data.runlocal(config)
+    config.data.image_size = 16  # 16 tokens: compiles and runs fast
+    config.model.name = "deit_micro_distilled_patch4_32" if kind != "none" else "deit_micro_patch4_32"
+    config.distill.kind = kind
+    config.max_steps = steps
+    config.batch_size = 8
+    config.mixup.mixup_alpha = 0.8
+    config.mixup.cutmix_alpha = 1.0
+    config.teacher.train.data.image_size = 16
+    config.teacher.train.batch_size = 8
+    config.teacher.train.max_steps = 2
+    config.data.eval_limit = 16
+    config.teacher.train.data.eval_limit = 16
+    config.augment.rand_augment = False  # tested on its own; its tf.data graph takes seconds to build
+    return config
+
+
+def _restore_raw(workdir, step=None):
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+        step = manager.latest_step() if step is None else step
+        return step, manager.restore(step, args=ocp.args.StandardRestore())
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("kind", ["none", "soft", "hard"])
+def test_one_deit_step_per_distillation_kind(tmp_path, kind):
+    config = _deit_config(kind, steps=1)
+    final = loop.train_and_evaluate(config, str(tmp_path))
+    step, saved = _restore_raw(str(tmp_path))
+    assert step == 1 and final["step"] == 1
+    train_rows = [m for m in _metrics(str(tmp_path)) if m["split"] == "train"]
+    assert np.isfinite(train_rows[-1]["loss"]) and train_rows[-1]["grad_norm"] > 0
+    if kind == "none":
+        assert "top1" in final and "top1_dist" not in final
+        assert not os.path.exists(tmp_path / "teacher")
+    else:
+        assert {"top1", "top1_cls", "top1_dist"} <= set(final)
+        assert train_rows[-1]["loss_distillation"] > 0
+        assert os.path.exists(tmp_path / "teacher" / "checkpoints")  # the teacher was trained first
+        assert not saved["teacher_params"]  # and is not in the student's checkpoint
+        teacher_shapes = {np.shape(x) for x in jax.tree.leaves(_restore_raw(str(tmp_path / "teacher"))[1]["params"])}
+        student_shapes = {np.shape(x) for x in jax.tree.leaves(saved)}
+        assert (3, 3, 3, 32) in teacher_shapes and (3, 3, 3, 32) not in student_shapes
+    assert 0 <= final["top1"] <= 1 and final["count"] == 16
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    whole, halves = str(tmp_path / "whole"), str(tmp_path / "halves")
+    config = _deit_config("hard", steps=4)
+    config.checkpoint_every_steps = 100
+    loop.train_and_evaluate(config, whole)
+    config.max_steps = 2
+    loop.train_and_evaluate(config, halves)  # "stops" at step 2 with a checkpoint
+    config.max_steps = 4
+    loop.train_and_evaluate(config, halves)  # the same command again: resumes at 2
+    (step_a, a), (step_b, b) = _restore_raw(whole), _restore_raw(halves)
+    assert step_a == step_b == 4
+    jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
+    jax.tree.map(np.testing.assert_array_equal, a["opt_state"], b["opt_state"])
+
+
+def _dino_config(steps=2):
+    config = recipes.dino("vit_micro_patch4_32")
+    small_data.runlocal(config)
+    config.max_steps = steps
+    config.batch_size = 8
+    config.multicrop.global_size = 16
+    config.multicrop.local_size = 8
+    config.knn.train_limit = 64
+    config.knn.eval_limit = 32
+    return config
+
+
+def test_dino_resume_reproduces_student_teacher_and_center(tmp_path):
+    whole, halves = str(tmp_path / "whole"), str(tmp_path / "halves")
+    config = _dino_config(steps=4)
+    config.checkpoint_every_steps = 100
+    final = loop.train_and_evaluate(config, whole)
+    assert 0 <= final["knn_top1"] <= 1
+    config.max_steps = 2
+    loop.train_and_evaluate(config, halves)
+    config.max_steps = 4
+    loop.train_and_evaluate(config, halves)
+    (_, a), (_, b) = _restore_raw(whole), _restore_raw(halves)
+    for key in ("params", "teacher_params", "center", "opt_state"):
+        jax.tree.map(np.testing.assert_array_equal, a[key], b[key])
+    # The teacher moved towards the student, and is not the student.
+    diff = jax.tree.map(lambda s, t: float(np.abs(s - t).max()), a["params"], a["teacher_params"])
+    assert max(jax.tree.leaves(diff)) > 0
+    rows = [m for m in _metrics(whole) if m["split"] == "train"]
+    assert {"teacher_entropy", "teacher_student_kl", "teacher_momentum", "weight_decay"} <= set(rows[-1])
+
+
+def test_bad_distillation_kind_and_a_missing_teacher_are_named(tmp_path):
+    config = _deit_config("hard")
+    config.distill.kind = "medium"
+    with pytest.raises(ConfigError, match="valid kinds: none, soft, hard"):
+        loop.train_and_evaluate(config, str(tmp_path / "a"))
+    config = _deit_config("hard")
+    config.teacher.train = config.teacher.train.__class__()
+    config.teacher.checkpoint = None
+    with pytest.raises(ConfigError, match="teacher.checkpoint"):
+        loop.train_and_evaluate(config, str(tmp_path / "b"))
+    config.teacher.checkpoint = str(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="No model checkpoint"):
+        loop.train_and_evaluate(config, str(tmp_path / "c"))
+    config = _deit_config("hard")
+    config.model.name = "deit_micro_patch4_32"
+    with pytest.raises(ConfigError, match="needs a distilled student"):
+        loop.train_and_evaluate(config, str(tmp_path / "d"))
+
+
+def test_non_finite_loss_stops_naming_the_step_and_saves_nothing_bad(tmp_path):
+    config = _deit_config("none", steps=3)
+    config.optim.lr = float("nan")
+    config.log_every_steps = 1
+    with pytest.raises(loop.NonFiniteLossError, match="Loss is nan at step 2") as err:
+        loop.train_and_evaluate(config, str(tmp_path))
+    assert "no checkpoint was saved yet" in str(err.value) and "--config.optim.lr" in str(err.value)
+    assert not os.listdir(tmp_path / "checkpoints")

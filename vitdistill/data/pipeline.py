@@ -1,0 +1,158 @@
+"""tf.data assembly: index streams, per-process shards, transforms, batches.
+
+The training stream is a pure function of (seed, position): stream position `p` holds
+example `perm_e[p - e*N]` of epoch `e = p // N`, where `perm_e` is a permutation drawn
+from (seed, e), and its augmentation is seeded from (seed, p). Global batch `b` covers
+positions `[b*G, (b+1)*G)`; process `k` takes its slice `[b*G + k*L, b*G + (k+1)*L)`.
+Resuming at step `s` therefore starts at position `s*G` and sees exactly the batches the
+uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import tensorflow as tf
+
+from vitdistill.data.sources import Source
+from vitdistill.errors import ConfigError, DataError
+
+AUTOTUNE = tf.data.AUTOTUNE
+Transform = Callable[[tf.Tensor, tf.Tensor], dict]  # (uint8 image, seed [2]) -> {view name: float32 image}
+_NEVER_ENDING = 2 ** 40
+
+
+def stream_seed(seed: int, purpose: int, counter) -> tf.Tensor:
+    """A stateless seed for (run seed, purpose, counter): purposes keep shuffles and augmentations apart."""
+    base = tf.constant([seed, purpose], tf.int64)
+    return tf.random.experimental.stateless_fold_in(base, tf.cast(counter, tf.int64))
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch, repeats: int = 1) -> tf.Tensor:
+    """The example order of one epoch; with `repeats` > 1 each example appears `repeats` times in a row
+    and the epoch still has `num_examples` positions (DeiT's repeated augmentation: an epoch then covers
+    1/repeats of the distinct images)."""
+    keys = tf.random.stateless_uniform([num_examples], seed=stream_seed(seed, 0, epoch), minval=None, maxval=None,
+                                       dtype=tf.int64)
+    perm = tf.cast(tf.argsort(keys, stable=True), tf.int64)
+    if repeats > 1:
+        perm = tf.repeat(perm, repeats)[:num_examples]
+    return perm
+
+
+def index_stream(num_examples: int, *, seed: int, start_position: int = 0, repeats: int = 1) -> tf.data.Dataset:
+    """An endless dataset of (position, example index), starting at `start_position`."""
+    start_epoch = start_position // num_examples
+
+    def one_epoch(epoch):
+        positions = epoch * num_examples + tf.range(num_examples, dtype=tf.int64)
+        return tf.data.Dataset.from_tensor_slices((positions, epoch_permutation(num_examples, seed, epoch, repeats)))
+
+    epochs = tf.data.Dataset.range(start_epoch, _NEVER_ENDING)
+    return epochs.flat_map(one_epoch).skip(start_position - start_epoch * num_examples)
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_optimization.map_parallelization = True
+    options.threading.private_threadpool_size = 0
+    return options
+
+
+def train_dataset(source: Source, transform: Transform, *, seed: int, global_batch: int, start_step: int = 0,
+                  process_index: int = 0, process_count: int = 1, repeats: int = 1,
+                  prefetch: int = 2) -> tf.data.Dataset:
+    """This process's endless stream of training batches, each `global_batch // process_count` examples."""
+    if global_batch % process_count:
+        raise ConfigError(f"batch_size {global_batch} is not divisible by the {process_count} processes")
+    local_batch = global_batch // process_count
+
+    def prepare(position, example):
+        views = transform(example["image"], stream_seed(seed, 1, position))
+        return {**views, "label": example["label"]}
+
+    if source.random_access:
+        positions = index_stream(source.num_examples, seed=seed, start_position=start_step * global_batch,
+                                 repeats=repeats)
+
+        def is_mine(position, index):
+            return (position % global_batch) // local_batch == process_index
+
+        def load_and_prepare(position, index):
+            return prepare(position, source.load(index))
+
+        ds = positions.filter(is_mine).map(load_and_prepare, num_parallel_calls=AUTOTUNE)
+    else:
+        # Sequential sources (TFDS in TFRecords): a seeded shuffle that restarts from a new seed on resume.
+        ds = source.sequential(process_index, process_count, seed + start_step)
+        ds = ds.repeat().shuffle(16 * local_batch, seed=seed + start_step)
+        if repeats > 1:
+            ds = ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(repeats))
+        first = start_step * global_batch + process_index * local_batch
+        ds = ds.enumerate(first).map(prepare, num_parallel_calls=AUTOTUNE)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    return ds.prefetch(prefetch).with_options(_options())
+
+
+def eval_dataset(source: Source, transform: Callable[[tf.Tensor], dict], *, global_batch: int, process_index: int = 0,
+                 process_count: int = 1) -> tuple[tf.data.Dataset, int]:
+    """This process's evaluation batches, padded so every example counts exactly once.
+
+    Each process takes a contiguous slice; all processes yield the same number of batches
+    (required for the global arrays), padding with `mask = 0` examples. Returns the dataset
+    and its number of batches.
+    """
+    local_batch = global_batch // process_count
+    n = source.num_examples
+    per_process = math.ceil(n / process_count)
+    num_batches = math.ceil(per_process / local_batch)
+    padded = num_batches * local_batch
+
+    def prepare(example, mask):
+        return {**transform(example["image"]), "label": example["label"], "mask": mask}
+
+    if source.random_access:
+        start = process_index * per_process
+        end = min(n, start + per_process)
+        def load_and_prepare(index):
+            return prepare(source.load(tf.minimum(index, n - 1)), tf.cast(index < end, tf.float32))
+
+        ds = tf.data.Dataset.range(start, start + padded).map(load_and_prepare, num_parallel_calls=AUTOTUNE)
+    else:
+        import tensorflow_datasets as tfds  # noqa: F401  (sequential sources are TFDS)
+
+        real = source.sequential(process_index, process_count, 0).map(lambda ex: prepare(ex, tf.constant(1.0)),
+                                                                        num_parallel_calls=AUTOTUNE)
+        filler = real.take(1).map(lambda ex: {**{k: tf.zeros_like(v) for k, v in ex.items() if k != "mask"},
+                                              "mask": tf.constant(0.0)})
+        ds = real.concatenate(filler.repeat()).take(padded)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    return ds.prefetch(2).with_options(_options()), num_batches
+
+
+class BadImageError(DataError):
+    """An image could not be decoded; the message names the files of the failing batch."""
+
+
+def batch_examples(source: Source, step: int, config, repeats: int = 1, process_index: int = 0,
+                   process_count: int = 1, limit: int = 20) -> list:
+    """Names the examples of this process's share of training batch `step` (to find a corrupt file)."""
+    if not source.random_access:
+        return [f"(a record of {source.name}; sequential sources cannot name it)"]
+    global_batch = config.batch_size
+    local_batch = global_batch // process_count
+    first = step * global_batch + process_index * local_batch
+    stream = index_stream(source.num_examples, seed=config.seed, start_position=first, repeats=repeats)
+    indices = [int(i) for _, i in stream.take(local_batch).as_numpy_iterator()]
+    return [source.describe(i) for i in sorted(set(indices))][:limit]
+
+
+def check_batch_size(global_batch: int, num_devices: int, num_examples: int, what: str) -> None:
+    if global_batch % num_devices:
+        raise ConfigError(f"batch_size {global_batch} is not divisible by the {num_devices} devices; "
+                         f"use a multiple of {num_devices} (--config.batch_size=...)")
+    if global_batch > num_examples:
+        raise ConfigError(f"batch_size {global_batch} is larger than the {num_examples} examples of {what}; "
+                         f"lower --config.batch_size")
+

@@ -1,0 +1,240 @@
+"""Where images come from: scikit-learn's digits, Fashion-MNIST IDX files, an image folder, TFDS.
+
+Every source gives uint8 RGB images and int32 labels. Random-access sources (arrays in
+memory, files on disk) let the pipeline address example `i` directly, which makes the
+training stream a pure function of (seed, step) and resumption exact. TFDS datasets too
+large for memory are read sequentially instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import struct
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from vitdistill.errors import DataError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# TFDS datasets smaller than this are loaded into memory and become random access.
+IN_MEMORY_LIMIT_BYTES = 2 << 30
+
+
+@dataclasses.dataclass
+class Source:
+    """One split of a dataset.
+
+    Exactly one of `load` (random access: scalar int64 index -> {'image', 'label'}) and
+    `sequential` ((process_index, process_count, seed) -> tf.data.Dataset) is set.
+    `describe(index)` names example `index` in error messages (a file path, say).
+    """
+
+    name: str
+    num_examples: int
+    num_classes: int
+    load: Optional[Callable[[tf.Tensor], dict]] = None
+    sequential: Optional[Callable[[int, int, int], tf.data.Dataset]] = None
+    describe: Callable[[int], str] = lambda i: f"example {i}"
+    class_names: Optional[list] = None
+
+    @property
+    def random_access(self) -> bool:
+        return self.load is not None
+
+
+def in_memory(name: str, images: np.ndarray, labels: np.ndarray, num_classes: int, class_names=None) -> Source:
+    """A random-access source over arrays held in memory (grayscale becomes RGB)."""
+    images = np.asarray(images)
+    if images.ndim == 3 or images.shape[-1] == 1:
+        images = np.repeat(images.reshape(images.shape[:3] + (1,)), 3, axis=-1)
+    if images.dtype != np.uint8:
+        raise DataError(f"{name}: images must be uint8, got {images.dtype}")
+    images_t = tf.constant(images)
+    labels_t = tf.constant(np.asarray(labels, np.int32))
+
+    def load(index):
+        return {"image": tf.gather(images_t, index), "label": tf.gather(labels_t, index)}
+
+    return Source(name, len(images), num_classes, load=load, class_names=class_names)
+
+
+def digits(split: str, *, test_fraction: float = 0.2) -> Source:
+    """scikit-learn's 8x8 digits (1,797 images, 10 classes): ships with scikit-learn, no download.
+
+    A fixed, stratified split: the same `test_fraction` of each class goes to 'test'.
+    """
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = np.round(data.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = data.target.astype(np.int32)
+    order = np.random.RandomState(0).permutation(len(labels))
+    is_test = np.zeros(len(labels), bool)
+    for c in range(10):
+        members = order[labels[order] == c]
+        is_test[members[: int(round(len(members) * test_fraction))]] = True
+    if split == "train":
+        keep = np.flatnonzero(~is_test)
+    elif split == "test":
+        keep = np.flatnonzero(is_test)
+    else:
+        raise DataError(f"digits has splits 'train' and 'test', not {split!r}")
+    return in_memory(f"digits:{split}", images[keep], labels[keep], 10, [str(c) for c in range(10)])
+
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Reads an IDX file (optionally gzipped), the format of MNIST and Fashion-MNIST."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes (magic {raw[:4].hex()}); "
+                        "re-install it with `apt-get install --reinstall dataset-fashion-mnist`")
+    ndim = raw[3]
+    shape = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated: header says {shape}, found {data.size} bytes of data; "
+                        "re-install it with `apt-get install --reinstall dataset-fashion-mnist`")
+    return data.reshape(shape)
+
+
+def fashion_mnist(split: str, data_dir: Optional[str] = None) -> Source:
+    """Fashion-MNIST from local IDX files (Debian's `dataset-fashion-mnist` puts them in FASHION_MNIST_DIR)."""
+    data_dir = data_dir or FASHION_MNIST_DIR
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise DataError(f"fashion_mnist has splits 'train' and 'test', not {split!r}")
+    paths = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        candidates = [os.path.join(data_dir, f"{prefix}-{kind}{ext}") for ext in (".gz", "")]
+        found = [p for p in candidates if os.path.exists(p)]
+        if not found:
+            raise DataError(f"Fashion-MNIST not found: looked for {candidates[0]} (or without .gz). Install it with "
+                            "`sudo apt-get install dataset-fashion-mnist`, or set --config.data.data_dir to a folder "
+                            "holding the four IDX files.")
+        paths.append(found[0])
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if len(images) != len(labels):
+        raise DataError(f"{paths[0]} has {len(images)} images but {paths[1]} has {len(labels)} labels")
+    return in_memory(f"fashion_mnist:{split}", images, labels, 10, FASHION_MNIST_CLASSES)
+
+
+def image_folder(root: str, split: Optional[str] = None, *, class_names: Optional[list] = None) -> Source:
+    """Images in `root/<split>/<class>/*.{jpg,png,...}` (or `root/<class>/...` with no split).
+
+    Classes are the sorted sub-folder names of the split (pass `class_names` to share
+    the training split's list with the evaluation split).
+    """
+    directory = os.path.join(root, split) if split else root
+    if not os.path.isdir(directory):
+        raise DataError(f"Image folder {directory!r} does not exist. Expected {root}/<split>/<class>/*.jpg "
+                        f"(split {split!r}); set --config.data.data_dir and the split names.")
+    class_names = class_names or sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)))
+    if not class_names:
+        raise DataError(f"{directory!r} has no class sub-folders; expected {directory}/<class>/*.jpg")
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(directory, name)
+        if not os.path.isdir(class_dir):
+            continue
+        for file in sorted(os.listdir(class_dir)):
+            if file.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(class_dir, file))
+                labels.append(label)
+    if not paths:
+        raise DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {directory!r}/<class>/")
+    paths_t = tf.constant(paths)
+    labels_t = tf.constant(np.asarray(labels, np.int32))
+
+    def load(index):
+        data = tf.io.read_file(tf.gather(paths_t, index))
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        image.set_shape([None, None, 3])
+        return {"image": image, "label": tf.gather(labels_t, index)}
+
+    return Source(f"folder:{directory}", len(paths), len(class_names), load=load, describe=lambda i: paths[i],
+                  class_names=list(class_names))
+
+
+def tfds_source(name: str, split: str, data_dir: Optional[str] = None, *, manual_dir: Optional[str] = None) -> Source:
+    """A TFDS dataset that is already prepared (or, like ImageNet, preparable from a manual download)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # tfds raises several types for unknown names
+        raise DataError(f"TFDS has no dataset {name!r} ({e}). Check the name with `tfds.list_builders()`.") from e
+    if not builder.is_prepared():
+        hint = (f"ImageNet must be downloaded by hand: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
+                f"{manual_dir or os.path.join(builder.data_dir_root if hasattr(builder, 'data_dir_root') else '~/tensorflow_datasets', 'downloads', 'manual')}"
+                f" and run `tfds build {name} --manual_dir=DIR --data_dir={data_dir or '~/tensorflow_datasets'}`"
+                if name.startswith("imagenet") else
+                f"prepare it once with `tfds build {name} --data_dir={data_dir or '~/tensorflow_datasets'}` on a machine "
+                "with internet access")
+        raise DataError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r} (looked there because "
+                        f"config.data.data_dir={data_dir!r}). {hint}; vitdistill never downloads data at run time. "
+                        "On a machine without it, try --config=configs/quickstart.py (scikit-learn's digits).")
+    info = builder.info
+    if split not in info.splits:
+        raise DataError(f"TFDS {name} has splits {sorted(info.splits)}, not {split!r}")
+    num_examples = info.splits[split].num_examples
+    num_classes = info.features["label"].num_classes
+    image_key = "image"
+    size_bytes = info.splits[split].num_bytes or 0
+    if size_bytes and size_bytes < IN_MEMORY_LIMIT_BYTES and info.features[image_key].shape[0] is not None:
+        arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+        images = arrays[image_key]
+        return in_memory(f"tfds:{name}:{split}", images, arrays["label"], num_classes,
+                         info.features["label"].names)
+
+    def sequential(process_index, process_count, seed):
+        shard = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+        ds = builder.as_dataset(split=shard, shuffle_files=True,
+                                read_config=tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=16))
+        return ds.map(lambda ex: {"image": ex[image_key], "label": tf.cast(ex["label"], tf.int32)})
+
+    return Source(f"tfds:{name}:{split}", num_examples, num_classes, sequential=sequential,
+                  class_names=info.features["label"].names)
+
+
+SOURCES = ("digits", "fashion_mnist", "folder", "tfds")
+
+
+def limited(source: Source, limit: Optional[int]) -> Source:
+    """The first `limit` examples of a random-access source (all of them when `limit` is None)."""
+    if not limit or limit >= source.num_examples:
+        return source
+    if not source.random_access:
+        raise DataError(f"{source.name} is read sequentially and cannot be limited to {limit} examples; "
+                        "unset the *_limit config keys or use a random-access source")
+    return dataclasses.replace(source, num_examples=int(limit), name=f"{source.name}[:{limit}]")
+
+
+def get_source(data_config, split: str, *, limit: Optional[int] = None, class_names=None) -> Source:
+    """The source a `config.data` block names, for one split, limited to its first `limit` examples."""
+    return limited(_get_source(data_config, split, class_names), limit)
+
+
+def _get_source(data_config, split: str, class_names) -> Source:
+    kind = data_config.source
+    if kind == "digits":
+        return digits(split)
+    if kind == "fashion_mnist":
+        return fashion_mnist(split, data_config.get("data_dir"))
+    if kind == "folder":
+        if not data_config.get("data_dir"):
+            raise DataError("config.data.source='folder' needs --config.data.data_dir=ROOT (ROOT/<split>/<class>/*.jpg)")
+        return image_folder(data_config.data_dir, split, class_names=class_names)
+    if kind == "tfds":
+        return tfds_source(data_config.name, split, data_config.get("data_dir"),
+                           manual_dir=data_config.get("manual_dir"))
+    raise DataError(f"Unknown config.data.source {kind!r}; valid sources: {', '.join(SOURCES)}")

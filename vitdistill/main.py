@@ -1,0 +1,87 @@
+"""Train and evaluate DeiT or DINO.
+
+    python -m vitdistill.main --config=configs/deit_s.py --workdir=DIR [--config.KEY=VALUE ...]
+
+Re-running the same command in the same workdir resumes from the latest checkpoint.
+"""
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "A config file, configs/NAME.py[:ARG].", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the resolved config go here; re-running resumes.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods, SLURM).")
+flags.DEFINE_string("jax_cache_dir", os.path.expanduser("~/.cache/vitdistill/jax"),
+                    "Persistent XLA compilation cache: re-runs and resumes skip compiling ('' turns it off).")
+flags.DEFINE_bool("debug", False, "Show the traceback of errors about the config, data or checkpoints.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and TF are chatty at INFO; the progress bar says enough
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")  # tf.data runs on the host; accelerators belong to JAX
+    import jax
+
+    if FLAGS.jax_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", FLAGS.jax_cache_dir)
+    if FLAGS.distributed:
+        jax.distributed.initialize()
+    logging.info("JAX process %d/%d, local devices %s, %d devices in all", jax.process_index(),
+                 jax.process_count(), jax.local_devices(), jax.device_count())
+
+    from vitdistill.errors import UserError
+    from vitdistill.train.loop import train_and_evaluate
+
+    try:
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except UserError as e:
+        if FLAGS.debug:
+            raise
+        print(f"vitdistill: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _unknown_override(argv) -> str:
+    """Names an override that is not a config key, with the valid keys where it failed ('' if none)."""
+    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if config_arg is None:
+        return ""
+    path, _, arg = config_arg.partition(":")
+    try:
+        config = config_flags.config_flags._LoadConfigModule("config", path).get_config(*([arg] if arg else []))
+    except Exception:  # the flag parser reports a config file that does not load
+        return ""
+    for override in (a for a in argv if a.startswith("--config.")):
+        key = override[len("--config."):].split("=", 1)[0]
+        node, walked = config, []
+        for part in key.split("."):
+            fields = node.keys() if hasattr(node, "keys") else []
+            if part not in fields:
+                where = "config." + ".".join(walked) if walked else "config"
+                return (f"Unknown config key {key!r}: {where} has no field {part!r}. Valid keys of {where}: "
+                        f"{', '.join(sorted(fields))}.")
+            node, walked = node[part], walked + [part]
+    return ""
+
+
+def _parse_flags(argv):
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        message = _unknown_override(argv) or f"Bad --config override: {e}"
+        print(f"vitdistill: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

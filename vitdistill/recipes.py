@@ -1,0 +1,169 @@
+"""The papers' recipes as ml_collections configs, with every default of the official code.
+
+Config files in `configs/` call these and change what differs; `main.py` locks the result so
+a mistyped override fails with the key's name and the valid ones.
+"""
+from __future__ import annotations
+
+from ml_collections import ConfigDict, config_dict
+
+
+def _opt(kind):
+    """An optional field: None until set, typed so `--config.KEY=VALUE` still parses."""
+    return config_dict.placeholder(kind)
+
+
+def _data(source: str, *, name: str = "", image_size: int = 224) -> ConfigDict:
+    return ConfigDict({
+        "source": source,              # digits | fashion_mnist | folder | tfds
+        "name": name,                  # TFDS name (source=tfds)
+        "data_dir": _opt(str),         # TFDS data dir, image-folder root, or Fashion-MNIST IDX folder
+        "manual_dir": _opt(str),       # ImageNet's manual download folder (TFDS)
+        "train_split": "train",
+        "eval_split": "validation",
+        "train_limit": _opt(int),      # keep the first N examples (Fashion-MNIST)
+        "eval_limit": _opt(int),
+        "image_size": image_size,
+        "crop_pct": 0.875,             # eval: resize to image_size / crop_pct, centre crop image_size
+    })
+
+
+def _run(config: ConfigDict, *, epochs: float, batch_size: int) -> ConfigDict:
+    config.seed = 0
+    config.epochs = epochs
+    config.batch_size = batch_size     # global, over all devices and hosts
+    config.max_steps = _opt(int)       # stop early (smoke runs); schedules still span `epochs`
+    config.log_every_steps = 100
+    config.eval_every_epochs = 1.0
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+    config.progress_bar = True
+    return config
+
+
+def deit(model: str = "deit_small_patch16_224", *, distilled: bool = False) -> ConfigDict:
+    """DeiT (facebookresearch/deit main.py defaults): 300 epochs, batch 1024, AdamW 5e-4 x batch/512."""
+    c = ConfigDict()
+    c.method = "deit"
+    c.model = ConfigDict({
+        "name": model,
+        "num_classes": _opt(int),      # default: the data's class count
+        "drop_path_rate": 0.1,
+        "drop_rate": 0.0,
+        "dtype": "float32",            # compute dtype: bfloat16 on GPU/TPU for mixed precision
+        "init_from": _opt(str),        # orbax dir from `python -m vitdistill.convert` (fine-tuning)
+    })
+    c.data = _data("tfds", name="imagenet2012")
+    c.augment = ConfigDict({
+        "scale": (0.08, 1.0),
+        "ratio": (3 / 4, 4 / 3),
+        "hflip": 0.5,
+        "rand_augment": True,          # timm rand-m9-mstd0.5-inc1
+        "ra_num_ops": 2,
+        "ra_magnitude": 9.0,
+        "ra_magnitude_std": 0.5,
+        "erase_prob": 0.25,            # random erasing, per-pixel values
+        "repeats": 3,                  # repeated augmentation
+    })
+    c.mixup = ConfigDict({
+        "mixup_alpha": 0.8,
+        "cutmix_alpha": 1.0,
+        "switch_prob": 0.5,
+        "prob": 1.0,
+        "label_smoothing": 0.1,
+    })
+    c.distill = ConfigDict({
+        "kind": "hard" if distilled else "none",  # none | soft | hard
+        "alpha": 0.5,
+        "tau": 1.0,
+    })
+    c.teacher = ConfigDict({
+        "model": "regnety_160",
+        "checkpoint": _opt(str),       # orbax dir (convert output, or a teacher run's workdir)
+        "train": ConfigDict(),         # a full config: train the teacher first, in workdir/teacher
+    })
+    c.optim = ConfigDict({
+        "lr": 5e-4,                    # scaled by batch_size / lr_reference_batch
+        "lr_reference_batch": 512,
+        "weight_decay": 0.05,
+        "b1": 0.9,
+        "b2": 0.999,
+        "eps": 1e-8,
+        "warmup_epochs": 5.0,
+        "warmup_lr": 1e-6,
+        "min_lr": 1e-5,
+        "schedule_per_epoch": True,    # the official scheduler steps once per epoch
+        "clip_grad": 0.0,              # global-norm clipping; 0 = off (the official default)
+    })
+    c.model_ema_decay = 0.99996        # official DeiT keeps (and saves) a model EMA; 0 = off
+    return _run(c, epochs=300.0, batch_size=1024)
+
+
+def deit_finetune(model: str = "deit_base_patch16_384", *, distilled: bool = False, image_size: int = 384) -> ConfigDict:
+    """DeiT fine-tuning at a higher resolution (the official README's settings): 30 epochs, batch 512,
+    lr 5e-6 x batch/512 held constant, weight decay 1e-8, the whole resized image at evaluation."""
+    c = deit(model, distilled=distilled)
+    c.data.image_size = image_size
+    c.data.crop_pct = 1.0
+    c.epochs = 30.0
+    c.batch_size = 512
+    c.optim.lr = 5e-6
+    c.optim.min_lr = 5e-6
+    c.optim.warmup_epochs = 0.0
+    c.optim.weight_decay = 1e-8
+    return c
+
+
+def dino(model: str = "vit_small_patch16_224", *, paper: bool = False) -> ConfigDict:
+    """DINO (facebookresearch/dino main_dino.py defaults; `paper=True`: the paper's teacher-temperature
+    warm-up 0.04 -> 0.07 over 30 epochs and 10 local crops)."""
+    c = ConfigDict()
+    c.method = "dino"
+    c.model = ConfigDict({
+        "name": model,
+        "drop_path_rate": 0.1,         # student only
+        "out_dim": 65536,
+        "hidden_dim": 2048,
+        "bottleneck_dim": 256,
+        "norm_last_layer": True,
+        "dtype": "float32",
+        "init_from": _opt(str),
+    })
+    c.data = _data("tfds", name="imagenet2012")
+    c.multicrop = ConfigDict({
+        "global_size": 224,
+        "local_size": 96,
+        "global_scale": (0.4, 1.0),
+        "local_scale": (0.05, 0.4),
+        "num_local": 10 if paper else 8,
+    })
+    c.dino = ConfigDict({
+        "student_temp": 0.1,
+        "teacher_temp": 0.07 if paper else 0.04,
+        "warmup_teacher_temp": 0.04,
+        "warmup_teacher_temp_epochs": 30.0 if paper else 0.0,
+        "center_momentum": 0.9,
+        "momentum_teacher": 0.996,     # cosine to 1 over the run
+    })
+    c.optim = ConfigDict({
+        "lr": 5e-4,                    # scaled by batch_size / lr_reference_batch
+        "lr_reference_batch": 256,
+        "min_lr": 1e-6,
+        "warmup_epochs": 10.0,
+        "weight_decay": 0.04,
+        "weight_decay_end": 0.4,
+        "b1": 0.9,
+        "b2": 0.999,
+        "eps": 1e-8,
+        "clip_grad": 3.0,              # per parameter tensor
+        "freeze_last_layer": 1.0,       # epochs without updates to the head's last layer
+    })
+    c.knn = ConfigDict({
+        "every_epochs": 10.0,           # 0 = only at the end
+        "k": 20,
+        "temperature": 0.07,
+        "train_limit": _opt(int),      # labelled examples used as the k-NN memory bank
+        "eval_limit": _opt(int),
+        "before_training": False,      # also measure the network at initialisation
+    })
+    return _run(c, epochs=100.0, batch_size=1024)

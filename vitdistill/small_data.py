@@ -1,0 +1,107 @@
+"""Config pieces for the small data sets that need no download (digits, Fashion-MNIST).
+
+They shrink the papers' recipes to CPU scale: micro models, 32 px images, short schedules.
+Config files call these; nothing here changes the recipes' own defaults.
+"""
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+from vitdistill import recipes
+
+SOURCES = {  # source -> (eval split, image size)
+    "digits": ("test", 32),
+    "fashion_mnist": ("test", 32),
+}
+
+
+def use_small_data(config: ConfigDict, source: str) -> ConfigDict:
+    """Points `config.data` at a built-in source and sizes the images for the micro models."""
+    eval_split, size = SOURCES[source]
+    config.data.source = source
+    config.data.name = ""
+    config.data.eval_split = eval_split
+    config.data.image_size = size
+    config.data.crop_pct = 1.0  # the whole (upsampled) image; nothing to crop away at 28 or 8 px
+    return config
+
+
+def light_deit_augment(config: ConfigDict) -> ConfigDict:
+    """DeiT's augmentations at strengths a few hundred steps on small images can use."""
+    config.augment.scale = (0.35, 1.0)
+    config.augment.rand_augment = True
+    config.augment.ra_magnitude = 5.0
+    config.augment.erase_prob = 0.1
+    config.augment.repeats = 1
+    config.mixup.mixup_alpha = 0.0
+    config.mixup.cutmix_alpha = 0.0
+    config.mixup.label_smoothing = 0.1
+    return config
+
+
+def short_schedule(config: ConfigDict, *, epochs: float, batch_size: int, lr: float, warmup_epochs: float) -> ConfigDict:
+    """A per-step cosine over a short run, its lr given for this batch size."""
+    config.epochs = epochs
+    config.batch_size = batch_size
+    config.optim.lr = lr
+    config.optim.lr_reference_batch = batch_size
+    config.optim.warmup_epochs = warmup_epochs
+    if config.method == "deit":
+        config.optim.schedule_per_epoch = False
+        config.optim.min_lr = lr * 0.01
+        config.optim.warmup_lr = lr * 0.01
+    config.log_every_steps = 20
+    config.checkpoint_every_steps = 200
+    if config.method == "deit":
+        config.model_ema_decay = 0.0
+    return config
+
+
+def cnn_teacher(source: str, *, epochs: float, model: str = "resnet_micro") -> ConfigDict:
+    """Supervised training of a small CNN on a built-in source: the teacher for the micro DeiTs."""
+    config = recipes.deit(model)
+    use_small_data(config, source)
+    light_deit_augment(config)
+    config.augment.rand_augment = False
+    config.augment.erase_prob = 0.0
+    config.model.drop_path_rate = 0.0
+    config.distill.kind = "none"
+    short_schedule(config, epochs=epochs, batch_size=64, lr=2e-3, warmup_epochs=1)
+    config.optim.weight_decay = 0.05
+    config.eval_every_epochs = 0
+    return config
+
+
+def runlocal(config: ConfigDict) -> ConfigDict:
+    """`configs/NAME.py:runlocal`: the same method on a micro model and digits, a few steps, for a CPU smoke run."""
+    config.data.source = "digits"
+    use_small_data(config, "digits")
+    config.data.data_dir = None
+    if config.method == "dino":
+        config.model.name = "vit_micro_patch4_32"
+    else:
+        distilled = config.distill.kind != "none"
+        config.model.name = "deit_micro_distilled_patch4_32" if distilled else "deit_micro_patch4_32"
+    config.model.init_from = None
+    config.batch_size = 16
+    config.max_steps = 4
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 2
+    config.eval_every_epochs = 0
+    config.progress_bar = False
+    if config.method == "deit":
+        config.model_ema_decay = 0.0
+        config.teacher.train = cnn_teacher("digits", epochs=0.05)
+        config.teacher.train.batch_size = 16
+        config.teacher.train.progress_bar = False
+    else:
+        config.model.out_dim = 256
+        config.model.hidden_dim = 64
+        config.model.bottleneck_dim = 32
+        config.multicrop.global_size = 32
+        config.multicrop.local_size = 16
+        config.multicrop.num_local = 2
+        config.knn.every_epochs = 0
+        config.knn.train_limit = 200
+        config.knn.eval_limit = 100
+    return config
