@@ -152,7 +152,9 @@ def build_task(config, workdir: str) -> loop.Task:
     return loop.Task(name=f"dino:{config.model.name}", train_source=train_source, train_transform=train_transform(config),
                      init=init, train_step=train_step, evaluate=evaluate, steps_per_epoch=steps_per_epoch,
                      total_steps=total_steps, eval_every_steps=every, frozen=None, prepare_state=prepare_state,
-                     check_metrics=check_metrics, summarize=summarize)
+                     check_metrics=check_metrics, summarize=summarize,
+                     metadata={"student": student, "teacher": teacher, "lr": lr, "weight_decay": wd,
+                               "momentum": momentum, "teacher_temp": teacher_temp})
 
 
 def _knn_evaluator(config, backbone, mesh):

@@ -1,0 +1,119 @@
+"""DINO's train step against SPEC §4's formulas: EMA teacher, center, schedules, frozen last layer,
+per-tensor clipping, and a bfloat16 step."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitdistill import losses, recipes, small_data
+from vitdistill.train import dino_step
+
+
+def _config(**changes):
+    config = recipes.dino("vit_micro_patch4_32")
+    small_data.runlocal(config)
+    config.batch_size = 8
+    config.epochs = 10.0
+    config.data.train_limit = 32  # 4 steps per epoch
+    config.multicrop.global_size = 16
+    config.multicrop.local_size = 8
+    config.multicrop.num_local = 2
+    config.optim.warmup_epochs = 2.0
+    for key, value in changes.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def _batch(config, seed=0):
+    rng = np.random.RandomState(seed)
+    g, l, b = config.multicrop.global_size, config.multicrop.local_size, config.batch_size
+    batch = {f"global_{i}": rng.randn(b, g, g, 3).astype(np.float32) for i in range(2)}
+    batch.update({f"local_{i}": rng.randn(b, l, l, 3).astype(np.float32) for i in range(config.multicrop.num_local)})
+    return batch
+
+
+def _leaves(tree, name):
+    return {"/".join(str(k.key) for k in path): np.asarray(v) for path, v in jax.tree_util.tree_leaves_with_path(tree)
+            if name in "/".join(str(k.key) for k in path)}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    config = _config()
+    task = dino_step.build_task(config, str(tmp_path_factory.mktemp("dino")))
+    step = jax.jit(task.train_step)
+    state = jax.jit(task.init)(jax.random.key(0))
+    states, metrics = [state], []
+    for i in range(6):
+        state, m = step(state, _batch(config, i), None)
+        states.append(state)
+        metrics.append(jax.device_get(m))
+    return config, task, states, metrics
+
+
+def test_teacher_is_the_ema_of_the_student_and_the_center_follows_the_teacher(run):
+    config, task, states, _ = run
+    before, after = states[0], states[1]
+    m = float(task.metadata["momentum"](0))
+    assert m == pytest.approx(config.dino.momentum_teacher, abs=1e-7)  # the cosine starts at its base
+    expected = jax.tree.map(lambda t, s: m * t + (1 - m) * s, before.teacher_params, after.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), after.teacher_params, expected)
+    teacher = task.metadata["teacher"]
+    batch = _batch(config, 0)
+    teacher_out = teacher.apply({"params": before.teacher_params}, [batch["global_0"], batch["global_1"]])
+    center = 0.9 * np.asarray(before.center) + 0.1 * np.asarray(teacher_out).mean(0)
+    np.testing.assert_allclose(after.center, center, rtol=1e-5, atol=1e-7)
+
+
+def test_logged_schedules_equal_the_official_formulas(run):
+    config, task, _, metrics = run
+    steps_per_epoch, epochs = 4, 10
+    base_lr = config.optim.lr * config.batch_size / config.optim.lr_reference_batch
+    warmup = 2 * steps_per_epoch
+    lr_table = np.concatenate([np.linspace(0, base_lr, warmup), config.optim.min_lr + 0.5 * (
+        base_lr - config.optim.min_lr) * (1 + np.cos(np.pi * np.arange(epochs * steps_per_epoch - warmup)
+                                                     / (epochs * steps_per_epoch - warmup)))])
+    total = epochs * steps_per_epoch
+    wd_table = 0.4 + 0.5 * (0.04 - 0.4) * (1 + np.cos(np.pi * np.arange(total) / total))
+    for step, m in enumerate(metrics):
+        assert m["lr"] == pytest.approx(lr_table[step], rel=1e-5, abs=1e-12)
+        assert m["weight_decay"] == pytest.approx(wd_table[step], rel=1e-5)
+        assert m["teacher_temp"] == pytest.approx(0.04)
+
+
+def test_last_layer_is_frozen_for_the_first_epoch_only(run):
+    _, _, states, _ = run
+    first = _leaves(states[0].params, "last_layer")
+    assert first  # the head's weight-normalised last layer
+    for step in range(1, 5):  # steps 1..4 are the first epoch (4 steps)
+        for k, v in _leaves(states[step].params, "last_layer").items():
+            np.testing.assert_array_equal(v, first[k])
+    moved = _leaves(states[5].params, "last_layer")
+    assert any(np.abs(moved[k] - first[k]).max() > 0 for k in first)
+    # Meanwhile the backbone trains (from step 1: the warm-up's first lr is exactly 0, as in DINO).
+    others_0, others_2 = _leaves(states[0].params, "backbone"), _leaves(states[2].params, "backbone")
+    assert all(np.abs(others_2[k] - others_0[k]).max() > 0 for k in others_0)
+
+
+def test_gradients_are_clipped_per_tensor():
+    from vitdistill.train import optim
+
+    grads = {"big": jnp.full((4,), 10.0), "small": jnp.full((4,), 0.1)}
+    clipped, _ = optim.clip_by_tensor_norm(3.0).update(grads, None)
+    assert float(jnp.linalg.norm(clipped["big"])) == pytest.approx(3.0, rel=1e-5)
+    np.testing.assert_array_equal(clipped["small"], grads["small"])  # untouched, unlike global-norm clipping
+
+
+def test_a_bfloat16_step_runs_and_keeps_float32_params(tmp_path):
+    config = _config(**{"model.dtype": "bfloat16"})
+    task = dino_step.build_task(config, str(tmp_path))
+    state = jax.jit(task.init)(jax.random.key(0))
+    state, metrics = jax.jit(task.train_step)(state, _batch(config), None)
+    assert np.isfinite(float(metrics["loss"]))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    loss_value = float(metrics["loss"])
+    assert 0 < loss_value < 2 * np.log(config.model.out_dim)
