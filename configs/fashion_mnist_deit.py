@@ -16,21 +16,21 @@ TRAIN_IMAGES = 10_000
 
 def get_config(arg="hard"):
     if arg == "teacher":
-        config = small_data.cnn_teacher("fashion_mnist", epochs=20)
+        config = small_data.cnn_teacher("fashion_mnist", epochs=15)
     elif arg in ("none", "soft", "hard"):
         distilled = arg != "none"
         model = "deit_micro_distilled_patch4_32" if distilled else "deit_micro_patch4_32"
         config = recipes.deit(model, distilled=distilled)
         small_data.use_small_data(config, "fashion_mnist")
         small_data.light_deit_augment(config)
-        small_data.short_schedule(config, epochs=30, batch_size=64, lr=2e-3, warmup_epochs=3)
+        small_data.short_schedule(config, epochs=20, batch_size=64, lr=2e-3, warmup_epochs=2)
         config.model.drop_path_rate = 0.0
         config.distill.kind = arg
         if arg == "soft":
             config.distill.tau = 3.0  # the paper's soft-distillation runs: tau 3, lambda 0.1
             config.distill.alpha = 0.1
         if distilled:
-            config.teacher.train = small_data.cnn_teacher("fashion_mnist", epochs=20)
+            config.teacher.train = small_data.cnn_teacher("fashion_mnist", epochs=15)
     else:
         raise ValueError(f"configs/fashion_mnist_deit.py takes teacher, none, soft or hard, not {arg!r}")
     for run in (config, config.teacher.train) if config.teacher.train else (config,):

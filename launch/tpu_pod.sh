@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU pod slice: every host runs the same command; JAX joins them into one mesh.
 #
-#   TPU_NAME=my-v4-32 ZONE=us-central2-b launch/tpu_pod.sh configs/deit_s.py gs://BUCKET/runs/deit_s \
+#   REPO=https://github.com/YOUR_ORG/vitdistill.git TPU_NAME=my-v4-32 ZONE=us-central2-b launch/tpu_pod.sh configs/deit_s.py gs://BUCKET/runs/deit_s \
 #       --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 #
 # Each host reads only its own shard of the data (jax.process_index() of jax.process_count());
@@ -11,7 +11,7 @@ set -euo pipefail
 CONFIG=${1:?usage: tpu_pod.sh CONFIG WORKDIR [--config.KEY=VALUE ...]}
 WORKDIR=${2:?usage: tpu_pod.sh CONFIG WORKDIR [--config.KEY=VALUE ...]}
 shift 2
-REPO=${REPO:-https://github.com/vitdistill/vitdistill.git}
+REPO=${REPO:?set REPO to the git URL of your vitdistill copy}
 BRANCH=${BRANCH:-main}
 
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "

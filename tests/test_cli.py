@@ -61,3 +61,17 @@ def test_missing_imagenet_ends_with_a_short_message_not_a_traceback(tmp_path):
     assert "Traceback" not in run.stderr
     assert "imagenet2012" in run.stderr and str(tmp_path / "tfds") in run.stderr
     assert "tfds build" in run.stderr and "manual" in run.stderr
+
+
+def test_bench_prints_one_json_object_per_measurement():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-m", "vitdistill.bench", "--config=configs/deit_s_distilled.py:runlocal",
+                          "--config.data.image_size=16", "--config.batch_size=8", "--steps=2"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert [line["what"] for line in lines] == ["deit_train_step", "pipeline_deit"]
+    for line in lines:
+        assert {"what", "images_per_sec", "step_ms", "flops_per_step", "peak_rss_mb"} <= set(line)
+        assert line["images_per_sec"] > 0 and line["step_ms"] > 0 and line["peak_rss_mb"] > 100
+    assert lines[0]["flops_per_step"] > 1e6  # XLA's count for student + teacher forward/backward

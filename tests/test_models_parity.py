@@ -98,14 +98,21 @@ def test_resample_pos_embed_matches_torch_interpolate(grid, antialias):
 
 
 class OfficialDinoHead(torch.nn.Module):
-    """facebookresearch/dino's DINOHead (use_bn=False, nlayers=3)."""
+    """facebookresearch/dino's DINOHead (nlayers=3, with or without use_bn)."""
 
-    def __init__(self, in_dim, out_dim, norm_last_layer, parametrized, hidden_dim=2048, bottleneck_dim=256):
+    def __init__(self, in_dim, out_dim, norm_last_layer, parametrized, hidden_dim=2048, bottleneck_dim=256,
+                 use_bn=False):
         super().__init__()
+        norm = (lambda: [torch.nn.BatchNorm1d(hidden_dim)]) if use_bn else (lambda: [])
         self.mlp = torch.nn.Sequential(
-            torch.nn.Linear(in_dim, hidden_dim), torch.nn.GELU(),
-            torch.nn.Linear(hidden_dim, hidden_dim), torch.nn.GELU(),
+            torch.nn.Linear(in_dim, hidden_dim), *norm(), torch.nn.GELU(),
+            torch.nn.Linear(hidden_dim, hidden_dim), *norm(), torch.nn.GELU(),
             torch.nn.Linear(hidden_dim, bottleneck_dim))
+        with torch.no_grad():  # BatchNorm statistics away from identity, so a layout mistake shows
+            for module in self.mlp:
+                if isinstance(module, torch.nn.BatchNorm1d):
+                    module.running_mean.uniform_(-0.5, 0.5), module.running_var.uniform_(0.5, 2.0)
+                    module.weight.uniform_(0.5, 1.5), module.bias.uniform_(-0.2, 0.2)
         linear = torch.nn.Linear(bottleneck_dim, out_dim, bias=False)
         if parametrized:  # torch >= 2.1 spelling: parametrizations.weight.original0/original1
             self.last_layer = torch.nn.utils.parametrizations.weight_norm(linear)
@@ -139,6 +146,7 @@ class OfficialMultiCrop(torch.nn.Module):
 
 DINO_CASES = {
     'micro, norm_last_layer': ('vit_micro_patch4_32', True, False, 4096, [32, 32, 16, 16]),
+    'micro, BatchNorm in the head': ('vit_micro_patch4_32', True, False, 4096, [32, 32, 16, 16]),
     'micro, learned gain, parametrizations': ('vit_micro_patch4_32', False, True, 4096, [32, 32, 16, 16]),
     'vit_small, norm_last_layer': ('vit_small_patch16_224', True, False, 65536, [224, 224, 96, 96]),
 }
@@ -154,7 +162,8 @@ def test_dino_matches_official_layout(case):
             img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4, num_classes=0, dynamic_img_size=True)
     else:
         backbone = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
-    head = OfficialDinoHead(backbone.embed_dim, out_dim, norm_last_layer, parametrized)
+    use_bn = 'BatchNorm' in case
+    head = OfficialDinoHead(backbone.embed_dim, out_dim, norm_last_layer, parametrized, use_bn=use_bn)
     reference = OfficialMultiCrop(backbone, head).eval()
     generator = torch.Generator().manual_seed(1)
     crops = [torch.randn(2, 3, size, size, generator=generator) for size in sizes]
@@ -165,7 +174,8 @@ def test_dino_matches_official_layout(case):
     checkpoint = {'student': {f'module.{k}': v for k, v in reference.state_dict().items()}, 'epoch': 0}
     variables = from_torch(checkpoint, name, key='student', with_head=True)
     assert ('weight_g' in variables['params']['head']['last_layer']) == (not norm_last_layer)
-    model = create_dino(name, out_dim=out_dim, norm_last_layer=norm_last_layer)
+    assert ('batch_stats' in variables) == use_bn
+    model = create_dino(name, out_dim=out_dim, norm_last_layer=norm_last_layer, use_bn_in_head=use_bn)
     actual = jax.jit(model.apply)(variables, [nhwc(crop) for crop in crops])
     assert actual.shape == (len(crops) * 2, out_dim)
     check_close(actual, expected, f'DINO {case} {sizes}')

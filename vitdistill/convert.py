@@ -154,7 +154,7 @@ def _dino_head_config(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
         logging.warning("the head's weight_g is not all ones: it was trained with norm_last_layer=False, so build "
                         "it with create_dino(..., norm_last_layer=False); the converted params include weight_g")
     return dict(out_dim=out_dim, hidden_dim=sd['head.mlp.0.weight'].shape[0], bottleneck_dim=bottleneck_dim,
-                norm_last_layer=norm_last_layer)
+                norm_last_layer=norm_last_layer, use_bn_in_head='head.mlp.1.running_mean' in sd)
 
 
 def _example_input(module):
@@ -257,7 +257,7 @@ def main(argv):
             out_dim=int(head['last_layer']['weight_v'].shape[1]),
             hidden_dim=int(head['mlp_0']['kernel'].shape[1]),
             bottleneck_dim=int(head['last_layer']['weight_v'].shape[0]),
-            norm_last_layer='weight_g' not in head['last_layer'])
+            norm_last_layer='weight_g' not in head['last_layer'], use_bn_in_head='mlp_1' in head)
         described += f" with its DINO head {metadata['dino_head']}"
     directory = save_variables(config.output, variables, model=config.model, **metadata)
     sizes = ', '.join(f'{sum(x.size for x in jax.tree.leaves(tree)):,} {collection}'

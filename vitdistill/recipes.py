@@ -93,6 +93,7 @@ def deit(model: str = "deit_small_patch16_224", *, distilled: bool = False) -> C
         "warmup_lr": 1e-6,
         "min_lr": 1e-5,
         "schedule_per_epoch": True,    # the official scheduler steps once per epoch
+        "schedule_official_lag": True,  # ...after the epoch: epoch e trains at the value for e-1 (main.py)
         "clip_grad": 0.0,              # global-norm clipping; 0 = off (the official default)
     })
     c.model_ema_decay = 0.99996        # official DeiT keeps (and saves) a model EMA; 0 = off
@@ -126,6 +127,7 @@ def dino(model: str = "vit_small_patch16_224", *, paper: bool = False) -> Config
         "hidden_dim": 2048,
         "bottleneck_dim": 256,
         "norm_last_layer": True,
+        "use_bn_in_head": False,       # official option; BatchNorm in the head's MLP
         "dtype": "float32",
         "init_from": _opt(str),
     })
@@ -136,6 +138,7 @@ def dino(model: str = "vit_small_patch16_224", *, paper: bool = False) -> Config
         "global_scale": (0.4, 1.0),
         "local_scale": (0.05, 0.4),
         "num_local": 10 if paper else 8,
+        "blur_sigma": (0.1, 2.0),      # Gaussian blur sigma range, in pixels of the crop
     })
     c.dino = ConfigDict({
         "student_temp": 0.1,

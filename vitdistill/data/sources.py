@@ -206,7 +206,28 @@ def tfds_source(name: str, split: str, data_dir: Optional[str] = None, *, manual
                   class_names=info.features["label"].names)
 
 
-SOURCES = ("digits", "fashion_mnist", "folder", "tfds")
+def sample_images(num_examples: int = 10_000, num_classes: int = 1000) -> Source:
+    """scikit-learn's two sample photos (427x640 JPEGs), decoded anew for every example.
+
+    For benchmarks: the same inputs PyTorch's reference pipeline times, with no dataset to prepare.
+    Labels cycle through `num_classes`.
+    """
+    from sklearn.datasets import load_sample_images
+
+    blobs = []
+    for path in load_sample_images().filenames:
+        with open(path, "rb") as f:
+            blobs.append(f.read())
+    blobs_t = tf.constant(blobs)
+
+    def load(index):
+        image = tf.io.decode_jpeg(tf.gather(blobs_t, index % len(blobs)), channels=3)
+        return {"image": image, "label": tf.cast(index % num_classes, tf.int32)}
+
+    return Source("sample_images", num_examples, num_classes, load=load)
+
+
+SOURCES = ("digits", "fashion_mnist", "folder", "tfds", "sample_images")
 
 
 def limited(source: Source, limit: Optional[int]) -> Source:
@@ -234,6 +255,8 @@ def _get_source(data_config, split: str, class_names) -> Source:
         if not data_config.get("data_dir"):
             raise DataError("config.data.source='folder' needs --config.data.data_dir=ROOT (ROOT/<split>/<class>/*.jpg)")
         return image_folder(data_config.data_dir, split, class_names=class_names)
+    if kind == "sample_images":
+        return sample_images()
     if kind == "tfds":
         return tfds_source(data_config.name, split, data_config.get("data_dir"),
                            manual_dir=data_config.get("manual_dir"))

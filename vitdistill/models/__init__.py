@@ -62,14 +62,14 @@ def create(name: str, **overrides) -> nn.Module:
 
 
 def create_dino(backbone_name: str, *, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                norm_last_layer: bool = True, **backbone_overrides) -> DINO:
+                norm_last_layer: bool = True, use_bn_in_head: bool = False, **backbone_overrides) -> DINO:
     """A DINO student/teacher: the named ViT backbone (num_classes=0) plus the projection head."""
     if backbone_overrides.get('num_classes', 0) != 0:
         raise ConfigError(f"a DINO backbone has no classifier; drop num_classes={backbone_overrides['num_classes']}")
     backbone = create(backbone_name, **{**backbone_overrides, 'num_classes': 0})
     if not isinstance(backbone, VisionTransformer):
         raise ConfigError(f"DINO needs a Vision Transformer backbone; {backbone_name!r} is a {type(backbone).__name__}")
-    head = DinoHead(out_dim, hidden_dim, bottleneck_dim, norm_last_layer,
+    head = DinoHead(out_dim, hidden_dim, bottleneck_dim, norm_last_layer, use_bn_in_head,
                     dtype=backbone.dtype, param_dtype=backbone.param_dtype)
     return DINO(backbone, head)
 

@@ -10,7 +10,8 @@ from vitdistill.models.vit import VisionTransformer, torch_default_init, trunc_n
 class DinoHead(nn.Module):
     """MLP -> L2-normalise -> weight-normalised Linear without bias (official DINO layout).
 
-    Names follow the official `mlp.0/2/4` and `last_layer.weight_v/weight_g`. `weight_v` is
+    Names follow the official `mlp.0/2/4` (with `use_bn`: Linear-BN-GELU as `mlp.0/1`, `mlp.3/4`, then
+    `mlp.6`, official DINO's `use_bn_in_head`) and `last_layer.weight_v/weight_g`. `weight_v` is
     [in, out]; `weight_g` is [1, out] (PyTorch's [out, 1] transposed, kept 2-D because DINO's
     weight decay treats it as a matrix) and exists only when `norm_last_layer` is False:
     otherwise the gain is frozen at 1, so there is nothing to learn or store.
@@ -20,16 +21,23 @@ class DinoHead(nn.Module):
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     norm_last_layer: bool = True
+    use_bn: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, *, train: bool = False):
         dense = dict(kernel_init=trunc_normal_02, bias_init=nn.initializers.zeros,
                      dtype=self.dtype, param_dtype=self.param_dtype)
-        x = nn.gelu(nn.Dense(self.hidden_dim, name='mlp_0', **dense)(x), approximate=False)
-        x = nn.gelu(nn.Dense(self.hidden_dim, name='mlp_2', **dense)(x), approximate=False)
-        x = nn.Dense(self.bottleneck_dim, name='mlp_4', **dense)(x)
+        index = 0
+        for _ in range(2):
+            x = nn.Dense(self.hidden_dim, name=f'mlp_{index}', **dense)(x)
+            if self.use_bn:  # PyTorch BatchNorm1d: eps 1e-5, momentum 0.1
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                                 param_dtype=self.param_dtype, name=f'mlp_{index + 1}')(x)
+            x = nn.gelu(x, approximate=False)
+            index += 3 if self.use_bn else 2
+        x = nn.Dense(self.bottleneck_dim, name=f'mlp_{index}', **dense)(x)
         x = x.astype(jnp.float32)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize
         return WeightNormLinear(self.out_dim, self.norm_last_layer, self.dtype, self.param_dtype,
@@ -70,4 +78,4 @@ class DINO(nn.Module):
                 group = []
             group.append(crop)
         features.append(self.backbone(jnp.concatenate(group), train=train))
-        return self.head(jnp.concatenate(features))
+        return self.head(jnp.concatenate(features), train=train)

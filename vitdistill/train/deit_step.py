@@ -77,6 +77,7 @@ def load_teacher(config, workdir: str, num_classes: int):
     """The frozen teacher's (name, module, variables): trained first if the config says so, else loaded.
 
     The teacher must share the student's label space (`num_classes`) and sees the student's images.
+    `teacher.checkpoint="random"` gives randomly initialised weights (benchmarks, smoke tests).
     """
     tconf = config.teacher
     path = tconf.checkpoint
@@ -94,14 +95,20 @@ def load_teacher(config, workdir: str, num_classes: int):
                 f"Distillation kind {config.distill.kind!r} needs a teacher: set --config.teacher.checkpoint=DIR "
                 "(a `python -m vitdistill.convert` output or a teacher run's workdir), give the config a "
                 "teacher.train block, or use --config.distill.kind=none.")
-    variables, recorded = read_variables(path)
+    size = config.data.image_size
+    if path == "random":
+        variables, recorded = None, None
+    else:
+        variables, recorded = read_variables(path)
     name = recorded or name
     overrides = {"num_classes": num_classes}
     if _is_vit(name):
-        overrides["img_size"] = config.data.image_size
+        overrides["img_size"] = size
     teacher = models.create(name, **overrides)
-    expected = jax.eval_shape(teacher.init, jax.random.key(0), jnp.zeros((1, config.data.image_size,
-                                                                         config.data.image_size, 3)))
+    example = jnp.zeros((1, size, size, 3))
+    if variables is None:
+        return name, teacher, jax.jit(teacher.init)(jax.random.key(config.seed + 2), example)
+    expected = jax.eval_shape(teacher.init, jax.random.key(0), example)
     mismatched = [f"{'/'.join(str(k.key) for k in path_)}: checkpoint {np.shape(a)}, model {b.shape}"
                   for (path_, a), b in zip(jax.tree_util.tree_leaves_with_path(variables),
                                            jax.tree.leaves(expected))
@@ -163,7 +170,7 @@ def build_task(config, workdir: str) -> loop.Task:
     lr = schedules.deit_lr_schedule(
         schedules.scaled_lr(opt.lr, config.batch_size, opt.lr_reference_batch), epochs=config.epochs,
         steps_per_epoch=steps_per_epoch, warmup_epochs=opt.warmup_epochs, warmup_lr=opt.warmup_lr,
-        min_lr=opt.min_lr, per_epoch=opt.schedule_per_epoch)
+        min_lr=opt.min_lr, per_epoch=opt.schedule_per_epoch, official_lag=opt.schedule_official_lag)
     adam = optim.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                        decay_mask=optim.deit_decay_mask)
     tx = optax.chain(optax.clip_by_global_norm(opt.clip_grad), adam) if opt.clip_grad else adam
@@ -251,8 +258,9 @@ def build_task(config, workdir: str) -> loop.Task:
 
     def summarize(final):
         rows = [("model", "head", "top-1 %")]
-        if teacher is not None and teacher_metrics is not None:
-            rows.append((f"teacher {teacher_name}", "-", f"{100 * teacher_metrics['top1']:.2f}"))
+        if teacher is not None:
+            accuracy = _teacher_accuracy(teacher, teacher_variables, eval_source, config, mesh)["top1"]
+            rows.append((f"teacher {teacher_name}", "-", f"{100 * accuracy:.2f}"))
         name = config.model.name
         if distilled:
             rows += [(f"student {name}", "class", f"{100 * final['top1_cls']:.2f}"),
@@ -263,16 +271,12 @@ def build_task(config, workdir: str) -> loop.Task:
         return _table(rows, title=f"{eval_source.name}: {int(final.get('count', 0))} images, "
                                   f"distillation={kind}")
 
-    teacher_metrics = None
-    if teacher is not None:
-        teacher_metrics = _teacher_accuracy(teacher, teacher_variables, eval_source, config, mesh)
     eval_every = int(config.eval_every_epochs * steps_per_epoch) if config.eval_every_epochs else 0
     return loop.Task(name=f"deit:{config.model.name}", train_source=train_source,
                      train_transform=train_transform(config), init=init, train_step=train_step, evaluate=evaluate,
                      steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_every_steps=eval_every,
                      frozen=teacher_variables if teacher is not None else {}, repeats=config.augment.repeats,
-                     prepare_state=_pretrained_loader(config, model, size), summarize=summarize,
-                     metadata={"teacher": teacher_metrics})
+                     prepare_state=_pretrained_loader(config, model, size), summarize=summarize)
 
 
 def _teacher_accuracy(teacher, variables, eval_source, config, mesh) -> dict:

@@ -35,7 +35,7 @@ def train_transform(config):
     mc = config.multicrop
     return functools.partial(multicrop.multicrop_views, global_size=mc.global_size, local_size=mc.local_size,
                              global_scale=tuple(mc.global_scale), local_scale=tuple(mc.local_scale),
-                             num_local=mc.num_local)
+                             num_local=mc.num_local, blur_sigma=tuple(mc.blur_sigma))
 
 
 def build_task(config, workdir: str) -> loop.Task:
@@ -44,7 +44,8 @@ def build_task(config, workdir: str) -> loop.Task:
     steps_per_epoch, total_steps = loop.steps_for(config, train_source.num_examples)
     dtype = _dtype(config.model.dtype)
     head_args = dict(out_dim=config.model.out_dim, hidden_dim=config.model.hidden_dim,
-                     bottleneck_dim=config.model.bottleneck_dim, norm_last_layer=config.model.norm_last_layer)
+                     bottleneck_dim=config.model.bottleneck_dim, norm_last_layer=config.model.norm_last_layer,
+                     use_bn_in_head=config.model.use_bn_in_head)
     size = dict(img_size=mc.global_size)  # position embedding native to the global crops
     student = models.create_dino(config.model.name, drop_path_rate=config.model.drop_path_rate, dtype=dtype,
                                  **size, **head_args)
@@ -69,13 +70,16 @@ def build_task(config, workdir: str) -> loop.Task:
                        frozen=frozen)
     tx = optax.chain(optim.clip_by_tensor_norm(opt.clip_grad), adam) if opt.clip_grad else adam
     names = view_names(mc.num_local)
+    use_bn = config.model.use_bn_in_head
     base_rng = jax.random.key(config.seed + 1)
     g = mc.global_size
 
     def init(rng):
-        params = student.init({"params": rng, "dropout": rng}, [jnp.zeros((1, g, g, 3), jnp.float32)],
-                              train=False)["params"]
+        variables = student.init({"params": rng, "dropout": rng}, [jnp.zeros((1, g, g, 3), jnp.float32)],
+                                 train=False)
+        params = variables["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          batch_stats=variables.get("batch_stats", {}),
                           teacher_params=jax.tree.map(jnp.copy, params),
                           center=jnp.zeros((1, config.model.out_dim), jnp.float32))
 
@@ -84,18 +88,28 @@ def build_task(config, workdir: str) -> loop.Task:
     def train_step(state, batch, _):
         crops = [batch[name] for name in names]
         temp = teacher_temp(state.step // steps_per_epoch)
-        teacher_out = teacher.apply({"params": state.teacher_params}, crops[:2], train=False)
+        if use_bn:
+            # The official teacher stays in train mode: its head normalises with the batch's statistics.
+            teacher_out, _ = teacher.apply({"params": state.teacher_params, "batch_stats": state.batch_stats},
+                                           crops[:2], train=True, mutable=["batch_stats"])
+        else:
+            teacher_out = teacher.apply({"params": state.teacher_params}, crops[:2], train=False)
         teacher_out = jax.lax.stop_gradient(teacher_out.astype(jnp.float32))
         rng = jax.random.fold_in(base_rng, state.step)
 
         def loss_fn(params):
-            student_out = student.apply({"params": params}, crops, train=True, rngs={"dropout": rng})
+            if use_bn:
+                student_out, updates = student.apply({"params": params, "batch_stats": state.batch_stats}, crops,
+                                                     train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
+            else:
+                student_out, updates = student.apply({"params": params}, crops, train=True,
+                                                     rngs={"dropout": rng}), {}
             student_out = student_out.astype(jnp.float32)
             loss = losses.dino_loss(student_out, teacher_out, state.center, student_temp=hp.student_temp,
                                     teacher_temp=temp, num_global_crops=2)
-            return loss, student_out
+            return loss, (student_out, updates.get("batch_stats", state.batch_stats))
 
-        (loss, student_out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (student_out, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         m = momentum(state.step)
@@ -106,7 +120,7 @@ def build_task(config, workdir: str) -> loop.Task:
         metrics = {"loss": loss, "lr": lr(state.step), "weight_decay": wd(state.step), "teacher_momentum": m,
                    "teacher_temp": temp, "grad_norm": optim.tree_l2_norm(grads),
                    "param_norm": optim.tree_l2_norm(params), "update_norm": optim.tree_l2_norm(updates), **monitor}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats,
                              teacher_params=teacher_params, center=center), metrics
 
     mesh = sharding.make_mesh()

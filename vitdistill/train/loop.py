@@ -147,7 +147,6 @@ def run(task: Task, config, workdir: str) -> dict:
                                         "img/s": round(host.get("images_per_sec", 0.0), 1)})
                 if task.check_metrics is not None and (warning := task.check_metrics(step, host)):
                     reporter.message(warning)
-                    logging.warning(warning)
             else:
                 reporter.advance(step)
             if is_last or step % checkpointer.every_steps == 0:

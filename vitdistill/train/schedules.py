@@ -83,13 +83,17 @@ def teacher_temp_schedule(warmup_teacher_temp, teacher_temp, warmup_epochs, epoc
 
 
 def deit_lr_schedule(base_lr, *, epochs, steps_per_epoch, warmup_epochs=5, warmup_lr=1e-6,
-                     min_lr=1e-5, per_epoch=True):
+                     min_lr=1e-5, per_epoch=True, official_lag=False):
     """timm's CosineLRScheduler as DeiT configures it, a function of the step.
 
     t_initial = epochs, warmup_t = warmup_epochs (inside the cosine, not a prefix), one
     cycle, then `min_lr`. With `per_epoch` the rate changes once an epoch at
     t = step // steps_per_epoch, as the official run does; otherwise t is the
     fractional epoch step / steps_per_epoch.
+
+    `official_lag` (with `per_epoch`) reproduces DeiT's main.py exactly: it calls
+    `lr_scheduler.step(epoch)` after each epoch, so epochs 0 and 1 both train at t = 0 and
+    epoch e >= 1 at t = e - 1 (the schedule lags one epoch behind timm's own convention).
     """
     if epochs <= 0 or warmup_epochs < 0:
         raise ValueError(f"Need epochs > 0 and warmup_epochs >= 0, got {epochs} and {warmup_epochs}.")
@@ -100,6 +104,8 @@ def deit_lr_schedule(base_lr, *, epochs, steps_per_epoch, warmup_epochs=5, warmu
         step = jnp.asarray(step)
         if per_epoch:
             t = step // steps_per_epoch
+            if official_lag:
+                t = jnp.maximum(t - 1, 0)
         else:
             t = step / steps_per_epoch
         warmup_value = warmup_lr + t * (base_lr - warmup_lr) / max(warmup_epochs, 1)

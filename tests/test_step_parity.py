@@ -1,0 +1,496 @@
+"""One full training step of each method, ours against the same step written in PyTorch the official way.
+
+Both sides start from identical weights (ours, loaded into timm's models and an official-layout DINO
+head) and see identical inputs; drop path is off, so both steps are deterministic. The PyTorch side
+follows facebookresearch/dino `main_dino.py` (`train_one_epoch`, `DINOLoss`, `utils.clip_gradients`,
+`utils.cancel_gradients_last_layer`, `utils.get_params_groups`, `utils.cosine_scheduler`) and
+facebookresearch/deit `main.py` / `engine.py` / `losses.py` (`DistillationLoss`, timm's
+label-smoothing criterion, AdamW with timm's no-decay groups, timm's cosine scheduler). Three steps
+each; after every step the logged loss and lr and the student (DINO: also the EMA teacher and the
+center) must agree.
+
+Float32 on the CPU on both sides. The settings make every piece visible: a base lr of 2e-3 (updates
+~1e-3), weight decay 0.4-1.0 (DINO) / 0.5 (DeiT) so a wrong decay mask moves a tensor by ~2e-6 or more,
+DINO's per-tensor clipping at 3.0 biting on some tensors and not others, the teacher temperature
+warm-up and the head's frozen last layer crossing an epoch boundary (2 steps per epoch). Seen here:
+each tensor's 99th percentile of |Δ| <= 2.4e-7 (2 float32 ulps of 1), max |Δ| <= 1.4e-6, center
+<= 2e-8, loss rel <= 4e-7. Replacing one piece of the reference at a time (no clipping, global-norm
+clipping, last layer not frozen or frozen with zero grads, decay on every tensor, DeiT's mask in
+DINO and DINO's in DeiT, a constant teacher temperature, KL / B, no label smoothing) fails the test.
+"""
+import sys
+
+import flax.traverse_util
+import jax
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+# conftest imports TensorFlow; triton's import would then crash torch.optim (see test_optim.py).
+sys.modules.setdefault("triton", None)
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[torch]')")
+timm = pytest.importorskip("timm", reason="timm is not installed (pip install -e '.[torch]')")
+F = torch.nn.functional
+
+from vitdistill import recipes, small_data  # noqa: E402
+from vitdistill.convert import torch_key  # noqa: E402
+from vitdistill.train import deit_step, dino_step, schedules  # noqa: E402
+
+MICRO = dict(patch_size=4, embed_dim=128, depth=4, num_heads=4)  # vitdistill's *_micro_patch4_32 ViTs
+STEPS = 3
+PARAM_Q99_ATOL = 5e-7  # each tensor's 99th percentile of |Δ| after a step (see param_diffs)
+PARAM_MAX_ATOL = 2e-6  # max |Δ| of any element, plus 5% of the lrs summed so far (25% on the attention key biases)
+CENTER_ATOL = 1e-6
+LOSS_RTOL = 1e-5
+
+
+# ---------------------------------------------------------------------------
+# Weights across frameworks.
+# ---------------------------------------------------------------------------
+
+
+def torch_layout(params) -> dict:
+    """Our Flax params as {torch key: numpy array in torch's layout} (the inverse of convert's rule)."""
+    out = {}
+    for path, value in flax.traverse_util.flatten_dict(jax.device_get(params)).items():
+        value = np.asarray(value, np.float32)
+        if value.ndim == 2:  # Dense [in, out] -> Linear [out, in]; the head's weight_v likewise
+            value = value.T
+        elif value.ndim == 4:  # Conv [kh, kw, in, out] -> [out, in, kh, kw]
+            value = value.transpose(3, 2, 0, 1)
+        out[torch_key(("params", *map(str, path)))] = np.ascontiguousarray(value)
+    return out
+
+
+def load_into(module, params, *, allow_missing=()):
+    state = {k: torch.from_numpy(v.copy()) for k, v in torch_layout(params).items()}
+    result = module.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    assert sorted(result.missing_keys) == sorted(allow_missing), result.missing_keys
+
+
+def param_diffs(ours, module, what):
+    """Our params against the module's same-named tensors: {'max', 'max_key', 'q99', 'q99_key', 'key_bias'}.
+
+    'max': the largest |Δ| of any element. 'q99': the largest, over tensors, of a tensor's 99th
+    percentile of |Δ|, which a systematic error in one tensor (a wrong decay mask, a wrong update)
+    moves but which ignores the few elements whose gradient happens to be ~1e-9, comparable to
+    Adam's eps, where float32 noise in the gradient changes lr·g/(|g| + eps) by ~1% of the lr.
+    'key_bias': the key third of the fused qkv biases, kept apart: it adds the same q·b_k to every
+    logit of a softmax row, so its exact gradient is 0 and both frameworks compute float32 noise
+    (~1e-10) that Adam's first steps scale up to a few % of the lr.
+    """
+    theirs = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    out = dict(max=0.0, max_key=None, q99=0.0, q99_key=None, key_bias=0.0)
+    for key, value in torch_layout(ours).items():
+        assert key in theirs, f"{what}: {key} has no PyTorch counterpart"
+        assert value.shape == theirs[key].shape, (what, key, value.shape, theirs[key].shape)
+        diff = np.abs(value - theirs[key]).ravel()
+        if key.endswith("attn.qkv.bias"):
+            dim = diff.shape[0] // 3
+            out["key_bias"] = max(out["key_bias"], float(diff[dim:2 * dim].max()))
+            diff = np.concatenate([diff[:dim], diff[2 * dim:]])
+        for stat, value in (("max", float(diff.max())), ("q99", float(np.quantile(diff, 0.99)))):
+            if value > out[stat]:
+                out[stat], out[f"{stat}_key"] = value, key
+    return out
+
+
+def check_params(ours, module, what, lr_sum):
+    d = param_diffs(ours, module, what)
+    print(f"    {what}: max |Δ| {d['max']:.2e} ({d['max_key']}), worst tensor's 99th percentile {d['q99']:.2e} "
+          f"({d['q99_key']}), attention key biases {d['key_bias']:.2e}")
+    assert d["q99"] <= PARAM_Q99_ATOL, f"{what}: {d['q99_key']} differs by {d['q99']:.3g} (99th percentile)"
+    assert d["max"] <= PARAM_MAX_ATOL + 0.05 * lr_sum, f"{what}: {d['max_key']} differs by {d['max']:.3g}"
+    assert d["key_bias"] <= PARAM_MAX_ATOL + 0.25 * lr_sum, \
+        f"{what}: attention key biases differ by {d['key_bias']:.3g}"
+
+
+def nchw(images):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2)))
+
+
+def micro_vit(img_size, num_classes, *, distilled=False, dynamic=False):
+    cls = timm.models.deit.VisionTransformerDistilled if distilled else timm.models.vision_transformer.VisionTransformer
+    return cls(img_size=img_size, num_classes=num_classes, dynamic_img_size=dynamic, **MICRO)
+
+
+# ---------------------------------------------------------------------------
+# DINO, the official way (facebookresearch/dino).
+# ---------------------------------------------------------------------------
+
+
+class DinoHead(torch.nn.Module):
+    """DINOHead(use_bn=False, nlayers=3): mlp.0/2/4, F.normalize, weight-normalised last layer, gain at 1."""
+
+    def __init__(self, in_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=True):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(in_dim, hidden_dim), torch.nn.GELU(),
+                                       torch.nn.Linear(hidden_dim, hidden_dim), torch.nn.GELU(),
+                                       torch.nn.Linear(hidden_dim, bottleneck_dim))
+        self.last_layer = torch.nn.utils.weight_norm(torch.nn.Linear(bottleneck_dim, out_dim, bias=False))
+        self.last_layer.weight_g.data.fill_(1)
+        if norm_last_layer:
+            self.last_layer.weight_g.requires_grad = False
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
+
+
+class MultiCropWrapper(torch.nn.Module):
+    """The backbone once per run of equal-resolution crops, then the head once on everything."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, crops):
+        widths = torch.tensor([crop.shape[-1] for crop in crops])
+        ends = torch.cumsum(torch.unique_consecutive(widths, return_counts=True)[1], 0)
+        features, start = [], 0
+        for end in ends.tolist():
+            features.append(self.backbone(torch.cat(crops[start:end])))
+            start = end
+        return self.head(torch.cat(features))
+
+
+class DINOLoss(torch.nn.Module):
+    def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs,
+                 student_temp, center_momentum):
+        super().__init__()
+        self.student_temp, self.center_momentum, self.ncrops = student_temp, center_momentum, ncrops
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temp_schedule = np.concatenate([
+            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+            np.full(nepochs - warmup_teacher_temp_epochs, teacher_temp)])
+
+    def forward(self, student_output, teacher_output, epoch):
+        student_chunks = (student_output / self.student_temp).chunk(self.ncrops)
+        temp = self.teacher_temp_schedule[epoch]
+        teacher_chunks = F.softmax((teacher_output - self.center) / temp, dim=-1).detach().chunk(2)
+        total, terms = 0.0, 0
+        for i, q in enumerate(teacher_chunks):
+            for v, s in enumerate(student_chunks):
+                if v == i:
+                    continue
+                total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
+                terms += 1
+        total = total / terms
+        self.update_center(teacher_output)
+        return total
+
+    @torch.no_grad()
+    def update_center(self, teacher_output):
+        batch_center = torch.sum(teacher_output, dim=0, keepdim=True) / len(teacher_output)  # one process
+        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+
+
+def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0.0):
+    warmup_iters = warmup_epochs * niter_per_ep
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_epochs > 0 else np.array([])
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate([warmup, cosine])
+
+
+def get_params_groups(model):
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (not_regularized if name.endswith(".bias") or param.ndim == 1 else regularized).append(param)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+def clip_gradients(model, clip):
+    norms = []
+    for _, p in model.named_parameters():
+        if p.grad is not None:
+            norm = p.grad.data.norm(2)
+            norms.append(norm.item())
+            coef = clip / (norm + 1e-6)
+            if coef < 1:
+                p.grad.data.mul_(coef)
+    return norms
+
+
+def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
+    if epoch >= freeze_last_layer:
+        return
+    for name, p in model.named_parameters():
+        if "last_layer" in name:
+            p.grad = None
+
+
+class OfficialDino:
+    """main_dino.py's train_one_epoch, one iteration at a time, on one process."""
+
+    def __init__(self, config, params, steps_per_epoch):
+        mc, hp, opt, m = config.multicrop, config.dino, config.optim, config.model
+        epochs = int(config.epochs)
+        self.steps_per_epoch, self.clip, self.freeze_last_layer = steps_per_epoch, opt.clip_grad, opt.freeze_last_layer
+
+        def network():
+            backbone = micro_vit(mc.global_size, 0, dynamic=True)
+            return MultiCropWrapper(backbone, DinoHead(backbone.embed_dim, m.out_dim, m.hidden_dim,
+                                                       m.bottleneck_dim, m.norm_last_layer))
+
+        self.student, self.teacher = network(), network()
+        load_into(self.student, params, allow_missing=["head.last_layer.weight_g"])
+        self.teacher.load_state_dict(self.student.state_dict())
+        for p in self.teacher.parameters():
+            p.requires_grad = False
+        self.optimizer = torch.optim.AdamW(get_params_groups(self.student), betas=(opt.b1, opt.b2), eps=opt.eps)
+        self.loss = DINOLoss(m.out_dim, 2 + mc.num_local, hp.warmup_teacher_temp, hp.teacher_temp,
+                             int(hp.warmup_teacher_temp_epochs), epochs, hp.student_temp, hp.center_momentum)
+        self.lr_schedule = cosine_scheduler(opt.lr * config.batch_size / 256.0, opt.min_lr, epochs, steps_per_epoch,
+                                            warmup_epochs=int(opt.warmup_epochs))
+        self.wd_schedule = cosine_scheduler(opt.weight_decay, opt.weight_decay_end, epochs, steps_per_epoch)
+        self.momentum_schedule = cosine_scheduler(hp.momentum_teacher, 1, epochs, steps_per_epoch)
+        self.names = dino_step.view_names(mc.num_local)
+
+    def step(self, it, batch):
+        epoch = it // self.steps_per_epoch
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = self.lr_schedule[it]
+            if i == 0:
+                group["weight_decay"] = self.wd_schedule[it]
+        images = [nchw(batch[name]) for name in self.names]
+        teacher_output = self.teacher(images[:2])
+        student_output = self.student(images)
+        loss = self.loss(student_output, teacher_output, epoch)
+        self.optimizer.zero_grad()
+        loss.backward()
+        grad_norms = clip_gradients(self.student, self.clip)
+        cancel_gradients_last_layer(epoch, self.student, self.freeze_last_layer)
+        self.optimizer.step()
+        with torch.no_grad():
+            m = self.momentum_schedule[it]
+            for param_q, param_k in zip(self.student.parameters(), self.teacher.parameters()):
+                param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+        return dict(loss=loss.item(), lr=self.lr_schedule[it], weight_decay=self.wd_schedule[it], momentum=m,
+                    teacher_temp=self.loss.teacher_temp_schedule[epoch], grad_norms=grad_norms)
+
+
+def _dino_config():
+    config = recipes.dino("vit_micro_patch4_32")
+    small_data.runlocal(config)
+    config.batch_size = 8
+    config.data.train_limit = 16        # 2 steps per epoch: steps 0, 1 in epoch 0 (last layer frozen), 2 in epoch 1
+    config.epochs = 10.0
+    config.multicrop.global_size = 16
+    config.multicrop.local_size = 8
+    config.multicrop.num_local = 2
+    config.model.drop_path_rate = 0.0   # deterministic
+    config.optim.lr = 0.064             # x 8/256: a base lr of 2e-3, so the updates are clearly visible
+    config.optim.warmup_epochs = 2.0    # lr 0, 1/3, 2/3 of the base over steps 0..2
+    config.optim.weight_decay = 0.4     # larger than the recipe's 0.04 -> 0.4 so the decay masks matter
+    config.optim.weight_decay_end = 1.0
+    assert config.optim.clip_grad == 3.0  # per tensor: bites on most tensors here, not on all (norms 0.06..600)
+    config.dino.warmup_teacher_temp = 0.04
+    config.dino.teacher_temp = 0.07     # the paper's warm-up: epoch 1 uses 0.055
+    config.dino.warmup_teacher_temp_epochs = 3.0
+    return config
+
+
+def _dino_batch(config, seed):
+    rng = np.random.RandomState(seed)
+    g, l, b = config.multicrop.global_size, config.multicrop.local_size, config.batch_size
+    batch = {f"global_{i}": rng.randn(b, g, g, 3).astype(np.float32) for i in range(2)}
+    batch.update({f"local_{i}": rng.randn(b, l, l, 3).astype(np.float32) for i in range(config.multicrop.num_local)})
+    return batch
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")  # the official head uses the old spelling
+def test_dino_steps_match_official_pytorch(tmp_path):
+    config = _dino_config()
+    task = dino_step.build_task(config, str(tmp_path))
+    assert task.steps_per_epoch == 2
+    state = jax.jit(task.init)(jax.random.key(0))
+    reference = OfficialDino(config, state.params, task.steps_per_epoch)
+    train_step = jax.jit(task.train_step)
+    lr_sum = 0.0
+    for it in range(STEPS):
+        batch = _dino_batch(config, it)
+        state, metrics = train_step(state, batch, None)
+        metrics = jax.device_get(metrics)
+        want = reference.step(it, batch)
+        lr_sum += want["lr"]
+        center_diff = float(np.abs(np.asarray(state.center) - reference.loss.center.numpy()).max())
+        clipped = sum(n > config.optim.clip_grad for n in want["grad_norms"])
+        print(f"DINO step {it}: loss {float(metrics['loss']):.7f} vs {want['loss']:.7f}, lr {float(metrics['lr']):.4e}"
+              f" vs {want['lr']:.4e}, {clipped}/{len(want['grad_norms'])} grads clipped, center max |Δ| "
+              f"{center_diff:.2e}")
+        assert float(metrics["loss"]) == pytest.approx(want["loss"], rel=LOSS_RTOL)
+        assert float(metrics["lr"]) == pytest.approx(want["lr"], rel=1e-6, abs=1e-12)
+        assert float(metrics["weight_decay"]) == pytest.approx(want["weight_decay"], rel=1e-6)
+        assert float(metrics["teacher_momentum"]) == pytest.approx(want["momentum"], rel=1e-7)
+        assert float(metrics["teacher_temp"]) == pytest.approx(want["teacher_temp"], rel=1e-6)
+        check_params(state.params, reference.student, "student", lr_sum)
+        check_params(state.teacher_params, reference.teacher, "teacher", lr_sum)
+        assert center_diff <= CENTER_ATOL, f"step {it}: center differs by {center_diff:.3g}"
+
+
+# ---------------------------------------------------------------------------
+# DeiT, the official way (facebookresearch/deit engine.py, losses.py; timm's optimiser and scheduler).
+# ---------------------------------------------------------------------------
+
+
+class DistillationLoss(torch.nn.Module):
+    def __init__(self, base_criterion, teacher_model, distillation_type, alpha, tau):
+        super().__init__()
+        self.base_criterion, self.teacher_model = base_criterion, teacher_model
+        self.distillation_type, self.alpha, self.tau = distillation_type, alpha, tau
+
+    def forward(self, inputs, outputs, labels):
+        outputs, outputs_kd = outputs
+        base_loss = self.base_criterion(outputs, labels)
+        with torch.no_grad():
+            teacher_outputs = self.teacher_model(inputs)
+        if self.distillation_type == "soft":
+            T = self.tau
+            distillation_loss = F.kl_div(F.log_softmax(outputs_kd / T, dim=1),
+                                         F.log_softmax(teacher_outputs / T, dim=1),
+                                         reduction="sum", log_target=True) * (T * T) / outputs_kd.numel()
+        else:
+            distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
+        return base_loss * (1 - self.alpha) + distillation_loss * self.alpha
+
+
+def timm_param_groups(model, weight_decay):
+    """timm's add_weight_decay / param_groups_weight_decay with the model's no_weight_decay() list."""
+    skip = model.no_weight_decay()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+class OfficialDeit:
+    """engine.train_one_epoch without mixup (label smoothing through timm's LabelSmoothingCrossEntropy,
+    as main.py picks it when mixup is off). The lr is our per-step schedule (`schedule_per_epoch=False`,
+    the small-data configs' choice), so timm's CosineLRScheduler is stepped per update, as timm's own
+    train.py does; the official per-epoch stepping is checked on its own, below."""
+
+    def __init__(self, config, params, teacher_params, steps_per_epoch, num_classes):
+        from timm.loss import LabelSmoothingCrossEntropy
+        from timm.scheduler.cosine_lr import CosineLRScheduler
+
+        size, opt = config.data.image_size, config.optim
+        self.student = micro_vit(size, num_classes, distilled=True)
+        load_into(self.student, params)
+        self.student.set_distilled_training(True)
+        self.student.train()
+        self.teacher = micro_vit(size, num_classes)
+        load_into(self.teacher, teacher_params)
+        self.teacher.eval()
+        self.criterion = DistillationLoss(LabelSmoothingCrossEntropy(smoothing=config.mixup.label_smoothing),
+                                          self.teacher, config.distill.kind, config.distill.alpha, config.distill.tau)
+        base_lr = opt.lr * config.batch_size / 512.0
+        self.optimizer = torch.optim.AdamW(timm_param_groups(self.student, opt.weight_decay), lr=base_lr,
+                                           betas=(opt.b1, opt.b2), eps=opt.eps)
+        assert not opt.schedule_per_epoch
+        self.scheduler = CosineLRScheduler(
+            self.optimizer, t_initial=int(config.epochs * steps_per_epoch), lr_min=opt.min_lr, cycle_limit=1,
+            warmup_lr_init=opt.warmup_lr, warmup_t=int(opt.warmup_epochs * steps_per_epoch), t_in_epochs=False)
+
+    def step(self, it, batch):
+        lr = self.optimizer.param_groups[0]["lr"]
+        samples, targets = nchw(batch["image"]), torch.from_numpy(batch["label"]).long()
+        outputs = self.student(samples)
+        loss = self.criterion(samples, outputs, targets)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step_update(num_updates=it + 1)
+        return dict(loss=loss.item(), lr=lr)
+
+
+def _deit_config(kind, alpha, tau):
+    config = recipes.deit("deit_micro_distilled_patch4_32", distilled=True)
+    small_data.runlocal(config)
+    config.model.name = "deit_micro_distilled_patch4_32"
+    config.distill.kind, config.distill.alpha, config.distill.tau = kind, alpha, tau
+    config.teacher.train = ConfigDict()          # no teacher run: a randomly initialised one, task.frozen
+    config.teacher.checkpoint = "random"
+    config.teacher.model = "deit_micro_patch4_32"  # timm has its twin; the teacher runs in inference mode
+    config.data.image_size = 16
+    config.data.train_limit = 16                 # 2 steps per epoch
+    config.data.eval_limit = 8
+    config.batch_size = 8
+    config.model.drop_path_rate = 0.0            # deterministic
+    config.mixup.mixup_alpha = 0.0
+    config.mixup.cutmix_alpha = 0.0
+    config.mixup.label_smoothing = 0.1
+    config.epochs = 10.0
+    config.optim.lr = 0.002 * 512 / 8            # a base lr of 2e-3 at batch 8
+    config.optim.warmup_epochs = 1.0             # steps 0..2: warm-up lr, halfway, the cosine's start
+    config.optim.warmup_lr = 1e-4
+    config.optim.min_lr = 1e-5
+    config.optim.weight_decay = 0.5              # larger than 0.05 so the no-decay groups matter
+    config.optim.schedule_per_epoch = False
+    return config
+
+
+def _deit_batch(config, num_classes, seed):
+    rng = np.random.RandomState(100 + seed)
+    s, b = config.data.image_size, config.batch_size
+    return {"image": rng.randn(b, s, s, 3).astype(np.float32), "label": rng.randint(0, num_classes, b).astype(np.int32)}
+
+
+@pytest.mark.parametrize("kind,alpha,tau", [("hard", 0.5, 1.0), ("soft", 0.3, 3.0)])
+def test_deit_steps_match_official_pytorch(tmp_path, kind, alpha, tau):
+    config = _deit_config(kind, alpha, tau)
+    task = deit_step.build_task(config, str(tmp_path))
+    assert task.steps_per_epoch == 2
+    num_classes = 10  # digits
+    state = jax.jit(task.init)(jax.random.key(0))
+    reference = OfficialDeit(config, state.params, task.frozen["params"], task.steps_per_epoch, num_classes)
+    train_step = jax.jit(task.train_step)
+    lr_sum = 0.0
+    for it in range(STEPS):
+        batch = _deit_batch(config, num_classes, it)
+        state, metrics = train_step(state, batch, task.frozen)
+        metrics = jax.device_get(metrics)
+        want = reference.step(it, batch)
+        lr_sum += want["lr"]
+        print(f"DeiT {kind} step {it}: loss {float(metrics['loss']):.7f} vs {want['loss']:.7f}, "
+              f"lr {float(metrics['lr']):.4e} vs {want['lr']:.4e}")
+        assert float(metrics["loss"]) == pytest.approx(want["loss"], rel=LOSS_RTOL)
+        assert float(metrics["lr"]) == pytest.approx(want["lr"], rel=1e-6)
+        check_params(state.params, reference.student, "student", lr_sum)
+
+
+def test_deit_per_epoch_lr_follows_the_official_main_loop():
+    """The recipe's per-epoch lr against main.py's loop: scheduler built by timm's create_scheduler with
+    DeiT's arguments, the lr read while an epoch trains (as engine.py logs it), then `step(epoch)`."""
+    import argparse
+
+    from timm.scheduler import create_scheduler
+
+    config = recipes.deit("deit_small_patch16_224")
+    opt, epochs, steps_per_epoch = config.optim, int(config.epochs), 7
+    assert opt.schedule_per_epoch
+    base_lr = schedules.scaled_lr(opt.lr, config.batch_size, opt.lr_reference_batch)
+    args = argparse.Namespace(sched="cosine", epochs=epochs, lr=base_lr, min_lr=opt.min_lr, warmup_lr=opt.warmup_lr,
+                              warmup_epochs=int(opt.warmup_epochs), decay_epochs=30, decay_rate=0.1,
+                              cooldown_epochs=10, patience_epochs=10, lr_noise=None, lr_noise_pct=0.67,
+                              lr_noise_std=1.0)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=base_lr)
+    scheduler, _ = create_scheduler(args, optimizer)
+    schedule = schedules.deit_lr_schedule(base_lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+                                          warmup_epochs=opt.warmup_epochs, warmup_lr=opt.warmup_lr,
+                                          min_lr=opt.min_lr, per_epoch=True,
+                                          official_lag=opt.schedule_official_lag)
+    ours = np.asarray(jax.jit(jax.vmap(schedule))(np.arange(epochs * steps_per_epoch)))
+    official = []
+    for epoch in range(epochs):  # main.py: for epoch in range(start_epoch, epochs)
+        official += [optimizer.param_groups[0]["lr"]] * steps_per_epoch  # train_one_epoch
+        scheduler.step(epoch)
+    official = np.asarray(official)
+    mismatched = np.flatnonzero(~np.isclose(ours, official, rtol=2e-6, atol=1e-12))
+    assert not mismatched.size, (
+        f"{mismatched.size} of {ours.size} steps differ, the first at step {mismatched[0]} (epoch "
+        f"{mismatched[0] // steps_per_epoch}): ours {ours[mismatched[0]]:.6g}, official {official[mismatched[0]]:.6g}")
