@@ -139,3 +139,30 @@ def test_non_finite_loss_stops_naming_the_step_and_saves_nothing_bad(tmp_path):
         loop.train_and_evaluate(config, str(tmp_path))
     assert "no checkpoint was saved yet" in str(err.value) and "--config.optim.lr" in str(err.value)
     assert not os.listdir(tmp_path / "checkpoints")
+
+
+def test_eval_only_run_of_a_saved_model_reproduces_its_accuracy(tmp_path):
+    from vitdistill import checkpoint as variables_io
+    from vitdistill.train.deit_step import read_variables
+
+    teacher = small_data.cnn_teacher("digits", epochs=1)
+    teacher.data.image_size = 16
+    teacher.batch_size = 8
+    teacher.max_steps = 3
+    teacher.data.eval_limit = 40
+    teacher.progress_bar = False
+    trained = loop.train_and_evaluate(teacher, str(tmp_path / "teacher"))
+    variables, name = read_variables(str(tmp_path / "teacher"))
+    assert name == "resnet_micro" and "batch_stats" in variables
+    variables_io.save_variables(str(tmp_path / "exported"), variables, model=name)
+
+    evaluate = small_data.cnn_teacher("digits", epochs=1)
+    evaluate.data.image_size = 16
+    evaluate.batch_size = 8
+    evaluate.epochs = 0.0  # no training: evaluate the loaded weights
+    evaluate.data.eval_limit = 40
+    evaluate.model.init_from = str(tmp_path / "exported")
+    evaluate.progress_bar = False
+    again = loop.train_and_evaluate(evaluate, str(tmp_path / "eval"))
+    assert again["step"] == 0
+    assert again["top1"] == trained["top1"] and again["count"] == 40

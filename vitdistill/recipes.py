@@ -50,7 +50,7 @@ def deit(model: str = "deit_small_patch16_224", *, distilled: bool = False) -> C
         "num_classes": _opt(int),      # default: the data's class count
         "drop_path_rate": 0.1,
         "drop_rate": 0.0,
-        "dtype": "float32",            # compute dtype: bfloat16 on GPU/TPU for mixed precision
+        "dtype": "auto",               # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
         "init_from": _opt(str),        # orbax dir from `python -m vitdistill.convert` (fine-tuning)
     })
     c.data = _data("tfds", name="imagenet2012")
@@ -128,7 +128,7 @@ def dino(model: str = "vit_small_patch16_224", *, paper: bool = False) -> Config
         "bottleneck_dim": 256,
         "norm_last_layer": True,
         "use_bn_in_head": False,       # official option; BatchNorm in the head's MLP
-        "dtype": "float32",
+        "dtype": "auto",               # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
         "init_from": _opt(str),
     })
     c.data = _data("tfds", name="imagenet2012")

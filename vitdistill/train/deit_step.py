@@ -29,10 +29,16 @@ from vitdistill.train.state import TrainState
 
 
 def _dtype(name: str):
+    """The compute dtype; 'auto' is bfloat16 where the hardware has fast bfloat16 (GPU, TPU), else float32.
+
+    The official runs use mixed precision too (PyTorch AMP); parameters always stay float32.
+    """
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
     try:
         return jnp.dtype(name)
     except TypeError as e:
-        raise ConfigError(f"config.model.dtype={name!r} is not a dtype; use float32 or bfloat16") from e
+        raise ConfigError(f"config.model.dtype={name!r} is not a dtype; use auto, float32 or bfloat16") from e
 
 
 def model_overrides(model_config, image_size: int) -> dict:
@@ -46,8 +52,9 @@ def model_overrides(model_config, image_size: int) -> dict:
     for key in ("drop_path_rate", "drop_rate"):
         if model_config.get(key):
             overrides[key] = model_config[key]
-    if model_config.get("dtype", "float32") != "float32":
-        overrides["dtype"] = _dtype(model_config.dtype)
+    dtype = _dtype(model_config.get("dtype", "float32"))
+    if dtype != jnp.float32:
+        overrides["dtype"] = dtype
     return overrides
 
 
@@ -170,7 +177,8 @@ def build_task(config, workdir: str) -> loop.Task:
     lr = schedules.deit_lr_schedule(
         schedules.scaled_lr(opt.lr, config.batch_size, opt.lr_reference_batch), epochs=config.epochs,
         steps_per_epoch=steps_per_epoch, warmup_epochs=opt.warmup_epochs, warmup_lr=opt.warmup_lr,
-        min_lr=opt.min_lr, per_epoch=opt.schedule_per_epoch, official_lag=opt.schedule_official_lag)
+        min_lr=opt.min_lr, per_epoch=opt.schedule_per_epoch,
+        official_lag=opt.schedule_official_lag) if total_steps else (lambda step: 0.0)
     adam = optim.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                        decay_mask=optim.deit_decay_mask)
     tx = optax.chain(optax.clip_by_global_norm(opt.clip_grad), adam) if opt.clip_grad else adam
@@ -312,12 +320,16 @@ def _pretrained_loader(config, model, size):
     if not path:
         return None
 
+    def place_like(new, old):  # keep the fresh state's dtypes and shardings
+        return jax.tree.map(lambda n, o: jax.device_put(np.asarray(n, o.dtype), o.sharding), new, old)
+
     def prepare(state):
         loaded, _ = read_variables(path)
-        params = models.adapt_params(loaded["params"], jax.device_get(state.params))
-        replicated = state.params  # keep the shardings of the fresh state
-        params = jax.tree.map(lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding), params,
-                              replicated)
-        return state.replace(params=params, ema_params=params if state.ema_params else state.ema_params)
+        params = place_like(models.adapt_params(loaded["params"], jax.device_get(state.params)), state.params)
+        batch_stats = state.batch_stats
+        if batch_stats and loaded.get("batch_stats"):
+            batch_stats = place_like(loaded["batch_stats"], batch_stats)
+        return state.replace(params=params, batch_stats=batch_stats,
+                             ema_params=params if state.ema_params else state.ema_params)
 
     return prepare

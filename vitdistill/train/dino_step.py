@@ -52,38 +52,38 @@ def build_task(config, workdir: str) -> loop.Task:
     teacher = models.create_dino(config.model.name, drop_path_rate=0.0, dtype=dtype, **size, **head_args)
     backbone = models.create(config.model.name, num_classes=0, dtype=dtype, **size)
 
+    # epochs = 0 evaluates only (a converted checkpoint, say): the schedules are never read.
+    epochs = config.epochs or 1.0
     lr = schedules.dino_cosine_schedule(
-        schedules.scaled_lr(opt.lr, config.batch_size, opt.lr_reference_batch), opt.min_lr, epochs=config.epochs,
-        steps_per_epoch=steps_per_epoch, warmup_epochs=opt.warmup_epochs)
-    wd = schedules.dino_cosine_schedule(opt.weight_decay, opt.weight_decay_end, epochs=config.epochs,
+        schedules.scaled_lr(opt.lr, config.batch_size, opt.lr_reference_batch), opt.min_lr, epochs=epochs,
+        steps_per_epoch=steps_per_epoch, warmup_epochs=min(opt.warmup_epochs, epochs))
+    wd = schedules.dino_cosine_schedule(opt.weight_decay, opt.weight_decay_end, epochs=epochs,
                                         steps_per_epoch=steps_per_epoch)
-    momentum = schedules.dino_cosine_schedule(hp.momentum_teacher, 1.0, epochs=config.epochs,
+    momentum = schedules.dino_cosine_schedule(hp.momentum_teacher, 1.0, epochs=epochs,
                                               steps_per_epoch=steps_per_epoch)
     teacher_temp = schedules.teacher_temp_schedule(hp.warmup_teacher_temp, hp.teacher_temp,
-                                                   hp.warmup_teacher_temp_epochs, config.epochs)
+                                                   min(hp.warmup_teacher_temp_epochs, epochs), epochs)
+    g = mc.global_size
+    example = [jnp.zeros((1, g, g, 3), jnp.float32)]
     freeze_steps = schedules.epochs_to_steps(opt.freeze_last_layer, steps_per_epoch)
     frozen = None
     if freeze_steps:
-        frozen = lambda step: jax.tree.map(lambda m: jnp.logical_and(m, step < freeze_steps),  # noqa: E731
-                                           optim.last_layer_mask(_param_shapes))
+        shapes = jax.eval_shape(lambda rng: student.init(rng, example)["params"], jax.random.key(0))
+        frozen = optim.frozen_while(optim.last_layer_mask(shapes), freeze_steps)
     adam = optim.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=wd, decay_mask=optim.dino_decay_mask,
                        frozen=frozen)
     tx = optax.chain(optim.clip_by_tensor_norm(opt.clip_grad), adam) if opt.clip_grad else adam
     names = view_names(mc.num_local)
     use_bn = config.model.use_bn_in_head
     base_rng = jax.random.key(config.seed + 1)
-    g = mc.global_size
 
     def init(rng):
-        variables = student.init({"params": rng, "dropout": rng}, [jnp.zeros((1, g, g, 3), jnp.float32)],
-                                 train=False)
+        variables = student.init({"params": rng, "dropout": rng}, example, train=False)
         params = variables["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           batch_stats=variables.get("batch_stats", {}),
                           teacher_params=jax.tree.map(jnp.copy, params),
                           center=jnp.zeros((1, config.model.out_dim), jnp.float32))
-
-    _param_shapes = jax.eval_shape(init, jax.random.key(0)).params
 
     def train_step(state, batch, _):
         crops = [batch[name] for name in names]

@@ -52,7 +52,10 @@ class Task:
 
 
 def steps_for(config, num_examples: int) -> tuple[int, int]:
-    """(steps per epoch, total steps): an epoch is one pass over `num_examples` at the global batch."""
+    """(steps per epoch, total steps): an epoch is one pass over `num_examples` at the global batch.
+
+    `epochs = 0` means no training: the run only evaluates (a converted checkpoint, say).
+    """
     steps_per_epoch = num_examples // config.batch_size
     if steps_per_epoch < 1:
         raise ConfigError(f"batch_size {config.batch_size} is larger than the {num_examples} training examples; "
@@ -60,7 +63,7 @@ def steps_for(config, num_examples: int) -> tuple[int, int]:
     total = int(round(config.epochs * steps_per_epoch))
     if config.get("max_steps"):
         total = min(total, int(config.max_steps))
-    return steps_per_epoch, max(total, 1)
+    return steps_per_epoch, max(total, 1) if config.epochs > 0 else 0
 
 
 class _Stop(Exception):
