@@ -166,3 +166,28 @@ def test_eval_only_run_of_a_saved_model_reproduces_its_accuracy(tmp_path):
     again = loop.train_and_evaluate(evaluate, str(tmp_path / "eval"))
     assert again["step"] == 0
     assert again["top1"] == trained["top1"] and again["count"] == 40
+
+
+def test_a_corrupt_image_stops_training_naming_the_file(tmp_path):
+    import tensorflow as tf
+
+    from vitdistill.data.pipeline import BadImageError
+
+    for label, name in enumerate(("cat", "dog")):
+        folder = tmp_path / "data" / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(4):
+            (folder / f"{i}.png").write_bytes(tf.io.encode_png(np.full((20, 20, 3), 50 + 100 * label, np.uint8)).numpy())
+    (tmp_path / "data" / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    config = _deit_config("none", steps=2)
+    config.data.source = "folder"
+    config.data.data_dir = str(tmp_path / "data")
+    config.data.eval_split = "train"
+    config.data.eval_limit = None
+    config.batch_size = 8  # 9 images: the first batch holds the broken one or the next does
+    with pytest.raises(BadImageError, match=r"broken\.jpg") as err:
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert "Remove or replace" in str(err.value)
+    config.epochs = 0.0  # evaluation alone meets it too, and names it as well
+    with pytest.raises(BadImageError, match=r"broken\.jpg"):
+        loop.train_and_evaluate(config, str(tmp_path / "eval"))

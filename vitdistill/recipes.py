@@ -48,6 +48,7 @@ def deit(model: str = "deit_small_patch16_224", *, distilled: bool = False) -> C
     c.model = ConfigDict({
         "name": model,
         "num_classes": _opt(int),      # default: the data's class count
+        "patch_size": _opt(int),       # ViTs; default: the model's own
         "drop_path_rate": 0.1,
         "drop_rate": 0.0,
         "dtype": "auto",               # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
@@ -122,6 +123,7 @@ def dino(model: str = "vit_small_patch16_224", *, paper: bool = False) -> Config
     c.method = "dino"
     c.model = ConfigDict({
         "name": model,
+        "patch_size": _opt(int),       # default: the model's own
         "drop_path_rate": 0.1,         # student only
         "out_dim": 65536,
         "hidden_dim": 2048,

@@ -148,6 +148,18 @@ def batch_examples(source: Source, step: int, config, repeats: int = 1, process_
     return [source.describe(i) for i in sorted(set(indices))][:limit]
 
 
+def eval_batch_examples(source: Source, batch_index: int, global_batch: int, process_index: int = 0,
+                        process_count: int = 1, limit: int = 20) -> list:
+    """Names the examples of this process's evaluation batch `batch_index` (to find a corrupt file)."""
+    if not source.random_access:
+        return [f"(a record of {source.name}; sequential sources cannot name it)"]
+    local_batch = global_batch // process_count
+    per_process = math.ceil(source.num_examples / process_count)
+    first = process_index * per_process + batch_index * local_batch
+    last = min(first + local_batch, (process_index + 1) * per_process, source.num_examples)
+    return [source.describe(i) for i in range(first, last)][:limit]
+
+
 def check_batch_size(global_batch: int, num_devices: int, num_examples: int, what: str) -> None:
     if global_batch % num_devices:
         raise ConfigError(f"batch_size {global_batch} is not divisible by the {num_devices} devices; "

@@ -49,6 +49,8 @@ def model_overrides(model_config, image_size: int) -> dict:
     overrides = {}
     if _is_vit(model_config.name):
         overrides["img_size"] = image_size
+        if model_config.get("patch_size"):
+            overrides["patch_size"] = model_config.patch_size
     for key in ("drop_path_rate", "drop_rate"):
         if model_config.get(key):
             overrides[key] = model_config[key]
@@ -257,10 +259,12 @@ def build_task(config, workdir: str) -> loop.Task:
     def evaluate(state):
         ds, _ = pipeline.eval_dataset(eval_source, eval_transform(config), global_batch=config.batch_size,
                                       process_index=jax.process_index(), process_count=jax.process_count())
-        totals = loop.evaluate_in_batches(eval_counts, (state.params, state.batch_stats), ds, mesh)
+        named = dict(source=eval_source, global_batch=config.batch_size)
+        totals = loop.evaluate_in_batches(eval_counts, (state.params, state.batch_stats), ds, mesh, **named)
         result = _fractions(totals)
         if ema_decay:
-            ema_totals = loop.evaluate_in_batches(eval_counts, (state.ema_params, state.batch_stats), ds, mesh)
+            ema_totals = loop.evaluate_in_batches(eval_counts, (state.ema_params, state.batch_stats), ds, mesh,
+                                                  **named)
             result.update({f"ema_{k}": v for k, v in _fractions(ema_totals).items()})
         return result
 

@@ -47,6 +47,8 @@ def build_task(config, workdir: str) -> loop.Task:
                      bottleneck_dim=config.model.bottleneck_dim, norm_last_layer=config.model.norm_last_layer,
                      use_bn_in_head=config.model.use_bn_in_head)
     size = dict(img_size=mc.global_size)  # position embedding native to the global crops
+    if config.model.patch_size:
+        size["patch_size"] = config.model.patch_size
     student = models.create_dino(config.model.name, drop_path_rate=config.model.drop_path_rate, dtype=dtype,
                                  **size, **head_args)
     teacher = models.create_dino(config.model.name, drop_path_rate=0.0, dtype=dtype, **size, **head_args)

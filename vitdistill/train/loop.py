@@ -8,6 +8,7 @@ non-finite loss.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import signal
@@ -220,10 +221,27 @@ def _next_batch(batches, task: Task, step: int, config) -> dict:
         raise
 
 
-def evaluate_in_batches(eval_fn, state_args, dataset, mesh) -> dict:
-    """Sums a jitted eval function's per-batch counts over a padded eval dataset."""
+def evaluate_in_batches(eval_fn, state_args, dataset, mesh, *, source: Optional[Source] = None,
+                        global_batch: int = 0) -> dict:
+    """Sums a jitted eval function's per-batch counts over a padded eval dataset.
+
+    With `source` and `global_batch`, an undecodable image stops it naming the batch's files.
+    """
+    import tensorflow as tf
+
     totals = None
-    for local in dataset.as_numpy_iterator():
+    batches = dataset.as_numpy_iterator()
+    for index in itertools.count():
+        try:
+            local = next(batches)
+        except StopIteration:
+            break
+        except tf.errors.InvalidArgumentError as e:
+            names = (pipeline.eval_batch_examples(source, index, global_batch, jax.process_index(),
+                                                  jax.process_count()) if source is not None else ["?"])
+            raise pipeline.BadImageError(
+                f"Could not decode an image of {source.name if source else 'the evaluation data'}: "
+                f"{e.message.splitlines()[0]}. It is one of: {names}. Remove or replace the corrupt file(s).") from e
         counts = eval_fn(*state_args, sharding.to_global(local, mesh))
         totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
     return {k: float(v) for k, v in sharding.to_host(totals).items()} if totals is not None else {}
