@@ -10,7 +10,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # torch's optional triton import crashes the process once TensorFlow is loaded; the CPU paths never need it.
 sys.modules.setdefault("triton", None)
 
-import pytest  # noqa: E402
 
 
 def pytest_configure(config):

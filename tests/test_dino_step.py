@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitdistill import losses, recipes, small_data
+from vitdistill import recipes, small_data
 from vitdistill.train import dino_step
 
 

@@ -10,7 +10,7 @@ uninterrupted run would have seen.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import tensorflow as tf
 
@@ -120,8 +120,6 @@ def eval_dataset(source: Source, transform: Callable[[tf.Tensor], dict], *, glob
 
         ds = tf.data.Dataset.range(start, start + padded).map(load_and_prepare, num_parallel_calls=AUTOTUNE)
     else:
-        import tensorflow_datasets as tfds  # noqa: F401  (sequential sources are TFDS)
-
         real = source.sequential(process_index, process_count, 0).map(lambda ex: prepare(ex, tf.constant(1.0)),
                                                                         num_parallel_calls=AUTOTUNE)
         filler = real.take(1).map(lambda ex: {**{k: tf.zeros_like(v) for k, v in ex.items() if k != "mask"},

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -47,8 +46,3 @@ class Checkpointer:
         """Waits for asynchronous saves to land (nothing is lost at exit)."""
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def abstract_like(state):
-    """Shapes, dtypes and shardings of `state`, for restoring into the same layout."""
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

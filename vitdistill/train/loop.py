@@ -16,13 +16,12 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 
 from vitdistill.errors import ConfigError, UserError
 from vitdistill.data import pipeline
 from vitdistill.data.sources import Source
 from vitdistill.train import sharding
-from vitdistill.train.checkpointing import Checkpointer, abstract_like
+from vitdistill.train.checkpointing import Checkpointer
 from vitdistill.train.reporting import Reporter, save_config
 from vitdistill.train.state import TrainState
 
@@ -91,6 +90,16 @@ def _finite_or_raise(step: int, metrics: dict, workdir: str, last_saved: Optiona
             "(--config.model.dtype=float32), or check the data for bad images/labels.")
 
 
+def _initial_state(task: Task, config, checkpointer: Checkpointer, state_shardings, abstract):
+    """The latest checkpoint's state, or a fresh one (with pretrained weights if the task loads any)."""
+    if checkpointer.latest_step() is not None:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                              state_shardings)
+        return checkpointer.restore(target), True
+    state = jax.jit(task.init, out_shardings=state_shardings)(jax.random.key(config.seed))
+    return (task.prepare_state(state) if task.prepare_state is not None else state), False
+
+
 def run(task: Task, config, workdir: str) -> dict:
     """Trains `task` in `workdir` (resuming if a checkpoint is there), evaluates, returns the final metrics."""
     workdir = local_or_remote(workdir)
@@ -98,59 +107,37 @@ def run(task: Task, config, workdir: str) -> dict:
     pipeline.check_batch_size(config.batch_size, jax.device_count(), task.train_source.num_examples,
                               task.train_source.name)
     save_config(config, workdir)
-    rng = jax.random.key(config.seed)
-
-    abstract = jax.eval_shape(task.init, rng)
+    abstract = jax.eval_shape(task.init, jax.random.key(config.seed))
     state_shardings = _replicated_like(abstract, mesh)
     checkpointer = Checkpointer(workdir, every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints)
-    resumed_from = checkpointer.latest_step()
-    if resumed_from is not None:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                              state_shardings)
-        state = checkpointer.restore(target)
-        logging.info("Resumed from step %d in %s", resumed_from, checkpointer.directory)
-    else:
-        state = jax.jit(task.init, out_shardings=state_shardings)(rng)
-        if task.prepare_state is not None:
-            state = task.prepare_state(state)
-    start_step = int(jax.device_get(state.step))
+    state, resumed = _initial_state(task, config, checkpointer, state_shardings, abstract)
+    step = int(jax.device_get(state.step))
     frozen = sharding.replicate(task.frozen, mesh) if task.frozen is not None else None
-
     step_fn = jax.jit(task.train_step,
                       in_shardings=(state_shardings, sharding.batch_sharded(mesh), _replicated_like(frozen, mesh)),
                       out_shardings=(state_shardings, sharding.replicated(mesh)),
                       donate_argnums=(0,))
-    reporter = Reporter(workdir, total_steps=task.total_steps, start_step=start_step,
-                        global_batch=config.batch_size, progress_bar=config.progress_bar, name=task.name)
-    if resumed_from is not None:
-        reporter.message(f"{task.name}: resuming at step {start_step}/{task.total_steps} from {workdir}")
-    last_saved = resumed_from
+    reporter = Reporter(workdir, total_steps=task.total_steps, start_step=step, global_batch=config.batch_size,
+                        progress_bar=config.progress_bar, name=task.name)
+    if resumed:
+        reporter.message(f"{task.name}: resuming at step {step}/{task.total_steps} from {workdir}")
+    last_saved = step if resumed else None
     metrics = None
     previous = signal.signal(signal.SIGTERM, _raise_stop) if _main_thread() else None
-    step = start_step
     try:
-        if start_step < task.total_steps:
-            ds = pipeline.train_dataset(task.train_source, task.train_transform, seed=config.seed,
-                                        global_batch=config.batch_size, start_step=start_step,
-                                        process_index=jax.process_index(), process_count=jax.process_count(),
-                                        repeats=task.repeats)
-            batches = ds.as_numpy_iterator()
-            reporter.throughput(start_step)
+        if step < task.total_steps:
+            batches = pipeline.train_dataset(
+                task.train_source, task.train_transform, seed=config.seed, global_batch=config.batch_size,
+                start_step=step, process_index=jax.process_index(), process_count=jax.process_count(),
+                repeats=task.repeats).as_numpy_iterator()
+            reporter.throughput(step)
         while step < task.total_steps:
             batch = sharding.to_global(_next_batch(batches, task, step, config), mesh)
             state, metrics = step_fn(state, batch, frozen)
             step += 1
             is_last = step == task.total_steps
             if step % config.log_every_steps == 0 or is_last:
-                host = sharding.to_host(metrics)
-                _finite_or_raise(step, host, workdir, last_saved)
-                host.update(reporter.throughput(step))
-                host["epoch"] = step / task.steps_per_epoch
-                reporter.write(step, host)
-                reporter.advance(step, {"loss": float(host["loss"]),
-                                        "img/s": round(host.get("images_per_sec", 0.0), 1)})
-                if task.check_metrics is not None and (warning := task.check_metrics(step, host)):
-                    reporter.message(warning)
+                _log(task, reporter, step, sharding.to_host(metrics), workdir, last_saved)
             else:
                 reporter.advance(step)
             if is_last or step % checkpointer.every_steps == 0:
@@ -159,27 +146,33 @@ def run(task: Task, config, workdir: str) -> dict:
                     last_saved = step
             if task.eval_every_steps and step % task.eval_every_steps == 0 and not is_last:
                 reporter.write(step, task.evaluate(state), split="eval")
+        final = {**task.evaluate(state), "step": step}
+        reporter.write(step, final, split="eval")
     except (KeyboardInterrupt, _Stop) as stop:
-        if metrics is not None and step > (last_saved or 0):
-            host = sharding.to_host(metrics)
-            if math.isfinite(float(host["loss"])):
-                checkpointer.maybe_save(step, state, force=True)
-                reporter.message(f"{task.name}: interrupted ({stop or 'Ctrl-C'}); saved step {step}. "
-                                 "Re-run the same command to resume.")
-        checkpointer.close()
-        reporter.close()
+        if metrics is not None and step > (last_saved or 0) and math.isfinite(float(sharding.to_host(metrics)["loss"])):
+            checkpointer.maybe_save(step, state, force=True)
+            reporter.message(f"{task.name}: interrupted ({stop or 'Ctrl-C'}); saved step {step}. "
+                             "Re-run the same command to resume.")
         raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    checkpointer.close()
-    final = task.evaluate(state)
-    final["step"] = step
-    reporter.write(step, final, split="eval")
-    reporter.close()
+        checkpointer.close()  # waits for asynchronous saves: nothing started is lost, whatever happened
+        reporter.close()
     if task.summarize is not None and jax.process_index() == 0:
         print(task.summarize(final), flush=True)
     return final
+
+
+def _log(task: Task, reporter: Reporter, step: int, host: dict, workdir: str, last_saved):
+    """Checks the loss, then writes the step's metrics with throughput and epoch, and any task warning."""
+    _finite_or_raise(step, host, workdir, last_saved)
+    host.update(reporter.throughput(step))
+    host["epoch"] = step / task.steps_per_epoch
+    reporter.write(step, host)
+    reporter.advance(step, {"loss": float(host["loss"]), "img/s": round(host.get("images_per_sec", 0.0), 1)})
+    if task.check_metrics is not None and (warning := task.check_metrics(step, host)):
+        reporter.message(warning)
 
 
 METHODS = ("deit", "dino")
