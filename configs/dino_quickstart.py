@@ -11,4 +11,5 @@ from vitdistill import small_data
 
 def get_config(arg=None):
     del arg
-    return small_data.small_dino("digits", image_size=16, local_size=8, num_local=4, epochs=60)
+    return small_data.small_dino("digits", image_size=16, local_size=8, num_local=4, epochs=60,
+                                 warmup_epochs=10, freeze_last_layer_epochs=10)

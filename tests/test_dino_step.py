@@ -117,3 +117,15 @@ def test_a_bfloat16_step_runs_and_keeps_float32_params(tmp_path):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     loss_value = float(metrics["loss"])
     assert 0 < loss_value < 2 * np.log(config.model.out_dim)
+
+
+def test_collapse_warning_needs_an_extreme_entropy_and_a_student_that_copies_the_teacher(run):
+    config, task, _, _ = run
+    log_k = np.log(config.model.out_dim)
+    late = 100  # past the first epoch, where no warning is given
+    assert "one dimension" in task.check_metrics(late, {"teacher_entropy": 0.01 * log_k, "teacher_student_kl": 0.01})
+    assert "uniform" in task.check_metrics(late, {"teacher_entropy": 0.99 * log_k, "teacher_student_kl": 0.05})
+    # A sharp teacher the student still disagrees with (what a healthy run looks like) is no collapse.
+    assert task.check_metrics(late, {"teacher_entropy": 0.01 * log_k, "teacher_student_kl": 1.5}) is None
+    assert task.check_metrics(late, {"teacher_entropy": 0.5 * log_k, "teacher_student_kl": 0.01}) is None
+    assert task.check_metrics(0, {"teacher_entropy": 0.0, "teacher_student_kl": 0.0}) is None

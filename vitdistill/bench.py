@@ -25,6 +25,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file, configs/NAME.py[:ARG].", lock_config=False)
 flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps); the median is reported.")
 flags.DEFINE_list("what", ["step", "pipeline"], "What to time: step, pipeline.")
+flags.DEFINE_enum("data", "sample_images", ["sample_images", "config"],
+                  "The pipeline's source: scikit-learn's two sample JPEGs (as the PyTorch reference), or the "
+                  "config's own data.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -43,10 +46,12 @@ def median_seconds(fn, steps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def bench_config(config):
-    """The config with benchmark data: sample images, and a random teacher unless one is given."""
-    config.data.source = "sample_images"
-    config.data.train_limit = None
+def bench_config(config, data: str = "sample_images"):
+    """The config with benchmark data (sample images unless `data='config'`), and a random teacher
+    unless one is given."""
+    if data == "sample_images":
+        config.data.source = "sample_images"
+        config.data.train_limit = None
     config.data.eval_limit = config.batch_size
     if config.method == "deit":
         config.teacher.train = type(config.teacher.train)()
@@ -128,7 +133,7 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
     from vitdistill.train import deit_step, dino_step
 
-    config = bench_config(FLAGS.config)
+    config = bench_config(FLAGS.config, FLAGS.data)
     method = {"deit": deit_step, "dino": dino_step}[config.method]
     with tempfile.TemporaryDirectory() as workdir:
         task = method.build_task(config, workdir)

@@ -26,6 +26,9 @@ from vitdistill.train import loop, optim, schedules, sharding
 from vitdistill.train.deit_step import _dtype, _table, read_variables
 from vitdistill.train.state import TrainState
 
+# Below this teacher-student KL (nats) an extreme teacher entropy counts as collapse.
+COLLAPSE_KL = 0.2
+
 
 def view_names(num_local: int) -> list:
     return ["global_0", "global_1"] + [f"local_{i}" for i in range(num_local)]
@@ -130,11 +133,14 @@ def build_task(config, workdir: str) -> loop.Task:
     log_k = math.log(config.model.out_dim)
 
     def check_metrics(step, metrics):
-        entropy = float(metrics["teacher_entropy"])
-        if step >= steps_per_epoch and (entropy < 0.02 * log_k or entropy > 0.98 * log_k):
+        # The DINO paper's diagnosis (§5.3): in both kinds of collapse the student copies the teacher (KL
+        # near 0) while the teacher's entropy goes to 0 (one dimension) or log K (uniform). A sharp teacher
+        # the student still disagrees with is a teacher doing its job.
+        entropy, kl = float(metrics["teacher_entropy"]), float(metrics["teacher_student_kl"])
+        if step >= steps_per_epoch and kl < COLLAPSE_KL and (entropy < 0.02 * log_k or entropy > 0.98 * log_k):
             towards = "one dimension" if entropy < 0.02 * log_k else "the uniform distribution"
             return (f"WARNING step {step}: the teacher's output may be collapsing towards {towards} (entropy "
-                    f"{entropy:.3f}, log K = {log_k:.3f}, teacher-student KL {float(metrics['teacher_student_kl']):.4f})."
+                    f"{entropy:.3f}, log K = {log_k:.3f}, teacher-student KL {kl:.4f})."
                     " Check the teacher temperature (config.dino.*teacher_temp*) and center momentum.")
         return None
 
