@@ -2,6 +2,7 @@
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vitdistill.models.vit import VisionTransformer, torch_default_init, trunc_normal_02
@@ -57,10 +58,16 @@ class WeightNormLinear(nn.Module):
         in_dim = x.shape[-1]
         v = self.param('weight_v', torch_default_init(in_dim), (in_dim, self.features), self.param_dtype)
         v = v.astype(jnp.float32)
-        kernel = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+        # x @ (v / ||v||) computed as (x @ v) * (1 / ||v||): the same product with the scale on the
+        # [B, out] result instead of the [in, out] kernel. XLA:CPU fuses the division into the dot
+        # and ran the forward 120x slower (4.4 s against 36 ms for 256 x 65536 and 40 rows); the
+        # column sums of squares as a matrix product are 3x faster again than a reduction there,
+        # and HIGHEST keeps them float32 on TPU.
+        sum_sq = jnp.matmul(jnp.ones((1, in_dim), jnp.float32), v * v, precision=jax.lax.Precision.HIGHEST)
+        scale = jax.lax.rsqrt(sum_sq)
         if not self.fixed_gain:
-            kernel = kernel * self.param('weight_g', nn.initializers.ones, (1, self.features), self.param_dtype)
-        return x.astype(self.dtype) @ kernel.astype(self.dtype)
+            scale = scale * self.param('weight_g', nn.initializers.ones, (1, self.features), self.param_dtype)
+        return (x.astype(self.dtype) @ v.astype(self.dtype)) * scale.astype(self.dtype)
 
 
 class DINO(nn.Module):
