@@ -191,3 +191,13 @@ def test_a_corrupt_image_stops_training_naming_the_file(tmp_path):
     config.epochs = 0.0  # evaluation alone meets it too, and names it as well
     with pytest.raises(BadImageError, match=r"broken\.jpg"):
         loop.train_and_evaluate(config, str(tmp_path / "eval"))
+
+
+def test_a_given_teacher_checkpoint_is_used_instead_of_training_one(tmp_path):
+    from vitdistill.train import deit_step
+
+    config = _deit_config("hard")
+    config.teacher.checkpoint = "random"  # with a teacher.train block still in the config
+    name, _, variables = deit_step.load_teacher(config, str(tmp_path), num_classes=10)
+    assert name == config.teacher.train.model.name and variables is not None
+    assert not os.path.exists(os.path.join(tmp_path, "teacher"))  # nothing was trained

@@ -90,7 +90,7 @@ def load_teacher(config, workdir: str, num_classes: int):
     """
     tconf = config.teacher
     path = tconf.checkpoint
-    if tconf.train:
+    if tconf.train and not path:  # a given checkpoint wins: the teacher.train block only runs without one
         path = os.path.join(workdir, "teacher")
         logging.info("Training the teacher first, in %s", path)
         from vitdistill.train.loop import train_and_evaluate
@@ -98,7 +98,7 @@ def load_teacher(config, workdir: str, num_classes: int):
         train_and_evaluate(tconf.train, path)
         name = tconf.train.model.name
     else:
-        name = tconf.model
+        name = tconf.train.model.name if tconf.train else tconf.model
         if not path:
             raise ConfigError(
                 f"Distillation kind {config.distill.kind!r} needs a teacher: set --config.teacher.checkpoint=DIR "
