@@ -90,20 +90,18 @@ def load_teacher(config, workdir: str, num_classes: int):
     """
     tconf = config.teacher
     path = tconf.checkpoint
+    name = tconf.train.model.name if tconf.train else tconf.model
     if tconf.train and not path:  # a given checkpoint wins: the teacher.train block only runs without one
         path = os.path.join(workdir, "teacher")
         logging.info("Training the teacher first, in %s", path)
         from vitdistill.train.loop import train_and_evaluate
 
         train_and_evaluate(tconf.train, path)
-        name = tconf.train.model.name
-    else:
-        name = tconf.train.model.name if tconf.train else tconf.model
-        if not path:
-            raise ConfigError(
-                f"Distillation kind {config.distill.kind!r} needs a teacher: set --config.teacher.checkpoint=DIR "
-                "(a `python -m vitdistill.convert` output or a teacher run's workdir), give the config a "
-                "teacher.train block, or use --config.distill.kind=none.")
+    elif not path:
+        raise ConfigError(
+            f"Distillation kind {config.distill.kind!r} needs a teacher: set --config.teacher.checkpoint=DIR "
+            "(a `python -m vitdistill.convert` output or a teacher run's workdir), give the config a "
+            "teacher.train block, or use --config.distill.kind=none.")
     size = config.data.image_size
     if path == "random":
         variables, recorded = None, None
