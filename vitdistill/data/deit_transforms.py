@@ -150,7 +150,7 @@ def deit_train_transform(image_uint8, seed, *, size=224, scale=(0.08, 1.0), rati
         image = horizontal_flip(image, flip_seed, p=hflip)
     if rand_augment:
         image = _rand_augment(image, ra_seed, num_ops=ra_num_ops, magnitude=ra_magnitude,
-                              magnitude_std=ra_magnitude_std, prob=ra_prob)
+                              magnitude_std=ra_magnitude_std, prob=ra_prob, interpolation=interpolation)
     image = normalize(image)
     if erase_prob > 0:
         image = random_erasing(image, erase_seed, p=erase_prob)

@@ -4,9 +4,9 @@ Each op mirrors the PIL operation timm calls (`timm/data/auto_augment.py`) on fl
 in 0..255 units, so that `tf.data` can run it in graph mode. Images stay float between ops (PIL
 rounds to uint8 after each); the ops PIL defines by a 256-entry lookup table (AutoContrast,
 Equalize, Posterize) first round to integer levels, as PIL sees them. Geometric ops reproduce
-PIL's bilinear affine warp, edge rule included; timm under DeiT's `interpolation='bicubic'`
-warps bicubically, which `ImageProjectiveTransformV3` cannot (about 1-2.5 units of mean
-difference on small images, see tests/test_randaugment.py).
+PIL's affine warp (`Image.transform`, libImaging/Geometry.c), edge rule included, bicubic by
+default as timm under DeiT's `interpolation='bicubic'` (PIL's cubic convolution with a = -1, the
+result clipped to 0..255) or bilinear.
 """
 import math
 
@@ -142,13 +142,52 @@ def sharpness(image, factor):
 
 # ----- geometric ops (PIL Image.transform, AFFINE) ------------------------------------------
 
-def _affine(image, matrix, fill):
+INTERPOLATIONS = ("bicubic", "bilinear")
+
+
+def _check_interpolation(interpolation):
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"RandAugment interpolation must be one of {INTERPOLATIONS}, not {interpolation!r}")
+
+
+def _bicubic_warp(image, src_x, src_y):
+    """PIL's bicubic sample of `image` at index coordinates (src_x, src_y) [H, W], edges replicated.
+
+    Geometry.c's BICUBIC is cubic convolution with a = -1 on the 4 x 4 neighbours around
+    floor(src); taps outside the image repeat the edge pixel (XCLIP, and the row fallbacks, which
+    amount to clamping). Separable, so the 16 weights are products of per-axis weights.
+    """
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    channels = image.shape[-1]
+    fx, fy = tf.floor(src_x), tf.floor(src_y)
+    dx, dy = src_x - fx, src_y - fy
+
+    def weights(d):  # the coefficients of v1..v4 in BICUBIC(v, v1, v2, v3, v4, d)
+        d2, d3 = d * d, d * d * d
+        return (-d + 2.0 * d2 - d3, 1.0 - 2.0 * d2 + d3, d + d2 - d3, d3 - d2)
+
+    def taps(f, size):
+        base = tf.cast(f, tf.int32)
+        return [tf.clip_by_value(base + k, 0, size - 1) for k in (-1, 0, 1, 2)]
+
+    xs, ys = taps(fx, width), taps(fy, height)
+    wx, wy = weights(dx), weights(dy)
+    index = tf.stack([row * width + col for row in ys for col in xs])  # [16, H, W], one gather
+    weight = tf.stack([w_row * w_col for w_row in wy for w_col in wx])
+    neighbours = tf.gather(tf.reshape(image, [-1, channels]), index)  # [16, H, W, C]
+    out = tf.reduce_sum(weight[..., None] * neighbours, axis=0)
+    return tf.clip_by_value(out, 0.0, 255.0)
+
+
+def _affine(image, matrix, fill, interpolation="bicubic"):
     """Warp with the output->input `matrix` (a0, a1, a2, b0, b1, b2) in pixel-index coordinates.
 
     PIL's rule: an output pixel whose source point lies outside the image (pixel centres at +0.5,
     so outside [-0.5, size - 0.5) in index units) takes the fill colour; every other one is
-    interpolated with the edge pixels replicated, which is TF's NEAREST fill mode.
+    interpolated with the edge pixels replicated (for bilinear, TF's NEAREST fill mode).
     """
+    _check_interpolation(interpolation)
     a0, a1, a2, b0, b1, b2 = [tf.cast(m, tf.float32) for m in matrix]
     shape = tf.shape(image)
     height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
@@ -157,44 +196,47 @@ def _affine(image, matrix, fill):
     src_x = a0 * x + a1 * y + a2
     src_y = b0 * x + b1 * y + b2
     inside = (src_x >= -0.5) & (src_x < width - 0.5) & (src_y >= -0.5) & (src_y < height - 0.5)
-    warped = tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None], transforms=tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])[None],
-        output_shape=shape[:2], fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")[0]
+    if interpolation == "bicubic":
+        warped = _bicubic_warp(image, src_x, src_y)
+    else:
+        warped = tf.raw_ops.ImageProjectiveTransformV3(
+            images=image[None], transforms=tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])[None],
+            output_shape=shape[:2], fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")[0]
     filled = tf.where(inside[..., None], warped, tf.constant(fill, tf.float32))
     return tf.ensure_shape(filled, image.shape)
 
 
-def rotate(image, degrees, fill=FILL):
+def rotate(image, degrees, fill=FILL, interpolation="bicubic"):
     """Image.rotate(degrees) about the centre, counter-clockwise, same size."""
     theta = tf.cast(degrees, tf.float32) * (math.pi / 180.0)
     cos, sin = tf.cos(theta), tf.sin(theta)
     size = tf.cast(tf.shape(image)[:2], tf.float32)
     cy, cx = (size[0] - 1.0) / 2.0, (size[1] - 1.0) / 2.0  # PIL's (w/2, h/2) in pixel-centre coordinates
-    return _affine(image, [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy], fill)
+    return _affine(image, [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy], fill, interpolation)
 
 
-def shear_x(image, factor, fill=FILL):
+def shear_x(image, factor, fill=FILL, interpolation="bicubic"):
     """Image.transform(AFFINE, (1, factor, 0, 0, 1, 0)); PIL samples at pixel centres, hence the 0.5."""
     factor = tf.cast(factor, tf.float32)
-    return _affine(image, [1.0, factor, 0.5 * factor, 0.0, 1.0, 0.0], fill)
+    return _affine(image, [1.0, factor, 0.5 * factor, 0.0, 1.0, 0.0], fill, interpolation)
 
 
-def shear_y(image, factor, fill=FILL):
+def shear_y(image, factor, fill=FILL, interpolation="bicubic"):
     """Image.transform(AFFINE, (1, 0, 0, factor, 1, 0))."""
     factor = tf.cast(factor, tf.float32)
-    return _affine(image, [1.0, 0.0, 0.0, factor, 1.0, 0.5 * factor], fill)
+    return _affine(image, [1.0, 0.0, 0.0, factor, 1.0, 0.5 * factor], fill, interpolation)
 
 
-def translate_x_rel(image, pct, fill=FILL):
+def translate_x_rel(image, pct, fill=FILL, interpolation="bicubic"):
     """Shift the content left by `pct` of the width (timm's translate_x_rel)."""
     pixels = tf.cast(pct, tf.float32) * tf.cast(tf.shape(image)[1], tf.float32)
-    return _affine(image, [1.0, 0.0, pixels, 0.0, 1.0, 0.0], fill)
+    return _affine(image, [1.0, 0.0, pixels, 0.0, 1.0, 0.0], fill, interpolation)
 
 
-def translate_y_rel(image, pct, fill=FILL):
+def translate_y_rel(image, pct, fill=FILL, interpolation="bicubic"):
     """Shift the content up by `pct` of the height (timm's translate_y_rel)."""
     pixels = tf.cast(pct, tf.float32) * tf.cast(tf.shape(image)[0], tf.float32)
-    return _affine(image, [1.0, 0.0, 0.0, 0.0, 1.0, pixels], fill)
+    return _affine(image, [1.0, 0.0, 0.0, 0.0, 1.0, pixels], fill, interpolation)
 
 
 # ----- magnitude -> op argument (timm's *_level_to_arg; `sign` is timm's _randomly_negate) -----
@@ -227,15 +269,19 @@ def translate_rel_level(magnitude, sign):
     return sign * (magnitude / MAX_LEVEL) * TRANSLATE_PCT
 
 
-def apply_op(image, op_index, magnitude, sign, *, fill=FILL):
-    """Apply op `OP_NAMES[op_index]` at `magnitude` (0..10) with `sign` (+1 or -1) where timm negates."""
+def apply_op(image, op_index, magnitude, sign, *, fill=FILL, interpolation="bicubic"):
+    """Apply op `OP_NAMES[op_index]` at `magnitude` (0..10) with `sign` (+1 or -1) where timm negates.
+
+    `interpolation` ("bicubic" or "bilinear") resamples the geometric ops, as timm's hparams do.
+    """
+    _check_interpolation(interpolation)
     m = tf.cast(magnitude, tf.float32)
     s = tf.cast(sign, tf.float32)
     branches = [
         lambda: auto_contrast(image),
         lambda: equalize(image),
         lambda: invert(image),
-        lambda: rotate(image, rotate_level(m, s), fill),
+        lambda: rotate(image, rotate_level(m, s), fill, interpolation),
         lambda: posterize(image, posterize_increasing_level(m)),
         lambda: solarize(image, solarize_increasing_level(m)),
         lambda: solarize_add(image, solarize_add_level(m)),
@@ -243,10 +289,10 @@ def apply_op(image, op_index, magnitude, sign, *, fill=FILL):
         lambda: contrast(image, enhance_increasing_level(m, s)),
         lambda: brightness(image, enhance_increasing_level(m, s)),
         lambda: sharpness(image, enhance_increasing_level(m, s)),
-        lambda: shear_x(image, shear_level(m, s), fill),
-        lambda: shear_y(image, shear_level(m, s), fill),
-        lambda: translate_x_rel(image, translate_rel_level(m, s), fill),
-        lambda: translate_y_rel(image, translate_rel_level(m, s), fill),
+        lambda: shear_x(image, shear_level(m, s), fill, interpolation),
+        lambda: shear_y(image, shear_level(m, s), fill, interpolation),
+        lambda: translate_x_rel(image, translate_rel_level(m, s), fill, interpolation),
+        lambda: translate_y_rel(image, translate_rel_level(m, s), fill, interpolation),
     ]
     return tf.ensure_shape(tf.switch_case(tf.cast(op_index, tf.int32), branches), image.shape)
 
@@ -272,15 +318,21 @@ def sample_params(seed, *, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5
     }
 
 
-def rand_augment(image, seed, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5, fill=FILL):
-    """timm RandAugment(rand_augment_ops(increasing=True), num_ops) on one float image in 0..255."""
+def rand_augment(image, seed, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5, fill=FILL,
+                 interpolation="bicubic"):
+    """timm RandAugment(rand_augment_ops(increasing=True), num_ops) on one float image in 0..255.
+
+    `interpolation` is timm's `hparams['interpolation']`: the train transform's own (DeiT: bicubic).
+    """
+    _check_interpolation(interpolation)
     image = tf.cast(image, tf.float32)
     params = sample_params(seed, num_ops=num_ops, magnitude=magnitude, magnitude_std=magnitude_std, prob=prob)
     for k in range(num_ops):
         image = _maybe_apply_op(image, params["apply"][k], params["op"][k], params["magnitude"][k],
-                                params["sign"][k], fill)
+                                params["sign"][k], fill, interpolation)
     return image
 
 
-def _maybe_apply_op(image, apply, op_index, magnitude, sign, fill):
-    return tf.cond(apply, lambda: apply_op(image, op_index, magnitude, sign, fill=fill), lambda: image)
+def _maybe_apply_op(image, apply, op_index, magnitude, sign, fill, interpolation):
+    return tf.cond(apply, lambda: apply_op(image, op_index, magnitude, sign, fill=fill, interpolation=interpolation),
+                   lambda: image)
