@@ -90,6 +90,36 @@ def test_resample_pos_embed_matches_torch_interpolate(grid, antialias):
     expected = torch.cat([pos_embed[:, :2], resampled.permute(0, 2, 3, 1).reshape(1, -1, 8)], dim=1)
     actual = resample_pos_embed(jnp.asarray(pos_embed.numpy()), grid, 2, antialias=antialias)
     np.testing.assert_allclose(actual, expected.numpy(), atol=1e-5)
+    named = resample_pos_embed(jnp.asarray(pos_embed.numpy()), grid, 2,
+                               interpolation='antialias' if antialias else 'bicubic')
+    np.testing.assert_array_equal(named, actual)
+
+
+def official_dino_pos_encoding(pos_embed, h0, w0):
+    """facebookresearch/dino's interpolate_pos_encoding on a [1, 1 + N, D] embedding, for a square grid."""
+    n, dim = pos_embed.shape[1] - 1, pos_embed.shape[2]
+    side = int(round(n ** 0.5))
+    if h0 * w0 == n and h0 == w0:
+        return pos_embed
+    grid = pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((w0 + 0.1) / side, (h0 + 0.1) / side), mode='bicubic')
+    assert grid.shape[-2:] == (w0, h0)
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+
+
+@pytest.mark.parametrize('grid', [6, 12, 1, 28])
+def test_dino_interpolation_matches_official_interpolate_pos_encoding(grid):
+    pos_embed = torch.randn(1, 1 + 14 * 14, 8, generator=torch.Generator().manual_seed(0))
+    expected = official_dino_pos_encoding(pos_embed, grid, grid).numpy()
+    actual = resample_pos_embed(jnp.asarray(pos_embed.numpy()), (grid, grid), 1, interpolation='dino')
+    np.testing.assert_allclose(actual, expected, atol=1e-5)
+    plain = resample_pos_embed(jnp.asarray(pos_embed.numpy()), (grid, grid), 1, interpolation='bicubic')
+    assert np.abs(np.asarray(plain) - expected).max() > 1e-2, "the +0.1 shift should matter at this grid"
+
+
+def test_unknown_pos_embed_interpolation_is_refused():
+    with pytest.raises(ValueError, match="antialias.*bicubic.*dino"):
+        resample_pos_embed(jnp.zeros((1, 1 + 16, 4)), (2, 2), 1, interpolation='bilinear')
 
 
 # ---------------------------------------------------------------------------
@@ -127,6 +157,16 @@ class OfficialDinoHead(torch.nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
 
 
+def official_dino_forward(vit, x):
+    """facebookresearch/dino's VisionTransformer.forward on timm's modules (same parameter names):
+    patch embedding, CLS token, interpolate_pos_encoding, blocks, norm -> CLS."""
+    tokens = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    tokens = torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1)
+    grid = x.shape[-1] // vit.patch_embed.patch_size[0]
+    tokens = tokens + official_dino_pos_encoding(vit.pos_embed, grid, grid)
+    return vit.norm(vit.blocks(tokens))[:, 0]
+
+
 class OfficialMultiCrop(torch.nn.Module):
     """facebookresearch/dino's MultiCropWrapper: backbone per run of equal resolutions, head once."""
 
@@ -162,6 +202,7 @@ def test_dino_matches_official_layout(case):
             img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4, num_classes=0, dynamic_img_size=True)
     else:
         backbone = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+    backbone.forward = lambda x, vit=backbone: official_dino_forward(vit, x)
     use_bn = 'BatchNorm' in case
     head = OfficialDinoHead(backbone.embed_dim, out_dim, norm_last_layer, parametrized, use_bn=use_bn)
     reference = OfficialMultiCrop(backbone, head).eval()

@@ -212,7 +212,8 @@ def rotate(image, degrees, fill=FILL, interpolation="bicubic"):
     cos, sin = tf.cos(theta), tf.sin(theta)
     size = tf.cast(tf.shape(image)[:2], tf.float32)
     cy, cx = (size[0] - 1.0) / 2.0, (size[1] - 1.0) / 2.0  # PIL's (w/2, h/2) in pixel-centre coordinates
-    return _affine(image, [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy], fill, interpolation)
+    matrix = [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy]
+    return _affine(image, matrix, fill, interpolation)
 
 
 def shear_x(image, factor, fill=FILL, interpolation="bicubic"):

@@ -63,7 +63,12 @@ def create(name: str, **overrides) -> nn.Module:
 
 def create_dino(backbone_name: str, *, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                 norm_last_layer: bool = True, use_bn_in_head: bool = False, **backbone_overrides) -> DINO:
-    """A DINO student/teacher: the named ViT backbone (num_classes=0) plus the projection head."""
+    """A DINO student/teacher: the named ViT backbone (num_classes=0) plus the projection head.
+
+    Crops of another size than the backbone's get the position embeddings resampled as official
+    DINO does (`pos_embed_interpolation='dino'`) unless the overrides say otherwise.
+    """
+    backbone_overrides.setdefault('pos_embed_interpolation', 'dino')
     if backbone_overrides.get('num_classes', 0) != 0:
         raise ConfigError(f"a DINO backbone has no classifier; drop num_classes={backbone_overrides['num_classes']}")
     backbone = create(backbone_name, **{**backbone_overrides, 'num_classes': 0})
@@ -107,7 +112,7 @@ def adapt_params(loaded, target):
         elif path.endswith('pos_embed') and _prefix_tokens(path, loaded) == _prefix_tokens(path, target):
             prefix = _prefix_tokens(path, target)
             grid = int(round((fresh_value.shape[1] - prefix) ** 0.5))
-            fitted[path] = np.asarray(resample_pos_embed(value, (grid, grid), prefix, antialias=False))
+            fitted[path] = np.asarray(resample_pos_embed(value, (grid, grid), prefix, interpolation='bicubic'))
             logging.info('resampled %s from %s to %s', path, value.shape, fresh_value.shape)
         elif path.split('/')[0] in CLASSIFIER_SCOPES:
             fresh.append(path)

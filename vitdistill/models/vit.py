@@ -36,16 +36,20 @@ def _cubic(x: np.ndarray, a: float) -> np.ndarray:
     return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
 
 
-def bicubic_matrix(in_size: int, out_size: int, *, antialias: bool) -> np.ndarray:
+def bicubic_matrix(in_size: int, out_size: int, *, antialias: bool, scale_factor: float | None = None) -> np.ndarray:
     """[out_size, in_size] matrix equal to 1-D `F.interpolate(mode='bicubic', align_corners=False)`.
 
     antialias=False: PyTorch's upsample_bicubic2d: a = -0.75, source coordinate
-    (i + 0.5) * in/out - 0.5 (not clamped), the four taps' indices clamped to the border.
+    (i + 0.5) / s - 0.5 (not clamped), the four taps' indices clamped to the border, where s is
+    `scale_factor` when given (F.interpolate(scale_factor=s), as official DINO calls it) and
+    out/in otherwise (F.interpolate(size=out)).
     antialias=True: PyTorch's antialiased kernel (what timm's `dynamic_img_size` uses):
     a = -0.5, the kernel widened by in/out when shrinking, taps outside the input dropped
     and the remaining weights renormalised.
     """
-    scale = in_size / out_size
+    if antialias and scale_factor is not None:
+        raise ValueError("bicubic_matrix: scale_factor is only for the plain (antialias=False) kernel")
+    scale = in_size / out_size if scale_factor is None else 1.0 / scale_factor
     matrix = np.zeros((out_size, in_size), np.float64)
     for i in range(out_size):
         if antialias:
@@ -66,13 +70,39 @@ def bicubic_matrix(in_size: int, out_size: int, *, antialias: bool) -> np.ndarra
     return matrix
 
 
-def resample_pos_embed(pos_embed, new_grid_hw: Sequence[int], num_prefix_tokens: int, *, antialias: bool = False):
+POS_EMBED_INTERPOLATIONS = ('antialias', 'bicubic', 'dino')
+DINO_SCALE_OFFSET = 0.1  # official DINO's interpolate_pos_encoding: scale_factor = (n + 0.1) / N
+
+
+def _resample_matrix(old: int, new: int, interpolation: str) -> np.ndarray:
+    if interpolation == 'antialias':
+        return bicubic_matrix(old, new, antialias=True)
+    if interpolation == 'bicubic':
+        return bicubic_matrix(old, new, antialias=False)
+    if interpolation == 'dino':
+        return bicubic_matrix(old, new, antialias=False, scale_factor=(new + DINO_SCALE_OFFSET) / old)
+    raise ValueError(f"position-embedding interpolation must be one of {POS_EMBED_INTERPOLATIONS}, "
+                     f"not {interpolation!r}")
+
+
+def resample_pos_embed(pos_embed, new_grid_hw: Sequence[int], num_prefix_tokens: int, *, antialias: bool = False,
+                       interpolation: str | None = None):
     """Bicubically resamples the patch part of a [1, T, D] position embedding to a new grid.
 
-    The old grid is square (as in every model here). The result equals PyTorch's
-    `F.interpolate(..., mode='bicubic', align_corners=False, antialias=antialias)`; the
-    interpolation is two small constant matrices, so it is cheap inside a jitted step.
+    The old grid is square (as in every model here). `interpolation` picks the reference:
+    'bicubic' is `F.interpolate(size=grid, mode='bicubic', align_corners=False)` (the official DeiT
+    fine-tuning script), 'antialias' the same with `antialias=True` (timm's `dynamic_img_size`),
+    'dino' official DINO's `interpolate_pos_encoding`, `F.interpolate(scale_factor=(n + 0.1) / N,
+    mode='bicubic')`, whose sampling grid is shifted slightly; without it, `antialias` chooses
+    between the first two. The interpolation is two small constant matrices, so it is cheap
+    inside a jitted step. (For a non-square grid official DINO scales rows by the width and
+    columns by the height; here rows follow the height, as only square crops reach it there.)
     """
+    if interpolation is None:
+        interpolation = 'antialias' if antialias else 'bicubic'
+    if interpolation not in POS_EMBED_INTERPOLATIONS:
+        raise ValueError(f"position-embedding interpolation must be one of {POS_EMBED_INTERPOLATIONS}, "
+                         f"not {interpolation!r}")
     prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     old = int(round(np.sqrt(patches.shape[1])))
     if old * old != patches.shape[1]:
@@ -80,8 +110,8 @@ def resample_pos_embed(pos_embed, new_grid_hw: Sequence[int], num_prefix_tokens:
     new_h, new_w = new_grid_hw
     if (new_h, new_w) == (old, old):
         return pos_embed
-    rows = jnp.asarray(bicubic_matrix(old, new_h, antialias=antialias), jnp.float32)
-    cols = jnp.asarray(bicubic_matrix(old, new_w, antialias=antialias), jnp.float32)
+    rows = jnp.asarray(_resample_matrix(old, new_h, interpolation), jnp.float32)
+    cols = jnp.asarray(_resample_matrix(old, new_w, interpolation), jnp.float32)
     grid = patches.reshape(1, old, old, -1).astype(jnp.float32)
     grid = jnp.einsum('ih,jw,bhwd->bijd', rows, cols, grid, precision=jax.lax.Precision.HIGHEST)
     grid = grid.reshape(1, new_h * new_w, -1).astype(pos_embed.dtype)
@@ -204,11 +234,11 @@ class VisionTransformer(nn.Module):
     """ViT / DeiT / distilled DeiT / DINO backbone (num_classes=0), timm's architecture.
 
     Inputs whose sides are multiples of `patch_size` but differ from `img_size` get the
-    patch position embeddings resampled bicubically. `pos_embed_antialias=True` reproduces
-    timm's `dynamic_img_size=True` (PyTorch's antialiased bicubic, a = -0.5); False reproduces
-    plain `F.interpolate(mode='bicubic')` (a = -0.75), as the official DeiT fine-tuning script
-    does. (Official DINO's `interpolate_pos_encoding` is plain bicubic too, but passes
-    `scale_factor=(n + 0.1) / N`, which shifts the sampling grid slightly; neither mode copies that.)
+    patch position embeddings resampled bicubically, by `pos_embed_interpolation`: 'antialias'
+    reproduces timm's `dynamic_img_size=True` (PyTorch's antialiased bicubic, a = -0.5);
+    'bicubic' plain `F.interpolate(size=..., mode='bicubic')` (a = -0.75), as the official DeiT
+    fine-tuning script does; 'dino' official DINO's `interpolate_pos_encoding` (plain bicubic with
+    `scale_factor=(n + 0.1) / N`), which `models.create_dino` uses for the local crops.
 
     `drop_rate` is dropout on the token(s) entering the head, as in timm >= 0.9; DeiT's
     original timm 0.3 also applied it after the position embedding and inside the blocks
@@ -226,7 +256,7 @@ class VisionTransformer(nn.Module):
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
-    pos_embed_antialias: bool = True
+    pos_embed_interpolation: str = 'antialias'
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -248,7 +278,7 @@ class VisionTransformer(nn.Module):
         pos_embed = self.param('pos_embed', trunc_normal_02,
                                (1, len(prefix) + native_grid**2, self.embed_dim), self.param_dtype)
         pos_embed = resample_pos_embed(pos_embed, (height // self.patch_size, width // self.patch_size),
-                                       len(prefix), antialias=self.pos_embed_antialias)
+                                       len(prefix), interpolation=self.pos_embed_interpolation)
         prefix = [jnp.broadcast_to(token, (batch, 1, self.embed_dim)).astype(self.dtype) for token in prefix]
         x = jnp.concatenate(prefix + [x], axis=1) + pos_embed.astype(self.dtype)
 
