@@ -35,6 +35,7 @@ F = torch.nn.functional
 from vitdistill import recipes, small_data  # noqa: E402
 from vitdistill.convert import torch_key  # noqa: E402
 from vitdistill.train import deit_step, dino_step, schedules  # noqa: E402
+from test_models_parity import official_dino_forward  # noqa: E402
 
 MICRO = dict(patch_size=4, embed_dim=128, depth=4, num_heads=4)  # vitdistill's *_micro_patch4_32 ViTs
 STEPS = 3
@@ -232,6 +233,8 @@ class OfficialDino:
 
         def network():
             backbone = micro_vit(mc.global_size, 0, dynamic=True)
+            # official DINO's forward: local crops get interpolate_pos_encoding's resampling
+            backbone.forward = lambda x, vit=backbone: official_dino_forward(vit, x)
             return MultiCropWrapper(backbone, DinoHead(backbone.embed_dim, m.out_dim, m.hidden_dim,
                                                        m.bottleneck_dim, m.norm_last_layer))
 
