@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from vitdistill.models import MODELS, adapt_params, create, create_dino, last_attention, resample_pos_embed
+from vitdistill.errors import ConfigError
 from vitdistill.models.vit import drop_path_rates
 
 # timm 1.0's `sum(p.numel() for p in model.parameters())` for the same names (checked
@@ -249,3 +250,10 @@ def test_adapt_params_rejects_another_architecture():
     fresh = random_params(create('deit_micro_patch4_32'), jnp.zeros((1, 32, 32, 3)), seed=1)
     with pytest.raises(ValueError, match=r'blocks_0/attn/qkv/kernel: pretrained \[64, 192\], model \[128, 384\]'):
         adapt_params(pretrained, fresh)
+
+
+def test_unknown_pos_embed_interpolation_is_a_config_error():
+    with pytest.raises(ConfigError, match="pos_embed_interpolation='nearest'; valid: antialias, bicubic, dino"):
+        create_dino('vit_micro_patch4_32', pos_embed_interpolation='nearest')
+    assert create_dino('vit_micro_patch4_32').backbone.pos_embed_interpolation == 'dino'
+    assert create('vit_micro_patch4_32').pos_embed_interpolation == 'antialias'
