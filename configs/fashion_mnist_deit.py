@@ -23,7 +23,7 @@ def get_config(arg="hard"):
         config = recipes.deit(model, distilled=distilled)
         small_data.use_small_data(config, "fashion_mnist")
         small_data.light_deit_augment(config)
-        small_data.short_schedule(config, epochs=20, batch_size=64, lr=2e-3, warmup_epochs=2)
+        small_data.short_schedule(config, epochs=40, batch_size=64, lr=2e-3, warmup_epochs=2)
         config.model.drop_path_rate = 0.0
         config.distill.kind = arg
         if arg == "soft":
