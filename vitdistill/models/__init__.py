@@ -10,7 +10,7 @@ from vitdistill.errors import CheckpointError, ConfigError
 from vitdistill.models.dino import DINO, DinoHead
 from vitdistill.models.regnet import RegNet
 from vitdistill.models.resnet import ResNet
-from vitdistill.models.vit import POS_EMBED_INTERPOLATIONS, VisionTransformer, last_attention, resample_pos_embed
+from vitdistill.models.vit import VisionTransformer, last_attention, resample_pos_embed
 
 __all__ = ['MODELS', 'create', 'create_dino', 'adapt_params', 'VisionTransformer', 'DINO', 'DinoHead', 'ResNet',
            'RegNet', 'last_attention', 'resample_pos_embed']
@@ -58,9 +58,6 @@ def create(name: str, **overrides) -> nn.Module:
     if unknown:
         raise ConfigError(f"{name} ({module_cls.__name__}) has no field {', '.join(map(repr, unknown))}; "
                          f"valid fields: {', '.join(fields)}")
-    interpolation = overrides.get('pos_embed_interpolation')
-    if interpolation is not None and interpolation not in POS_EMBED_INTERPOLATIONS:
-        raise ConfigError(f"pos_embed_interpolation={interpolation!r}; valid: {', '.join(POS_EMBED_INTERPOLATIONS)}")
     return module_cls(**{**defaults, **overrides})
 
 

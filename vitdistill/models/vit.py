@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitdistill.errors import ConfigError
+
 trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02)
 
 
@@ -70,19 +72,15 @@ def bicubic_matrix(in_size: int, out_size: int, *, antialias: bool, scale_factor
     return matrix
 
 
-POS_EMBED_INTERPOLATIONS = ('antialias', 'bicubic', 'dino')
 DINO_SCALE_OFFSET = 0.1  # official DINO's interpolate_pos_encoding: scale_factor = (n + 0.1) / N
 
-
-def _resample_matrix(old: int, new: int, interpolation: str) -> np.ndarray:
-    if interpolation == 'antialias':
-        return bicubic_matrix(old, new, antialias=True)
-    if interpolation == 'bicubic':
-        return bicubic_matrix(old, new, antialias=False)
-    if interpolation == 'dino':
-        return bicubic_matrix(old, new, antialias=False, scale_factor=(new + DINO_SCALE_OFFSET) / old)
-    raise ValueError(f"position-embedding interpolation must be one of {POS_EMBED_INTERPOLATIONS}, "
-                     f"not {interpolation!r}")
+# interpolation name -> the 1-D [new, old] resampling matrix
+_RESAMPLE_MATRICES = {
+    'antialias': lambda old, new: bicubic_matrix(old, new, antialias=True),
+    'bicubic': lambda old, new: bicubic_matrix(old, new, antialias=False),
+    'dino': lambda old, new: bicubic_matrix(old, new, antialias=False, scale_factor=(new + DINO_SCALE_OFFSET) / old),
+}
+POS_EMBED_INTERPOLATIONS = tuple(_RESAMPLE_MATRICES)
 
 
 def resample_pos_embed(pos_embed, new_grid_hw: Sequence[int], num_prefix_tokens: int, *, antialias: bool = False,
@@ -110,8 +108,8 @@ def resample_pos_embed(pos_embed, new_grid_hw: Sequence[int], num_prefix_tokens:
     new_h, new_w = new_grid_hw
     if (new_h, new_w) == (old, old):
         return pos_embed
-    rows = jnp.asarray(_resample_matrix(old, new_h, interpolation), jnp.float32)
-    cols = jnp.asarray(_resample_matrix(old, new_w, interpolation), jnp.float32)
+    rows = jnp.asarray(_RESAMPLE_MATRICES[interpolation](old, new_h), jnp.float32)
+    cols = jnp.asarray(_RESAMPLE_MATRICES[interpolation](old, new_w), jnp.float32)
     grid = patches.reshape(1, old, old, -1).astype(jnp.float32)
     grid = jnp.einsum('ih,jw,bhwd->bijd', rows, cols, grid, precision=jax.lax.Precision.HIGHEST)
     grid = grid.reshape(1, new_h * new_w, -1).astype(pos_embed.dtype)
@@ -259,6 +257,12 @@ class VisionTransformer(nn.Module):
     pos_embed_interpolation: str = 'antialias'
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.pos_embed_interpolation not in POS_EMBED_INTERPOLATIONS:
+            raise ConfigError(f"pos_embed_interpolation={self.pos_embed_interpolation!r}; "
+                              f"valid: {', '.join(POS_EMBED_INTERPOLATIONS)}")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, images, *, train: bool = False, both_heads: bool | None = None):
