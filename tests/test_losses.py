@@ -216,8 +216,26 @@ def test_dino_monitoring():
     loss, _ = np_dino_loss(student, teacher, center, 0.1, 0.04, 2)
     # Each teacher crop is in the same number of pairs, so the mean KL is CE − H.
     assert float(got["teacher_student_kl"]) == pytest.approx(loss - entropy, rel=1e-5, abs=1e-6)
+    marginal = np.exp(log_q).reshape(2, -1, teacher.shape[1]).mean(axis=1)
+    marginal_entropy = np.mean(-np.sum(marginal * np.log(marginal), axis=-1))
+    assert float(got["teacher_marginal_entropy"]) == pytest.approx(marginal_entropy, rel=1e-5)
+    assert marginal_entropy > entropy  # mixing rows never lowers entropy; here it must raise it
 
     # A uniform teacher (collapse onto the centre) has entropy log K.
     uniform = losses.dino_monitoring(student, np.zeros_like(teacher), np.zeros_like(center),
                                      student_temp=0.1, teacher_temp=0.04, num_global_crops=2)
     assert float(uniform["teacher_entropy"]) == pytest.approx(np.log(teacher.shape[1]), rel=1e-6)
+
+    # Every image sent to the same one of K outputs: sharp rows and a one-point marginal.
+    one_cluster = np.zeros_like(teacher)
+    one_cluster[:, 3] = 50.0
+    collapsed = losses.dino_monitoring(student, one_cluster, np.zeros_like(center), student_temp=0.1,
+                                       teacher_temp=0.04, num_global_crops=2)
+    assert float(collapsed["teacher_marginal_entropy"]) == pytest.approx(0.0, abs=1e-6)
+    # Each crop's rows spread one-hot over 4 outputs in equal shares: log 4 whatever the row entropy.
+    four = np.zeros_like(teacher)
+    batch = teacher.shape[0] // 2
+    four[np.arange(teacher.shape[0]), np.arange(teacher.shape[0]) % batch % 4] = 50.0
+    spread = losses.dino_monitoring(student, four, np.zeros_like(center), student_temp=0.1, teacher_temp=0.04,
+                                    num_global_crops=2)
+    assert float(spread["teacher_marginal_entropy"]) == pytest.approx(np.log(4), rel=1e-4)

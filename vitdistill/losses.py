@@ -142,6 +142,10 @@ def dino_monitoring(student_out, teacher_out, center, *, student_temp, teacher_t
     teacher has collapsed to one dimension, near log K to the uniform distribution.
     'teacher_student_kl': KL(teacher ‖ student) averaged over the loss's pairs — near 0
     with either collapse, since the student then copies the teacher.
+    'teacher_marginal_entropy': H of the batch-mean teacher probs, averaged over the global
+    crops; exp of it is the number of output dimensions the batch spreads over (at most
+    min(K, B) for one-hot rows). Low while 'teacher_entropy' is low too is partial collapse: the
+    teacher sorts the images into a few clusters only.
     """
     student_log_probs, teacher_probs, teacher_log_probs = _dino_views(
         jax.lax.stop_gradient(student_out), teacher_out, center, student_temp, teacher_temp,
@@ -151,4 +155,7 @@ def dino_monitoring(student_out, teacher_out, center, *, student_temp, teacher_t
     entropy_per_crop = -jnp.sum(teacher_probs * teacher_log_probs, axis=(1, 2)) / batch
     cross = -jnp.einsum("ibk,vbk->iv", teacher_probs, student_log_probs) / batch
     kl = _pair_mean(cross - entropy_per_crop[:, None], num_global_crops)
-    return {"teacher_entropy": jnp.mean(entropy_per_crop), "teacher_student_kl": kl}
+    marginal = jnp.mean(teacher_probs, axis=1)
+    marginal_entropy = -jnp.sum(marginal * jnp.log(jnp.maximum(marginal, 1e-30)), axis=-1)
+    return {"teacher_entropy": jnp.mean(entropy_per_crop), "teacher_student_kl": kl,
+            "teacher_marginal_entropy": jnp.mean(marginal_entropy)}
