@@ -31,7 +31,7 @@ def main():
     parser.add_argument("--workdir", default="/tmp/vitdistill/deit_fashion_mnist")
     parser.add_argument("--max_steps", type=int, default=None, help="cut every run short (a smoke test)")
     args = parser.parse_args()
-    from vitdistill.train.loop import train_and_evaluate
+    from vitdistill.methods import train_and_evaluate
 
     results, seconds = {}, {}
     teacher_dir = os.path.join(args.workdir, "teacher")

@@ -50,7 +50,7 @@ def main():
     parser.add_argument("--workdir", default="/tmp/vitdistill/dino_fashion_mnist")
     parser.add_argument("--max_steps", type=int, default=None, help="cut the run short (a smoke test)")
     args = parser.parse_args()
-    from vitdistill.train.loop import train_and_evaluate
+    from vitdistill.methods import train_and_evaluate
 
     config = load_config()
     if args.max_steps:

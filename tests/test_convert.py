@@ -1,4 +1,4 @@
-"""Checkpoint conversion (`vitdistill.convert`) and the variables directory format (`vitdistill.checkpoint`)."""
+"""Checkpoint conversion (`vitdistill.convert`) and the variables directory format (`vitdistill.weights`)."""
 import argparse
 import os
 import subprocess
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitdistill.checkpoint import load_variables, save_variables
+from vitdistill.weights import load_variables, save_variables
 from vitdistill.convert import from_torch, torch_key
 from vitdistill.errors import CheckpointError
 from vitdistill.models import create, create_dino

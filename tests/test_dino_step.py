@@ -1,12 +1,17 @@
 """DINO's train step against SPEC §4's formulas: EMA teacher, center, schedules, frozen last layer,
-per-tensor clipping, and a bfloat16 step."""
+per-tensor clipping, and a bfloat16 step. The step is called as a plain function, with no data source."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from vitdistill import recipes, small_data
-from vitdistill.train import dino_step
+from vitdistill.data.multicrop import view_names
+from vitdistill.methods import dino
+
+STEPS_PER_EPOCH = 4  # the config's 32 training examples at batch 8
 
 
 def _config(**changes):
@@ -30,10 +35,15 @@ def _config(**changes):
 
 def _batch(config, seed=0):
     rng = np.random.RandomState(seed)
-    g, l, b = config.multicrop.global_size, config.multicrop.local_size, config.batch_size
-    batch = {f"global_{i}": rng.randn(b, g, g, 3).astype(np.float32) for i in range(2)}
-    batch.update({f"local_{i}": rng.randn(b, l, l, 3).astype(np.float32) for i in range(config.multicrop.num_local)})
-    return batch
+    mc, b = config.multicrop, config.batch_size
+    return {name: rng.randn(b, size, size, 3).astype(np.float32)
+            for name, size in zip(view_names(mc.num_local), [mc.global_size] * 2 + [mc.local_size] * mc.num_local)}
+
+
+def _jitted(config):
+    setup = dino.make_setup(config, steps_per_epoch=STEPS_PER_EPOCH)
+    return (setup, jax.jit(functools.partial(dino.init_state, setup=setup)),
+            jax.jit(functools.partial(dino.train_step, setup=setup)))
 
 
 def _leaves(tree, name):
@@ -42,27 +52,30 @@ def _leaves(tree, name):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run():
     config = _config()
-    task = dino_step.build_task(config, str(tmp_path_factory.mktemp("dino")))
-    step = jax.jit(task.train_step)
-    state = jax.jit(task.init)(jax.random.key(0))
+    setup, init, step = _jitted(config)
+    state = init(jax.random.key(0))
     states, metrics = [state], []
     for i in range(6):
-        state, m = step(state, _batch(config, i), None)
+        state, m = step(state, _batch(config, i))
         states.append(state)
         metrics.append(jax.device_get(m))
-    return config, task, states, metrics
+    return config, setup, states, metrics
+
+
+def test_the_config_s_data_gives_the_steps_per_epoch_the_tests_assume(tmp_path):
+    assert dino.build_task(_config(), str(tmp_path)).length.steps_per_epoch == STEPS_PER_EPOCH
 
 
 def test_teacher_is_the_ema_of_the_student_and_the_center_follows_the_teacher(run):
-    config, task, states, _ = run
+    config, setup, states, _ = run
     before, after = states[0], states[1]
-    m = float(task.metadata["momentum"](0))
+    m = float(setup.momentum(0))
     assert m == pytest.approx(config.dino.momentum_teacher, abs=1e-7)  # the cosine starts at its base
     expected = jax.tree.map(lambda t, s: m * t + (1 - m) * s, before.teacher_params, after.params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), after.teacher_params, expected)
-    teacher = task.metadata["teacher"]
+    teacher = setup.teacher
     batch = _batch(config, 0)
     teacher_out = teacher.apply({"params": before.teacher_params}, [batch["global_0"], batch["global_1"]])
     center = 0.9 * np.asarray(before.center) + 0.1 * np.asarray(teacher_out).mean(0)
@@ -70,7 +83,7 @@ def test_teacher_is_the_ema_of_the_student_and_the_center_follows_the_teacher(ru
 
 
 def test_logged_schedules_equal_the_official_formulas(run):
-    config, task, _, metrics = run
+    config, _, _, metrics = run
     steps_per_epoch, epochs = 4, 10
     base_lr = config.optim.lr * config.batch_size / config.optim.lr_reference_batch
     warmup = 2 * steps_per_epoch
@@ -108,24 +121,25 @@ def test_gradients_are_clipped_per_tensor():
     np.testing.assert_array_equal(clipped["small"], grads["small"])  # untouched, unlike global-norm clipping
 
 
-def test_a_bfloat16_step_runs_and_keeps_float32_params(tmp_path):
+def test_a_bfloat16_step_runs_and_keeps_float32_params():
     config = _config(**{"model.dtype": "bfloat16"})
-    task = dino_step.build_task(config, str(tmp_path))
-    state = jax.jit(task.init)(jax.random.key(0))
-    state, metrics = jax.jit(task.train_step)(state, _batch(config), None)
+    _, init, step = _jitted(config)
+    state = init(jax.random.key(0))
+    state, metrics = step(state, _batch(config))
     assert np.isfinite(float(metrics["loss"]))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     loss_value = float(metrics["loss"])
     assert 0 < loss_value < 2 * np.log(config.model.out_dim)
 
 
-def test_collapse_warning_needs_an_extreme_entropy_and_a_student_that_copies_the_teacher(run):
-    config, task, _, _ = run
+def test_collapse_warning_needs_an_extreme_entropy_and_a_student_that_copies_the_teacher(tmp_path):
+    config = _config()
+    check_metrics = dino.build_task(config, str(tmp_path)).check_metrics  # as the loop calls it
     log_k = np.log(config.model.out_dim)
     late = 100  # past the first epoch, where no warning is given
-    assert "one dimension" in task.check_metrics(late, {"teacher_entropy": 0.01 * log_k, "teacher_student_kl": 0.01})
-    assert "uniform" in task.check_metrics(late, {"teacher_entropy": 0.99 * log_k, "teacher_student_kl": 0.05})
+    assert "one dimension" in check_metrics(late, {"teacher_entropy": 0.01 * log_k, "teacher_student_kl": 0.01})
+    assert "uniform" in check_metrics(late, {"teacher_entropy": 0.99 * log_k, "teacher_student_kl": 0.05})
     # A sharp teacher the student still disagrees with (what a healthy run looks like) is no collapse.
-    assert task.check_metrics(late, {"teacher_entropy": 0.01 * log_k, "teacher_student_kl": 1.5}) is None
-    assert task.check_metrics(late, {"teacher_entropy": 0.5 * log_k, "teacher_student_kl": 0.01}) is None
-    assert task.check_metrics(0, {"teacher_entropy": 0.0, "teacher_student_kl": 0.0}) is None
+    assert check_metrics(late, {"teacher_entropy": 0.01 * log_k, "teacher_student_kl": 1.5}) is None
+    assert check_metrics(late, {"teacher_entropy": 0.5 * log_k, "teacher_student_kl": 0.01}) is None
+    assert check_metrics(0, {"teacher_entropy": 0.0, "teacher_student_kl": 0.0}) is None

@@ -112,6 +112,7 @@ def test_views_names_shapes_and_determinism():
 
     got = eager(views, seed)
     assert sorted(got) == ["global_0", "global_1", "local_0", "local_1", "local_2"]
+    assert mc.view_names(3) == ["global_0", "global_1", "local_0", "local_1", "local_2"]  # the student's order
     assert got["global_0"].shape == (32, 32, 3) and got["local_2"].shape == (16, 16, 3)
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in got.values())
     graph = in_tf_data(views, seed)

@@ -34,7 +34,9 @@ F = torch.nn.functional
 
 from vitdistill import recipes, small_data  # noqa: E402
 from vitdistill.convert import torch_key  # noqa: E402
-from vitdistill.train import deit_step, dino_step, schedules  # noqa: E402
+from vitdistill.data.multicrop import view_names  # noqa: E402
+from vitdistill.methods import deit, dino  # noqa: E402
+from vitdistill.train import schedules  # noqa: E402
 from test_models_parity import official_dino_forward  # noqa: E402
 
 MICRO = dict(patch_size=4, embed_dim=128, depth=4, num_heads=4)  # vitdistill's *_micro_patch4_32 ViTs
@@ -250,7 +252,7 @@ class OfficialDino:
                                             warmup_epochs=int(opt.warmup_epochs))
         self.wd_schedule = cosine_scheduler(opt.weight_decay, opt.weight_decay_end, epochs, steps_per_epoch)
         self.momentum_schedule = cosine_scheduler(hp.momentum_teacher, 1, epochs, steps_per_epoch)
-        self.names = dino_step.view_names(mc.num_local)
+        self.names = view_names(mc.num_local)
 
     def step(self, it, batch):
         epoch = it // self.steps_per_epoch
@@ -298,19 +300,18 @@ def _dino_config():
 
 def _dino_batch(config, seed):
     rng = np.random.RandomState(seed)
-    g, l, b = config.multicrop.global_size, config.multicrop.local_size, config.batch_size
-    batch = {f"global_{i}": rng.randn(b, g, g, 3).astype(np.float32) for i in range(2)}
-    batch.update({f"local_{i}": rng.randn(b, l, l, 3).astype(np.float32) for i in range(config.multicrop.num_local)})
-    return batch
+    mc, b = config.multicrop, config.batch_size
+    return {name: rng.randn(b, size, size, 3).astype(np.float32)
+            for name, size in zip(view_names(mc.num_local), [mc.global_size] * 2 + [mc.local_size] * mc.num_local)}
 
 
 @pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")  # the official head uses the old spelling
 def test_dino_steps_match_official_pytorch(tmp_path):
     config = _dino_config()
-    task = dino_step.build_task(config, str(tmp_path))
-    assert task.steps_per_epoch == 2
+    task = dino.build_task(config, str(tmp_path))
+    assert task.length.steps_per_epoch == 2
     state = jax.jit(task.init)(jax.random.key(0))
-    reference = OfficialDino(config, state.params, task.steps_per_epoch)
+    reference = OfficialDino(config, state.params, task.length.steps_per_epoch)
     train_step = jax.jit(task.train_step)
     lr_sum = 0.0
     for it in range(STEPS):
@@ -446,11 +447,11 @@ def _deit_batch(config, num_classes, seed):
 @pytest.mark.parametrize("kind,alpha,tau", [("hard", 0.5, 1.0), ("soft", 0.3, 3.0)])
 def test_deit_steps_match_official_pytorch(tmp_path, kind, alpha, tau):
     config = _deit_config(kind, alpha, tau)
-    task = deit_step.build_task(config, str(tmp_path))
-    assert task.steps_per_epoch == 2
+    task = deit.build_task(config, str(tmp_path))
+    assert task.length.steps_per_epoch == 2
     num_classes = 10  # digits
     state = jax.jit(task.init)(jax.random.key(0))
-    reference = OfficialDeit(config, state.params, task.frozen["params"], task.steps_per_epoch, num_classes)
+    reference = OfficialDeit(config, state.params, task.frozen["params"], task.length.steps_per_epoch, num_classes)
     train_step = jax.jit(task.train_step)
     lr_sum = 0.0
     for it in range(STEPS):

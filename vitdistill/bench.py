@@ -63,36 +63,39 @@ def bench_config(config, data: str = "sample_images"):
     return config
 
 
-def _random_batch(task, config, mesh):
+def random_batch(task, config, mesh) -> dict:
+    """Random inputs shaped as the task's training batches (its pipeline's element spec), on the mesh:
+    normal images, labels uniform over the source's classes."""
     import numpy as np
 
+    from vitdistill.data import pipeline
     from vitdistill.train import sharding
 
+    spec = pipeline.train_dataset(task.data.source, task.data.transform, seed=0, global_batch=config.batch_size,
+                                  repeats=task.data.repeats).element_spec
     rng = np.random.RandomState(0)
-    if config.method == "dino":
-        mc = config.multicrop
-        views = {f"global_{i}": mc.global_size for i in range(2)}
-        views.update({f"local_{i}": mc.local_size for i in range(mc.num_local)})
-    else:
-        views = {"image": config.data.image_size}
-    batch = {k: rng.randn(config.batch_size, s, s, 3).astype(np.float32) for k, s in views.items()}
-    batch["label"] = rng.randint(0, 10, config.batch_size).astype(np.int32)
+    batch = {}
+    for name in sorted(spec):
+        shape, dtype = tuple(spec[name].shape), spec[name].dtype.as_numpy_dtype
+        if np.issubdtype(dtype, np.floating):
+            batch[name] = rng.randn(*shape).astype(dtype)
+        else:
+            batch[name] = rng.randint(0, task.data.source.num_classes, shape).astype(dtype)
     return sharding.to_global(batch, mesh)
 
 
 def bench_step(task, config) -> dict:
+    """The loop's own jitted step (shardings, donation) on one device-resident random batch, timed."""
     import jax
 
-    from vitdistill.train import sharding
-    from vitdistill.train.loop import _replicated_like
+    from vitdistill.train import loop, sharding
 
     mesh = sharding.make_mesh()
-    state = jax.jit(task.init, out_shardings=_replicated_like(jax.eval_shape(task.init, jax.random.key(0)), mesh))(
-        jax.random.key(0))
-    frozen = sharding.replicate(task.frozen, mesh) if task.frozen is not None else None
-    batch = _random_batch(task, config, mesh)
-    step = jax.jit(task.train_step, donate_argnums=(0,))
-    compiled = step.lower(state, batch, frozen).compile()
+    _, state_shardings = loop.state_layout(task, mesh, seed=0)
+    state = loop.init_state(task, state_shardings, seed=0)
+    frozen = loop.place_frozen(task, mesh)
+    batch = random_batch(task, config, mesh)
+    compiled = loop.jit_train_step(task, mesh, state_shardings, frozen).lower(state, batch, frozen).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float((cost or {}).get("flops", 0.0))
@@ -112,8 +115,8 @@ def bench_step(task, config) -> dict:
 def bench_pipeline(task, config) -> dict:
     from vitdistill.data import pipeline
 
-    ds = pipeline.train_dataset(task.train_source, task.train_transform, seed=0, global_batch=config.batch_size,
-                                repeats=task.repeats)
+    ds = pipeline.train_dataset(task.data.source, task.data.transform, seed=0, global_batch=config.batch_size,
+                                repeats=task.data.repeats)
     batches = ds.as_numpy_iterator()
     seconds = median_seconds(lambda: next(batches), 4 * FLAGS.steps)
     extra = {"n_local": config.multicrop.num_local} if config.method == "dino" else {}
@@ -131,12 +134,11 @@ def main(argv):
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
-    from vitdistill.train import deit_step, dino_step
+    from vitdistill import methods
 
     config = bench_config(FLAGS.config, FLAGS.data)
-    method = {"deit": deit_step, "dino": dino_step}[config.method]
     with tempfile.TemporaryDirectory() as workdir:
-        task = method.build_task(config, workdir)
+        task = methods.get(config.method).build_task(config, workdir)
         for what in FLAGS.what:
             result = {"step": bench_step, "pipeline": bench_pipeline}[what](task, config)
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}),

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from vitdistill.checkpoint import save_variables
+from vitdistill.weights import save_variables
 from vitdistill.models import create, create_dino
 
 # torch leaf name -> (Flax collection, Flax leaf name). `weight` depends on the rank: a

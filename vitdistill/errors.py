@@ -13,5 +13,13 @@ class DataError(UserError, RuntimeError):
     """A data source is missing or malformed; the message says where it looked and how to fix it."""
 
 
+class BadImageError(DataError):
+    """An image could not be decoded; the message names the files of the failing batch."""
+
+
 class CheckpointError(UserError, ValueError):
     """A checkpoint is missing, unreadable, or does not fit the model; the message names what differs."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The loss became NaN or infinite; training stopped before saving the bad state."""

@@ -40,7 +40,7 @@ def main(argv):
                  jax.process_count(), jax.local_devices(), jax.device_count())
 
     from vitdistill.errors import UserError
-    from vitdistill.train.loop import train_and_evaluate
+    from vitdistill.methods import train_and_evaluate
 
     try:
         train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -121,6 +121,14 @@ def augment_view(image_uint8, seed, *, size, scale, hflip=0.5, jitter_prob=0.8, 
     return normalize(image), {**applied, "crop": tf.stack(box), "blur_sigma": sigma}
 
 
+NUM_GLOBAL_VIEWS = 2
+
+
+def view_names(num_local: int) -> list:
+    """The views of one image in the order the student sees them: the global crops, then the local ones."""
+    return [f"global_{g}" for g in range(NUM_GLOBAL_VIEWS)] + [f"local_{i}" for i in range(num_local)]
+
+
 def multicrop_views(image_uint8, seed, *, global_size=224, local_size=96, global_scale=(0.4, 1.0),
                     local_scale=(0.05, 0.4), num_local=8, hflip=0.5, jitter_prob=0.8, brightness=0.4,
                     contrast=0.4, saturation=0.2, hue=0.1, grayscale_prob=0.2, global_blur_probs=(1.0, 0.1),
@@ -132,19 +140,21 @@ def multicrop_views(image_uint8, seed, *, global_size=224, local_size=96, global
     (views, params) where params[name] records each view's crop box and which ops were applied.
     """
     for name, probs in (("global_blur_probs", global_blur_probs), ("global_solarize_probs", global_solarize_probs)):
-        if len(probs) != 2:
-            raise ValueError(f"{name}={probs} must hold one probability for each of the 2 global views")
+        if len(probs) != NUM_GLOBAL_VIEWS:
+            raise ValueError(f"{name}={probs} must hold one probability for each of the {NUM_GLOBAL_VIEWS} global "
+                             "views")
     shared = dict(hflip=hflip, jitter_prob=jitter_prob, brightness=brightness, contrast=contrast,
                   saturation=saturation, hue=hue, grayscale_prob=grayscale_prob, blur_sigma=blur_sigma,
                   interpolation=interpolation)
-    view_seeds = split_seed(seed, 2 + num_local)
+    names = view_names(num_local)
+    view_seeds = split_seed(seed, len(names))
     views, params = {}, {}
-    for g in range(2):
-        views[f"global_{g}"], params[f"global_{g}"] = augment_view(
-            image_uint8, view_seeds[g], size=global_size, scale=global_scale, blur_prob=global_blur_probs[g],
-            solarize_prob=global_solarize_probs[g], **shared)
-    for i in range(num_local):
-        views[f"local_{i}"], params[f"local_{i}"] = augment_view(
-            image_uint8, view_seeds[2 + i], size=local_size, scale=local_scale, blur_prob=local_blur_prob,
-            solarize_prob=local_solarize_prob, **shared)
+    for index, name in enumerate(names):
+        if index < NUM_GLOBAL_VIEWS:
+            settings = dict(size=global_size, scale=global_scale, blur_prob=global_blur_probs[index],
+                            solarize_prob=global_solarize_probs[index])
+        else:
+            settings = dict(size=local_size, scale=local_scale, blur_prob=local_blur_prob,
+                            solarize_prob=local_solarize_prob)
+        views[name], params[name] = augment_view(image_uint8, view_seeds[index], **settings, **shared)
     return (views, params) if return_params else views

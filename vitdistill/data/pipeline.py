@@ -9,17 +9,28 @@ uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
 import tensorflow as tf
 
 from vitdistill.data.sources import Source
-from vitdistill.errors import ConfigError, DataError
+from vitdistill.errors import ConfigError
 
 AUTOTUNE = tf.data.AUTOTUNE
 Transform = Callable[[tf.Tensor, tf.Tensor], dict]  # (uint8 image, seed [2]) -> {view name: float32 image}
 _NEVER_ENDING = 2 ** 40
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainData:
+    """A method's training data: the source, its per-example transform, and how many times in a row each
+    example is repeated (DeiT's repeated augmentation; 1 elsewhere)."""
+
+    source: Source
+    transform: Transform
+    repeats: int = 1
 
 
 def stream_seed(seed: int, purpose: int, counter) -> tf.Tensor:
@@ -127,10 +138,6 @@ def eval_dataset(source: Source, transform: Callable[[tf.Tensor], dict], *, glob
         ds = real.concatenate(filler.repeat()).take(padded)
     ds = ds.batch(local_batch, drop_remainder=True)
     return ds.prefetch(2).with_options(_options()), num_batches
-
-
-class BadImageError(DataError):
-    """An image could not be decoded; the message names the files of the failing batch."""
 
 
 def batch_examples(source: Source, step: int, config, repeats: int = 1, process_index: int = 0,

@@ -14,5 +14,7 @@ def topk_correct(logits: jax.Array, labels: jax.Array, mask: jax.Array, ks=(1, 5
     return {f"top{k}": jnp.sum((rank < k) * mask) for k in ks if k <= logits.shape[-1]}
 
 
-def accumulate(totals: dict, counts: dict) -> dict:
-    return {k: totals.get(k, 0) + v for k, v in counts.items()}
+def fractions(totals: dict) -> dict:
+    """Summed counts (with the number of examples under 'count') as fractions of the examples."""
+    count = max(totals.get("count", 0.0), 1.0)
+    return {k: (v / count if k != "count" else v) for k, v in totals.items()}

@@ -1,8 +1,11 @@
-"""Model variants by name (timm's spelling), the factories `create` / `create_dino`, and `adapt_params`."""
+"""Model variants by name (timm's spelling), the factories `create` / `create_dino`, `adapt_params`, and the
+compute dtype a config names."""
 import dataclasses
 
 import flax.linen as nn
 import flax.traverse_util
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -12,8 +15,8 @@ from vitdistill.models.regnet import RegNet
 from vitdistill.models.resnet import ResNet
 from vitdistill.models.vit import VisionTransformer, last_attention, resample_pos_embed
 
-__all__ = ['MODELS', 'create', 'create_dino', 'adapt_params', 'VisionTransformer', 'DINO', 'DinoHead', 'ResNet',
-           'RegNet', 'last_attention', 'resample_pos_embed']
+__all__ = ['MODELS', 'create', 'create_dino', 'adapt_params', 'compute_dtype', 'is_vit', 'VisionTransformer', 'DINO',
+           'DinoHead', 'ResNet', 'RegNet', 'last_attention', 'resample_pos_embed']
 
 _TINY = dict(embed_dim=192, depth=12, num_heads=3)
 _SMALL = dict(embed_dim=384, depth=12, num_heads=6)
@@ -46,6 +49,25 @@ MODELS = {
     'resnet_micro': (ResNet, dict(block='basic', layers=(1, 1, 1, 1), widths=(32, 64, 128, 256), stem_width=32,
                                   cifar_stem=True, num_classes=10)),
 }
+
+
+def is_vit(name: str) -> bool:
+    """Whether `name` is a Vision Transformer (its position embedding is sized for an image size)."""
+    return name in MODELS and MODELS[name][0] is VisionTransformer
+
+
+def compute_dtype(name: str):
+    """The compute dtype `config.model.dtype` names; 'auto' is bfloat16 where the hardware has fast bfloat16
+    (GPU, TPU), else float32.
+
+    The official runs use mixed precision too (PyTorch AMP); parameters always stay float32.
+    """
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    try:
+        return jnp.dtype(name)
+    except TypeError as e:
+        raise ConfigError(f"config.model.dtype={name!r} is not a dtype; use auto, float32 or bfloat16") from e
 
 
 def create(name: str, **overrides) -> nn.Module:

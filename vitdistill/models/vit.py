@@ -5,6 +5,7 @@ official checkpoints convert with the short rule table in `vitdistill.convert`.
 """
 from typing import Any, Sequence
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -110,9 +111,9 @@ def resample_pos_embed(pos_embed, new_grid_hw: Sequence[int], num_prefix_tokens:
         return pos_embed
     rows = jnp.asarray(_RESAMPLE_MATRICES[interpolation](old, new_h), jnp.float32)
     cols = jnp.asarray(_RESAMPLE_MATRICES[interpolation](old, new_w), jnp.float32)
-    grid = patches.reshape(1, old, old, -1).astype(jnp.float32)
+    grid = einops.rearrange(patches, 'b (h w) d -> b h w d', h=old).astype(jnp.float32)
     grid = jnp.einsum('ih,jw,bhwd->bijd', rows, cols, grid, precision=jax.lax.Precision.HIGHEST)
-    grid = grid.reshape(1, new_h * new_w, -1).astype(pos_embed.dtype)
+    grid = einops.rearrange(grid, 'b h w d -> b (h w) d').astype(pos_embed.dtype)
     return jnp.concatenate([prefix, grid], axis=1)
 
 
@@ -174,14 +175,15 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        batch, tokens, dim = x.shape
+        dim = x.shape[-1]
         head_dim = dim // self.num_heads
         qkv = _dense(3 * dim, self.dtype, self.param_dtype, 'qkv')(x)
-        q, k, v = jnp.moveaxis(qkv.reshape(batch, tokens, 3, self.num_heads, head_dim), 2, 0)
+        # timm's layout of the fused projection: [q | k | v], each split into heads.
+        q, k, v = einops.rearrange(qkv, 'b t (qkv h d) -> qkv b t h d', qkv=3, h=self.num_heads)
         logits = jnp.einsum('bqhd,bkhd->bhqk', q * head_dim**-0.5, k)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         dropped = nn.Dropout(self.attn_drop_rate, deterministic=not train)(weights).astype(self.dtype)
-        out = jnp.einsum('bhqk,bkhd->bqhd', dropped, v).reshape(batch, tokens, dim)
+        out = einops.rearrange(jnp.einsum('bhqk,bkhd->bqhd', dropped, v), 'b t h d -> b t (h d)')
         return _dense(dim, self.dtype, self.param_dtype, 'proj')(out), weights
 
 
@@ -273,7 +275,7 @@ class VisionTransformer(nn.Module):
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}")
         x = PatchEmbed(self.patch_size, self.embed_dim, name='patch_embed', **dtypes)(images.astype(self.dtype))
-        x = x.reshape(batch, -1, self.embed_dim)
+        x = einops.rearrange(x, 'b h w d -> b (h w) d')  # patches in row-major order, as timm flattens them
 
         prefix = [self.param('cls_token', trunc_normal_02, (1, 1, self.embed_dim), self.param_dtype)]
         if self.distilled:

@@ -1,69 +1,72 @@
-"""One training loop for DeiT and DINO: they differ only in the `Task` they hand to it.
+"""The training loop: one for every method, which hands it a `Task` and knows nothing else of it.
 
-A task supplies the state's initialiser, the pure train step, the data transform and its
-evaluation; the loop owns the mesh, the jitted step with explicit shardings and a donated
-state, the data stream, checkpoints (resume is automatic), metrics, and the stop on a
-non-finite loss.
+The loop owns the mesh, the jitted step with explicit shardings and a donated state, the data
+stream (exactly resumable), the training-state checkpoints (resume is automatic), metrics, the stop
+on a non-finite loss, and what happens on Ctrl-C or SIGTERM. It imports no method.
 """
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import os
 import signal
+import threading
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 
-from vitdistill.errors import ConfigError, UserError
 from vitdistill.data import pipeline
-from vitdistill.data.sources import Source
+from vitdistill.errors import BadImageError, NonFiniteLossError
 from vitdistill.train import sharding
-from vitdistill.train.checkpointing import Checkpointer
 from vitdistill.train.reporting import Reporter, save_config
-from vitdistill.train.state import TrainState
+from vitdistill.train.schedules import RunLength
+from vitdistill.train.state_checkpoints import StateCheckpoints
 
 
-class NonFiniteLossError(UserError, FloatingPointError):
-    """The loss became NaN or infinite; training stopped before saving the bad state."""
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Task:
-    """What a method (DeiT, DINO) gives the loop."""
+    """What a method gives the loop for one config.
+
+    `init` and `train_step` are pure (the loop jits them); the state is any pytree with a `step`
+    (a `vitdistill.train.state.TrainState` subclass), saved and restored as a whole. `frozen` is
+    an input of every step that is neither trained nor saved (DeiT's teacher); it is replicated.
+    """
 
     name: str
-    train_source: Source
-    train_transform: Callable            # (uint8 image, seed) -> {view: float32}
-    init: Callable[[jax.Array], TrainState]  # pure; jitted by the loop
-    train_step: Callable                 # (state, batch, frozen) -> (state, metrics); pure
-    evaluate: Callable[[TrainState], dict]   # host-side: runs its own eval data through jitted fns
-    steps_per_epoch: int
-    total_steps: int
-    eval_every_steps: int                # 0: only at the end
-    frozen: Any = None                   # replicated inputs that are not trained or saved (DeiT's teacher)
-    repeats: int = 1
-    prepare_state: Optional[Callable[[TrainState], TrainState]] = None  # a fresh state's weights from a checkpoint
-    check_metrics: Optional[Callable[[int, dict], Optional[str]]] = None  # returns a warning, or None
-    summarize: Optional[Callable[[dict], str]] = None
-    metadata: dict = dataclasses.field(default_factory=dict)
+    data: pipeline.TrainData
+    init: Callable[[jax.Array], Any]                  # rng -> state
+    train_step: Callable                              # (state, batch, frozen) -> (state, metrics with 'loss')
+    evaluate: Callable[[Any], dict]                   # state -> metrics (host-side; runs its own eval data)
+    length: RunLength
+    eval_every_steps: int = 0                         # 0: only at the end
+    frozen: Any = None
+    prepare_state: Optional[Callable[[Any], Any]] = None   # a fresh (not resumed) state -> state
+    check_metrics: Optional[Callable[[int, dict], Optional[str]]] = None  # (step, host metrics) -> a warning
+    summarize: Optional[Callable[[dict], str]] = None  # final metrics -> what to print at the end
 
 
-def steps_for(config, num_examples: int) -> tuple[int, int]:
-    """(steps per epoch, total steps): an epoch is one pass over `num_examples` at the global batch.
+def state_layout(task: Task, mesh, seed: int):
+    """(abstract state, its shardings): shapes from `jax.eval_shape(task.init)`, every array replicated."""
+    abstract = jax.eval_shape(task.init, jax.random.key(seed))
+    return abstract, sharding.replicated_like(abstract, mesh)
 
-    `epochs = 0` means no training: the run only evaluates (a converted checkpoint, say).
-    """
-    steps_per_epoch = num_examples // config.batch_size
-    if steps_per_epoch < 1:
-        raise ConfigError(f"batch_size {config.batch_size} is larger than the {num_examples} training examples; "
-                         "lower --config.batch_size")
-    total = int(round(config.epochs * steps_per_epoch))
-    if config.get("max_steps"):
-        total = min(total, int(config.max_steps))
-    return steps_per_epoch, max(total, 1) if config.epochs > 0 else 0
+
+def init_state(task: Task, shardings, seed: int):
+    """A fresh state, created directly with its shardings."""
+    return jax.jit(task.init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def place_frozen(task: Task, mesh):
+    """The task's frozen inputs, replicated on the mesh (None if it has none)."""
+    return sharding.replicate(task.frozen, mesh) if task.frozen is not None else None
+
+
+def jit_train_step(task: Task, mesh, state_shardings, frozen):
+    """The task's step as the loop runs it: explicit shardings, the state donated."""
+    return jax.jit(task.train_step,
+                   in_shardings=(state_shardings, sharding.batch_sharded(mesh), sharding.replicated_like(frozen, mesh)),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)),
+                   donate_argnums=(0,))
 
 
 class _Stop(Exception):
@@ -72,11 +75,6 @@ class _Stop(Exception):
 
 def _raise_stop(signum, frame):
     raise _Stop(f"signal {signum}")
-
-
-def _replicated_like(tree, mesh):
-    rep = sharding.replicated(mesh)
-    return jax.tree.map(lambda _: rep, tree)
 
 
 def _finite_or_raise(step: int, metrics: dict, workdir: str, last_saved: Optional[int]):
@@ -90,59 +88,60 @@ def _finite_or_raise(step: int, metrics: dict, workdir: str, last_saved: Optiona
             "(--config.model.dtype=float32), or check the data for bad images/labels.")
 
 
-def _initial_state(task: Task, config, checkpointer: Checkpointer, state_shardings, abstract):
+def _initial_state(task: Task, config, checkpoints: StateCheckpoints, state_shardings, abstract):
     """The latest checkpoint's state, or a fresh one (with pretrained weights if the task loads any)."""
-    if checkpointer.latest_step() is not None:
+    if checkpoints.latest_step() is not None:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                               state_shardings)
-        return checkpointer.restore(target), True
-    state = jax.jit(task.init, out_shardings=state_shardings)(jax.random.key(config.seed))
+        return checkpoints.restore(target), True
+    state = init_state(task, state_shardings, config.seed)
     return (task.prepare_state(state) if task.prepare_state is not None else state), False
 
 
 def run(task: Task, config, workdir: str) -> dict:
-    """Trains `task` in `workdir` (resuming if a checkpoint is there), evaluates, returns the final metrics."""
+    """Trains `task` in `workdir` (resuming if a checkpoint is there), evaluates, returns the final metrics.
+
+    `config` supplies the run's settings that every method shares: seed, batch_size, log_every_steps,
+    checkpoint_every_steps, keep_checkpoints, progress_bar.
+    """
     workdir = local_or_remote(workdir)
     mesh = sharding.make_mesh()
-    pipeline.check_batch_size(config.batch_size, jax.device_count(), task.train_source.num_examples,
-                              task.train_source.name)
+    source = task.data.source
+    total_steps = task.length.total_steps
+    pipeline.check_batch_size(config.batch_size, jax.device_count(), source.num_examples, source.name)
     save_config(config, workdir)
-    abstract = jax.eval_shape(task.init, jax.random.key(config.seed))
-    state_shardings = _replicated_like(abstract, mesh)
-    checkpointer = Checkpointer(workdir, every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints)
-    state, resumed = _initial_state(task, config, checkpointer, state_shardings, abstract)
+    abstract, state_shardings = state_layout(task, mesh, config.seed)
+    checkpoints = StateCheckpoints(workdir, every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints)
+    state, resumed = _initial_state(task, config, checkpoints, state_shardings, abstract)
     step = int(jax.device_get(state.step))
-    frozen = sharding.replicate(task.frozen, mesh) if task.frozen is not None else None
-    step_fn = jax.jit(task.train_step,
-                      in_shardings=(state_shardings, sharding.batch_sharded(mesh), _replicated_like(frozen, mesh)),
-                      out_shardings=(state_shardings, sharding.replicated(mesh)),
-                      donate_argnums=(0,))
-    reporter = Reporter(workdir, total_steps=task.total_steps, start_step=step, global_batch=config.batch_size,
+    frozen = place_frozen(task, mesh)
+    step_fn = jit_train_step(task, mesh, state_shardings, frozen)
+    reporter = Reporter(workdir, total_steps=total_steps, start_step=step, global_batch=config.batch_size,
                         progress_bar=config.progress_bar, name=task.name)
     if resumed:
-        reporter.message(f"{task.name}: resuming at step {step}/{task.total_steps} from {workdir}")
+        reporter.message(f"{task.name}: resuming at step {step}/{total_steps} from {workdir}")
     last_saved = step if resumed else None
     metrics = None
     previous = signal.signal(signal.SIGTERM, _raise_stop) if _main_thread() else None
     try:
-        if step < task.total_steps:
+        if step < total_steps:
             batches = pipeline.train_dataset(
-                task.train_source, task.train_transform, seed=config.seed, global_batch=config.batch_size,
-                start_step=step, process_index=jax.process_index(), process_count=jax.process_count(),
-                repeats=task.repeats).as_numpy_iterator()
+                source, task.data.transform, seed=config.seed, global_batch=config.batch_size, start_step=step,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                repeats=task.data.repeats).as_numpy_iterator()
             reporter.throughput(step)
-        while step < task.total_steps:
-            batch = sharding.to_global(_next_batch(batches, task, step, config), mesh)
+        while step < total_steps:
+            batch = sharding.to_global(_next_batch(batches, task.data, step, config), mesh)
             state, metrics = step_fn(state, batch, frozen)
             step += 1
-            is_last = step == task.total_steps
+            is_last = step == total_steps
             if step % config.log_every_steps == 0 or is_last:
                 _log(task, reporter, step, sharding.to_host(metrics), workdir, last_saved)
             else:
                 reporter.advance(step)
-            if is_last or step % checkpointer.every_steps == 0:
+            if is_last or step % checkpoints.every_steps == 0:
                 _finite_or_raise(step, sharding.to_host(metrics), workdir, last_saved)
-                if checkpointer.maybe_save(step, state, force=is_last):
+                if checkpoints.maybe_save(step, state, force=is_last):
                     last_saved = step
             if task.eval_every_steps and step % task.eval_every_steps == 0 and not is_last:
                 reporter.write(step, task.evaluate(state), split="eval")
@@ -150,14 +149,14 @@ def run(task: Task, config, workdir: str) -> dict:
         reporter.write(step, final, split="eval")
     except (KeyboardInterrupt, _Stop) as stop:
         if metrics is not None and step > (last_saved or 0) and math.isfinite(float(sharding.to_host(metrics)["loss"])):
-            checkpointer.maybe_save(step, state, force=True)
+            checkpoints.maybe_save(step, state, force=True)
             reporter.message(f"{task.name}: interrupted ({stop or 'Ctrl-C'}); saved step {step}. "
                              "Re-run the same command to resume.")
         raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        checkpointer.close()  # waits for asynchronous saves: nothing started is lost, whatever happened
+        checkpoints.close()  # waits for asynchronous saves: nothing started is lost, whatever happened
         reporter.close()
     if task.summarize is not None and jax.process_index() == 0:
         print(task.summarize(final), flush=True)
@@ -168,25 +167,11 @@ def _log(task: Task, reporter: Reporter, step: int, host: dict, workdir: str, la
     """Checks the loss, then writes the step's metrics with throughput and epoch, and any task warning."""
     _finite_or_raise(step, host, workdir, last_saved)
     host.update(reporter.throughput(step))
-    host["epoch"] = step / task.steps_per_epoch
+    host["epoch"] = step / task.length.steps_per_epoch
     reporter.write(step, host)
     reporter.advance(step, {"loss": float(host["loss"]), "img/s": round(host.get("images_per_sec", 0.0), 1)})
     if task.check_metrics is not None and (warning := task.check_metrics(step, host)):
         reporter.message(warning)
-
-
-METHODS = ("deit", "dino")
-
-
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Runs the method `config.method` names in `workdir`; re-running resumes. Returns the final metrics."""
-    if config.method == "deit":
-        from vitdistill.train import deit_step as method
-    elif config.method == "dino":
-        from vitdistill.train import dino_step as method
-    else:
-        raise ConfigError(f"config.method={config.method!r}; valid methods: {', '.join(METHODS)}")
-    return run(method.build_task(config, workdir), config, workdir)
 
 
 def local_or_remote(path: str) -> str:
@@ -195,47 +180,20 @@ def local_or_remote(path: str) -> str:
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
-def _next_batch(batches, task: Task, step: int, config) -> dict:
+def _next_batch(batches, data: pipeline.TrainData, step: int, config) -> dict:
     try:
         return next(batches)
     except Exception as e:  # tf.errors.* from decoding a bad file, mostly
         import tensorflow as tf
 
         if isinstance(e, tf.errors.InvalidArgumentError):
-            raise pipeline.BadImageError(
-                f"Could not decode an image of {task.train_source.name} for step {step}: {e.message.splitlines()[0]}"
-                f". It is one of: {pipeline.batch_examples(task.train_source, step, config, task.repeats, jax.process_index(), jax.process_count())}. Remove or replace the corrupt "
-                "file(s) and re-run the same command to resume.") from e
+            suspects = pipeline.batch_examples(data.source, step, config, data.repeats, jax.process_index(),
+                                               jax.process_count())
+            raise BadImageError(
+                f"Could not decode an image of {data.source.name} for step {step}: {e.message.splitlines()[0]}"
+                f". It is one of: {suspects}. Remove or replace the corrupt file(s) and re-run the same command "
+                "to resume.") from e
         raise
-
-
-def evaluate_in_batches(eval_fn, state_args, dataset, mesh, *, source: Optional[Source] = None,
-                        global_batch: int = 0) -> dict:
-    """Sums a jitted eval function's per-batch counts over a padded eval dataset.
-
-    With `source` and `global_batch`, an undecodable image stops it naming the batch's files.
-    """
-    import tensorflow as tf
-
-    totals = None
-    batches = dataset.as_numpy_iterator()
-    for index in itertools.count():
-        try:
-            local = next(batches)
-        except StopIteration:
-            break
-        except tf.errors.InvalidArgumentError as e:
-            names = (pipeline.eval_batch_examples(source, index, global_batch, jax.process_index(),
-                                                  jax.process_count()) if source is not None else ["?"])
-            raise pipeline.BadImageError(
-                f"Could not decode an image of {source.name if source else 'the evaluation data'}: "
-                f"{e.message.splitlines()[0]}. It is one of: {names}. Remove or replace the corrupt file(s).") from e
-        counts = eval_fn(*state_args, sharding.to_global(local, mesh))
-        totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
-    return {k: float(v) for k, v in sharding.to_host(totals).items()} if totals is not None else {}
-

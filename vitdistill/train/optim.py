@@ -73,6 +73,12 @@ def tree_l2_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(x, jnp.float32))) for x in leaves))
 
 
+def ema_update(average, new, decay):
+    """decay·average + (1 − decay)·new, leaf by leaf: DINO's teacher (decay: the teacher momentum) and
+    DeiT's model EMA (`model_ema_decay`) follow their networks this way after each update."""
+    return jax.tree.map(lambda a, n: decay * a + (1.0 - decay) * n, average, new)
+
+
 def clip_by_tensor_norm(max_norm):
     """DINO's clip_gradients: each tensor is scaled to norm <= max_norm on its own.
 

@@ -11,6 +11,8 @@ from typing import Optional
 import jax
 import numpy as np
 
+CONFIG_FILE = "config.json"  # the resolved config, inside a workdir
+
 
 def _scalar(value):
     value = np.asarray(value)
@@ -117,5 +119,16 @@ def save_config(config, workdir: str):
     import tensorflow as tf
 
     tf.io.gfile.makedirs(workdir)
-    with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
+    with tf.io.gfile.GFile(os.path.join(workdir, CONFIG_FILE), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def markdown_table(rows, title: str = "") -> str:
+    """A Markdown table of `rows` (the first is the header), columns padded to their widest cell."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = [title] if title else []
+    for n, row in enumerate(rows):
+        lines.append("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+        if n == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

@@ -2,9 +2,34 @@
 
 Each is a closed form of the step, usable inside jit, so a long run never builds a table
 of one value per iteration. Durations are read in epochs, as the papers state them, and
-resolved to steps by `epochs_to_steps` alone.
+resolved to steps by `epochs_to_steps` alone; a run's length by `run_length`.
 """
+from typing import NamedTuple
+
 import jax.numpy as jnp
+
+from vitdistill.errors import ConfigError
+
+
+class RunLength(NamedTuple):
+    steps_per_epoch: int
+    total_steps: int
+
+
+def run_length(config, num_examples: int) -> RunLength:
+    """Steps per epoch and in all: an epoch is one pass over `num_examples` at the global batch.
+
+    `config.epochs = 0` means no training: the run only evaluates (a converted checkpoint, say).
+    `config.max_steps` cuts the run short; the schedules still span `config.epochs`.
+    """
+    steps_per_epoch = num_examples // config.batch_size
+    if steps_per_epoch < 1:
+        raise ConfigError(f"batch_size {config.batch_size} is larger than the {num_examples} training examples; "
+                          "lower --config.batch_size")
+    total = int(round(config.epochs * steps_per_epoch))
+    if config.get("max_steps"):
+        total = min(total, int(config.max_steps))
+    return RunLength(steps_per_epoch, max(total, 1) if config.epochs > 0 else 0)
 
 
 def epochs_to_steps(epochs, steps_per_epoch):

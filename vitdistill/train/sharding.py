@@ -17,6 +17,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def replicated_like(tree, mesh: Mesh):
+    """A replicated sharding for every leaf of `tree`."""
+    rep = replicated(mesh)
+    return jax.tree.map(lambda _: rep, tree)
+
+
 def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 

@@ -1,4 +1,5 @@
-"""The train state: one pytree, updated as a whole by the jitted step and checkpointed as a whole."""
+"""What every method's train state has: one pytree, updated as a whole by the jitted step and checkpointed
+as a whole. A method subclasses it with its own fields (DeiT's model EMA, DINO's teacher and center)."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,20 +10,17 @@ import jax
 
 @flax.struct.dataclass
 class TrainState:
-    """Student parameters and optimiser state, with the method's extras as siblings.
+    """The step, the trained parameters and their optimiser state, and BatchNorm statistics (CNNs, DINO's
+    BatchNorm head; an empty dict otherwise).
 
-    `batch_stats`: BatchNorm statistics (CNNs). `ema_params`: DeiT's optional model EMA.
-    `teacher_params` and `center`: DINO's EMA teacher and output center. Unused fields
-    stay empty dicts so every state has the same structure for orbax.
+    The loop reads only `step`; a model's weights are read back from a workdir as `params` (and
+    `batch_stats`) by `vitdistill.weights.read_variables`.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
     batch_stats: Any = flax.struct.field(default_factory=dict)
-    ema_params: Any = flax.struct.field(default_factory=dict)
-    teacher_params: Any = flax.struct.field(default_factory=dict)
-    center: Any = flax.struct.field(default_factory=dict)
 
     def model_variables(self, params=None) -> dict:
         """Variables for `module.apply`: params plus BatchNorm statistics when the model has them."""

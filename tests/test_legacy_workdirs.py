@@ -1,0 +1,74 @@
+"""Workdirs written by the code before each method had its own state (commit 8802cdc, one TrainState with every
+method's fields; tests/fixtures/make_legacy_workdirs.py) resume with today's code into the run an uninterrupted
+one makes: a distilled DeiT with a model EMA whose teacher (itself a legacy workdir) trained first, and DINO
+with BatchNorm in its head.
+
+First, today's code trained from scratch to the fixtures' step must reproduce the state the old code saved
+there: the methods' steps did not change. Then the legacy workdir resumes to step 4 and must end where today's
+uninterrupted run ends.
+"""
+import os
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import legacy_workdirs
+from vitdistill import methods, models
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", legacy_workdirs.ROOT_NAME)
+CONFIGS = {"deit": legacy_workdirs.deit_config, "dino": legacy_workdirs.dino_config}
+# The two sides ran on different machines at different times: float32 rounding may differ a little, a changed
+# computation would not (one step of these nano models moves parameters by ~1e-3).
+ATOL, RTOL = 2e-6, 1e-5
+
+
+@pytest.fixture(autouse=True)
+def nano_models(monkeypatch):
+    for name, entry in legacy_workdirs.NANO_MODELS.items():
+        monkeypatch.setitem(models.MODELS, name, entry)
+
+
+def _saved(workdir, step):
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                               item_handlers=ocp.StandardCheckpointHandler()) as manager:
+        assert step in manager.all_steps(), (workdir, manager.all_steps())
+        return manager.restore(step, args=ocp.args.StandardRestore())
+
+
+def _assert_same_state(legacy, today, what):
+    """Every field of today's state equals the legacy one; the legacy fields today's method lacks are empty."""
+    dropped = set(legacy) - set(today)
+    assert dropped <= {"ema_params", "teacher_params", "center"} and all(legacy[k] == {} for k in dropped), dropped
+    assert set(today) <= set(legacy)
+    for key in sorted(today):
+        assert jax.tree.structure(legacy[key]) == jax.tree.structure(today[key]), (what, key)
+        for a, b in zip(jax.tree.leaves(legacy[key]), jax.tree.leaves(today[key])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL, err_msg=f"{what}: {key}")
+
+
+@pytest.mark.parametrize("method", ["deit", "dino"])
+def test_a_legacy_workdir_resumes_into_the_uninterrupted_run(tmp_path, capsys, method):
+    legacy, fresh = str(tmp_path / "legacy"), str(tmp_path / "fresh")
+    shutil.copytree(os.path.join(FIXTURES, method), legacy)
+    step = legacy_workdirs.SAVED_AT
+    config = CONFIGS[method]
+
+    methods.train_and_evaluate(config(max_steps=step), fresh)
+    _assert_same_state(_saved(legacy, step), _saved(fresh, step), f"{method} at step {step}")
+    if method == "deit":
+        _assert_same_state(_saved(os.path.join(legacy, "teacher"), 2), _saved(os.path.join(fresh, "teacher"), 2),
+                           "the teacher")
+    capsys.readouterr()
+
+    methods.train_and_evaluate(config(max_steps=4), legacy)
+    out = capsys.readouterr().out
+    assert f"resuming at step {step}/4" in out
+    if method == "deit":
+        assert "resuming at step 2/2" in out  # the legacy teacher workdir, found finished
+    methods.train_and_evaluate(config(max_steps=4), fresh)
+    resumed, uninterrupted = _saved(legacy, 4), _saved(fresh, 4)
+    assert sorted(resumed) == sorted(uninterrupted)  # saved again in today's layout
+    _assert_same_state(resumed, uninterrupted, f"{method} at step 4")

@@ -1,0 +1,63 @@
+"""Evaluation over a padded, sharded evaluation set: counts summed over its batches, or features gathered.
+
+Each batch is assembled into global arrays on the mesh; padding rows carry `mask = 0`. An image that
+cannot be decoded stops the evaluation with a message naming the files of its batch.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitdistill.data import pipeline
+from vitdistill.data.sources import Source
+from vitdistill.errors import BadImageError
+from vitdistill.train import sharding
+
+
+def _global_batches(dataset, mesh, source: Optional[Source], global_batch: int) -> Iterator[dict]:
+    import tensorflow as tf
+
+    batches = dataset.as_numpy_iterator()
+    for index in itertools.count():
+        try:
+            local = next(batches)
+        except StopIteration:
+            return
+        except tf.errors.InvalidArgumentError as e:
+            names = (pipeline.eval_batch_examples(source, index, global_batch, jax.process_index(),
+                                                  jax.process_count()) if source is not None else ["?"])
+            raise BadImageError(
+                f"Could not decode an image of {source.name if source else 'the evaluation data'}: "
+                f"{e.message.splitlines()[0]}. It is one of: {names}. Remove or replace the corrupt file(s).") from e
+        yield sharding.to_global(local, mesh)
+
+
+def sum_counts(eval_fn: Callable, state_args: tuple, dataset, mesh, *, source: Optional[Source] = None,
+               global_batch: int = 0) -> dict:
+    """Sums a jitted `eval_fn(*state_args, batch) -> {name: count}` over the batches of `dataset`.
+
+    With `source` and `global_batch`, an undecodable image stops it naming the batch's files.
+    """
+    totals = None
+    for batch in _global_batches(dataset, mesh, source, global_batch):
+        counts = eval_fn(*state_args, batch)
+        totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
+    return {k: float(v) for k, v in sharding.to_host(totals).items()} if totals is not None else {}
+
+
+def extract_features(feature_fn: Callable, state_args: tuple, source: Source, transform: Callable, *,
+                     global_batch: int, mesh) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of every example of `source`, in order: a jitted `feature_fn(*state_args, batch)`
+    over the eval transform's batches, padding dropped."""
+    dataset, _ = pipeline.eval_dataset(source, transform, global_batch=global_batch,
+                                       process_index=jax.process_index(), process_count=jax.process_count())
+    feats, labels, masks = [], [], []
+    for batch in _global_batches(dataset, mesh, source, global_batch):
+        f, l, m = sharding.to_host((feature_fn(*state_args, batch), batch["label"], batch["mask"]))
+        feats.append(f), labels.append(l), masks.append(m)
+    keep = np.concatenate(masks) > 0
+    return np.concatenate(feats)[keep], np.concatenate(labels)[keep]

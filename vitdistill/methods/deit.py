@@ -1,0 +1,312 @@
+"""DeiT, and plain supervised training (a CNN teacher's included): its state, its step, its evaluation.
+
+The step mixes the batch (mixup/cutmix + label smoothing), runs the frozen teacher on the same
+mixed images in inference mode, and applies `deit_loss` to the student's class and distillation
+heads. The teacher's variables are an input of the step, not part of the state: never trained,
+never checkpointed, loaded each run (`vitdistill.methods.teacher`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from vitdistill import losses, models, weights
+from vitdistill.data import deit_transforms, mixup, pipeline
+from vitdistill.data.sources import Source, get_source
+from vitdistill.errors import ConfigError
+from vitdistill.evaluate import batched
+from vitdistill.evaluate.classify import fractions, topk_correct
+from vitdistill.methods import teacher as teachers
+from vitdistill.train import loop, optim, schedules, sharding
+from vitdistill.train.reporting import markdown_table
+from vitdistill.train.state import TrainState
+
+
+@flax.struct.dataclass
+class DeitState(TrainState):
+    """`ema_params`: official DeiT's model EMA of the student (an empty dict with `model_ema_decay = 0`)."""
+
+    ema_params: Any = flax.struct.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixing:
+    """timm's Mixup arguments as DeiT passes them, and label smoothing (folded into the targets)."""
+
+    mixup_alpha: float
+    cutmix_alpha: float
+    switch_prob: float
+    prob: float
+    label_smoothing: float
+
+    @property
+    def mixes(self) -> bool:
+        return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeitSetup:
+    """The static half of a DeiT step: modules, optimiser, schedule and loss settings."""
+
+    model: nn.Module
+    tx: optax.GradientTransformation
+    lr: Callable
+    image_size: int
+    num_classes: int
+    kind: str                       # none | soft | hard
+    alpha: float
+    tau: float
+    mixing: Mixing
+    ema_decay: float                # 0: no model EMA
+    seed: int                       # the config's; the step's randomness is drawn from seed + 1
+    teacher: Optional[nn.Module] = None
+
+    @property
+    def distilled(self) -> bool:
+        return is_distilled(self.model)
+
+
+def is_distilled(model) -> bool:
+    return bool(getattr(model, "distilled", False))
+
+
+def model_overrides(model_config, image_size: int) -> dict:
+    """The config's non-default model settings (CNNs have no drop path or compute dtype to set).
+
+    A ViT's position embedding is sized for the training resolution (`config.data.image_size`).
+    """
+    overrides = {}
+    if models.is_vit(model_config.name):
+        overrides["img_size"] = image_size
+        if model_config.get("patch_size"):
+            overrides["patch_size"] = model_config.patch_size
+    for key in ("drop_path_rate", "drop_rate"):
+        if model_config.get(key):
+            overrides[key] = model_config[key]
+    dtype = models.compute_dtype(model_config.get("dtype", "float32"))
+    if dtype != jnp.float32:
+        overrides["dtype"] = dtype
+    return overrides
+
+
+def check_distillation(config) -> None:
+    """A valid `distill.kind`, and a student with a distillation head for soft or hard distillation."""
+    kind = config.distill.kind
+    if kind not in losses.DEIT_KINDS:
+        raise ConfigError(f"config.distill.kind={kind!r}; valid kinds: {', '.join(losses.DEIT_KINDS)}")
+    if kind != "none" and not is_distilled(models.create(config.model.name)):
+        raise ConfigError(f"config.distill.kind={kind!r} needs a distilled student (deit_*_distilled_*), but "
+                          f"config.model.name={config.model.name!r} has no distillation head")
+
+
+def make_setup(config, *, num_classes: int, length: schedules.RunLength,
+               teacher: Optional[nn.Module] = None) -> DeitSetup:
+    """The DeiT step's modules and settings for `config`; `teacher` is the frozen teacher's module."""
+    model = models.create(config.model.name, num_classes=num_classes,
+                          **model_overrides(config.model, config.data.image_size))
+    opt = config.optim
+    lr = schedules.deit_lr_schedule(
+        schedules.scaled_lr(opt.lr, config.batch_size, opt.lr_reference_batch), epochs=config.epochs,
+        steps_per_epoch=length.steps_per_epoch, warmup_epochs=opt.warmup_epochs, warmup_lr=opt.warmup_lr,
+        min_lr=opt.min_lr, per_epoch=opt.schedule_per_epoch,
+        official_lag=opt.schedule_official_lag) if length.total_steps else (lambda step: 0.0)
+    adam = optim.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                       decay_mask=optim.deit_decay_mask)
+    tx = optax.chain(optax.clip_by_global_norm(opt.clip_grad), adam) if opt.clip_grad else adam
+    mix = config.mixup
+    return DeitSetup(model=model, tx=tx, lr=lr, image_size=config.data.image_size, num_classes=num_classes,
+                     kind=config.distill.kind, alpha=config.distill.alpha, tau=config.distill.tau,
+                     mixing=Mixing(mix.mixup_alpha, mix.cutmix_alpha, mix.switch_prob, mix.prob, mix.label_smoothing),
+                     ema_decay=config.model_ema_decay, seed=config.seed, teacher=teacher)
+
+
+def init_state(rng, *, setup: DeitSetup) -> DeitState:
+    size = setup.image_size
+    variables = setup.model.init({"params": rng, "dropout": rng}, jnp.zeros((1, size, size, 3), jnp.float32),
+                                 train=False)
+    params = variables["params"]
+    return DeitState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(params),
+                     batch_stats=variables.get("batch_stats", {}),
+                     ema_params=jax.tree.map(jnp.copy, params) if setup.ema_decay else {})
+
+
+def mixed_targets(rng, images, labels, *, num_classes: int, mixing: Mixing):
+    """(images, targets): mixup/cutmix with smoothed one-hot targets, smoothing alone, or the labels as given."""
+    if mixing.mixes:
+        return mixup.mixup_cutmix(rng, images, labels, num_classes=num_classes, mixup_alpha=mixing.mixup_alpha,
+                                  cutmix_alpha=mixing.cutmix_alpha, switch_prob=mixing.switch_prob,
+                                  prob=mixing.prob, label_smoothing=mixing.label_smoothing)
+    if mixing.label_smoothing:
+        return images, mixup.smooth_one_hot(labels, num_classes, mixing.label_smoothing)
+    return images, labels
+
+
+def train_step(state: DeitState, batch: dict, teacher_variables, *, setup: DeitSetup):
+    """One DeiT update: (state, {'image', 'label'}, the teacher's variables or {}) -> (state, metrics)."""
+    rng = jax.random.fold_in(jax.random.key(setup.seed + 1), state.step)
+    mix_rng, drop_rng = jax.random.split(rng)
+    images, targets = mixed_targets(mix_rng, batch["image"], batch["label"], num_classes=setup.num_classes,
+                                    mixing=setup.mixing)
+    teacher_logits = None
+    if setup.teacher is not None:
+        teacher_logits = jax.lax.stop_gradient(setup.teacher.apply(teacher_variables, images, train=False))
+    distilled = setup.distilled
+
+    def loss_fn(params):
+        variables = state.model_variables(params)
+        mutable = ["batch_stats"] if state.batch_stats else False
+        out = setup.model.apply(variables, images, train=True, rngs={"dropout": drop_rng}, mutable=mutable)
+        out, new_stats = out if mutable else (out, {})
+        cls_logits, dist_logits = out if distilled else (out, None)
+        parts = losses.deit_loss_parts(cls_logits, dist_logits, targets, teacher_logits, kind=setup.kind,
+                                       alpha=setup.alpha, tau=setup.tau)
+        return parts["loss"], (parts, new_stats.get("batch_stats", {}) if new_stats else {})
+
+    (loss, (parts, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = optim.ema_update(state.ema_params, params, setup.ema_decay) if setup.ema_decay else state.ema_params
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              batch_stats=new_stats if state.batch_stats else state.batch_stats, ema_params=ema)
+    metrics = {"loss": loss, "lr": setup.lr(state.step), "grad_norm": optim.tree_l2_norm(grads),
+               "param_norm": optim.tree_l2_norm(params), "update_norm": optim.tree_l2_norm(updates)}
+    if setup.kind != "none":
+        metrics.update(loss_base=parts["base"], loss_distillation=parts["distillation"])
+    return new_state, metrics
+
+
+# ---------------------------------------------------------------------------
+# Data and evaluation.
+# ---------------------------------------------------------------------------
+
+
+def train_transform(config):
+    aug = config.augment
+    augment = functools.partial(
+        deit_transforms.deit_train_transform, size=config.data.image_size, scale=tuple(aug.scale),
+        ratio=tuple(aug.ratio), hflip=aug.hflip, rand_augment=aug.rand_augment, ra_num_ops=aug.ra_num_ops,
+        ra_magnitude=aug.ra_magnitude, ra_magnitude_std=aug.ra_magnitude_std, erase_prob=aug.erase_prob)
+    return lambda image, seed: {"image": augment(image, seed)}
+
+
+def eval_transform(config):
+    size, crop_pct = config.data.image_size, config.data.crop_pct
+    return lambda image: {"image": deit_transforms.eval_transform(image, size=size, crop_pct=crop_pct)}
+
+
+def classifier_counts(params, batch_stats, batch, *, model):
+    """Top-1/top-5 counts of a classifier on a padded batch; a distilled one: of the averaged heads, and of
+    each head (`_cls`, `_dist`)."""
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    labels, mask = batch["label"], batch["mask"]
+    if is_distilled(model):
+        cls_logits, dist_logits = model.apply(variables, batch["image"], train=False, both_heads=True)
+        avg = (cls_logits + dist_logits) / 2
+        counts = {f"{k}": v for k, v in topk_correct(avg, labels, mask).items()}
+        counts.update({f"{k}_cls": v for k, v in topk_correct(cls_logits, labels, mask).items()})
+        counts.update({f"{k}_dist": v for k, v in topk_correct(dist_logits, labels, mask).items()})
+    else:
+        counts = topk_correct(model.apply(variables, batch["image"], train=False), labels, mask)
+    counts["count"] = jnp.sum(mask)
+    return counts
+
+
+def classification_evaluator(setup: DeitSetup, eval_source: Source, config, mesh) -> Callable[[DeitState], dict]:
+    """Top-k accuracy of the student (and of its EMA, as `ema_*`) on `eval_source`, as fractions."""
+    counts = jax.jit(functools.partial(classifier_counts, model=setup.model))
+
+    def evaluate(state: DeitState) -> dict:
+        ds, _ = pipeline.eval_dataset(eval_source, eval_transform(config), global_batch=config.batch_size,
+                                      process_index=jax.process_index(), process_count=jax.process_count())
+        named = dict(source=eval_source, global_batch=config.batch_size)
+        result = fractions(batched.sum_counts(counts, (state.params, state.batch_stats), ds, mesh, **named))
+        if setup.ema_decay:
+            ema = fractions(batched.sum_counts(counts, (state.ema_params, state.batch_stats), ds, mesh, **named))
+            result.update({f"ema_{k}": v for k, v in ema.items()})
+        return result
+
+    return evaluate
+
+
+def teacher_accuracy(teacher: teachers.Teacher, eval_source: Source, config, mesh) -> dict:
+    def counts(variables, batch):
+        result = topk_correct(teacher.module.apply(variables, batch["image"], train=False), batch["label"],
+                              batch["mask"])
+        result["count"] = jnp.sum(batch["mask"])
+        return result
+
+    ds, _ = pipeline.eval_dataset(eval_source, eval_transform(config), global_batch=config.batch_size,
+                                  process_index=jax.process_index(), process_count=jax.process_count())
+    return fractions(batched.sum_counts(jax.jit(counts), (sharding.replicate(teacher.variables, mesh),), ds, mesh))
+
+
+def summary_table(final: dict, *, config, eval_source: Source, distilled: bool, teacher: Optional[teachers.Teacher],
+                  mesh) -> str:
+    """The run's result: the teacher's top-1, the student's per head."""
+    rows = [("model", "head", "top-1 %")]
+    if teacher is not None:
+        accuracy = teacher_accuracy(teacher, eval_source, config, mesh)["top1"]
+        rows.append((f"teacher {teacher.name}", "-", f"{100 * accuracy:.2f}"))
+    name = config.model.name
+    if distilled:
+        rows += [(f"student {name}", "class", f"{100 * final['top1_cls']:.2f}"),
+                 ("", "distillation", f"{100 * final['top1_dist']:.2f}"),
+                 ("", "average", f"{100 * final['top1']:.2f}")]
+    else:
+        rows.append((name, "class", f"{100 * final['top1']:.2f}"))
+    return markdown_table(rows, title=f"{eval_source.name}: {int(final.get('count', 0))} images, "
+                                      f"distillation={config.distill.kind}")
+
+
+def load_init_from(path: str, state: DeitState) -> DeitState:
+    """Fine-tuning: a fresh state's params (and BatchNorm statistics) from `path`, adapted to this model."""
+    variables = weights.load_pretrained(path, state.model_variables())
+    params = variables["params"]
+    return state.replace(params=params, batch_stats=variables.get("batch_stats", state.batch_stats),
+                         ema_params=params if state.ema_params else state.ema_params)
+
+
+# ---------------------------------------------------------------------------
+# What the loop runs.
+# ---------------------------------------------------------------------------
+
+
+def prerequisites(config, workdir: str) -> list:
+    """Runs to finish before this one: the teacher's, when the config trains it first."""
+    check_distillation(config)
+    run = teachers.teacher_run(config, workdir) if config.distill.kind != "none" else None
+    return [run] if run is not None else []
+
+
+def build_task(config, workdir: str) -> loop.Task:
+    data = config.data
+    train_source = get_source(data, data.train_split, limit=data.train_limit)
+    eval_source = get_source(data, data.eval_split, limit=data.eval_limit, class_names=train_source.class_names)
+    num_classes = config.model.num_classes or train_source.num_classes
+    check_distillation(config)
+    teacher = teachers.load_teacher(config, workdir, num_classes) if config.distill.kind != "none" else None
+    length = schedules.run_length(config, train_source.num_examples)
+    setup = make_setup(config, num_classes=num_classes, length=length,
+                       teacher=teacher.module if teacher is not None else None)
+    mesh = sharding.make_mesh()
+    init_from = config.model.init_from
+    steps_per_epoch = length.steps_per_epoch
+    return loop.Task(
+        name=f"deit:{config.model.name}",
+        data=pipeline.TrainData(train_source, train_transform(config), repeats=config.augment.repeats),
+        init=functools.partial(init_state, setup=setup),
+        train_step=functools.partial(train_step, setup=setup),
+        evaluate=classification_evaluator(setup, eval_source, config, mesh),
+        length=length,
+        eval_every_steps=int(config.eval_every_epochs * steps_per_epoch) if config.eval_every_epochs else 0,
+        frozen=teacher.variables if teacher is not None else {},
+        prepare_state=functools.partial(load_init_from, init_from) if init_from else None,
+        summarize=functools.partial(summary_table, config=config, eval_source=eval_source,
+                                    distilled=setup.distilled, teacher=teacher, mesh=mesh))

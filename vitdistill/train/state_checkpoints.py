@@ -1,0 +1,94 @@
+"""The training state's checkpoints in `workdir/checkpoints` (orbax): what resuming restores.
+
+A model's weights alone, in the format `python -m vitdistill.convert` writes and `init_from` /
+`teacher.checkpoint` read, are `vitdistill.weights`' business; this module is the trainer's.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import flax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from vitdistill.errors import CheckpointError
+
+CHECKPOINTS_DIR = "checkpoints"  # inside a workdir
+_ITEM = "default"  # orbax's name for the single item of each step
+
+
+class StateCheckpoints:
+    """Saves every `every_steps` and at the end, keeps the last `keep`, restores the latest."""
+
+    def __init__(self, workdir: str, *, every_steps: int, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.join(workdir, CHECKPOINTS_DIR)
+        self.every_steps = max(1, int(every_steps))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_handlers=ocp.StandardCheckpointHandler())
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def restore(self, abstract_state, step: Optional[int] = None):
+        """The saved state at `step` (default: latest) laid out like `abstract_state` (shapes + shardings).
+
+        A checkpoint written before each method had its own state (one state class with every method's
+        fields, the unused ones empty) restores too: its empty fields are left out.
+        """
+        step = self.latest_step() if step is None else step
+        try:
+            legacy = _empty_extra_fields(self.manager.item_metadata(step), abstract_state)
+            if legacy:
+                return _restore_leaving_out(os.path.join(self.directory, str(step), _ITEM), abstract_state)
+            return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"The checkpoint at step {step} in {self.directory} does not fit this config's model and optimiser "
+                f"({e}). Either use the config that wrote it, or start afresh in another --workdir.") from e
+
+    def maybe_save(self, step: int, state, *, force: bool = False) -> bool:
+        if not force and step % self.every_steps:
+            return False
+        if step in self.manager.all_steps():
+            return False
+        self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        logging.info("checkpoint: saving step %d to %s", step, self.directory)
+        return True
+
+    def close(self):
+        """Waits for asynchronous saves to land (nothing is lost at exit)."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _empty_extra_fields(saved_metadata, abstract_state) -> list:
+    """Top-level fields the checkpoint has and the state has not, if every one of them is empty, else []."""
+    saved = getattr(saved_metadata, "tree", saved_metadata)
+    if not isinstance(saved, dict):
+        return []
+    extra = sorted(set(saved) - set(flax.serialization.to_state_dict(abstract_state)))
+    return extra if extra and all(saved[name] == {} for name in extra) else []
+
+
+def _restore_leaving_out(path: str, abstract_state):
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args,
+                                                                      partial_restore=True))
+
+
+def latest_raw_state(workdir: str) -> tuple[int, dict[str, Any]]:
+    """(step, the latest saved state as nested dicts of arrays) of a training workdir, with no target.
+
+    Raises CheckpointError if the workdir has no finished checkpoint.
+    """
+    directory = os.path.join(workdir, CHECKPOINTS_DIR)
+    with ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler()) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"{directory} holds no finished checkpoint; finish (or re-run) that training run "
+                                  "first")
+        return step, manager.restore(step, args=ocp.args.StandardRestore())
