@@ -63,38 +63,18 @@ def bench_config(config, data: str = "sample_images"):
     return config
 
 
-def random_batch(task, config, mesh) -> dict:
-    """Random inputs shaped as the task's training batches (its pipeline's element spec), on the mesh:
-    normal images, labels uniform over the source's classes."""
-    import numpy as np
-
-    from vitdistill.data import pipeline
-    from vitdistill.train import sharding
-
-    spec = pipeline.train_dataset(task.data.source, task.data.transform, seed=0, global_batch=config.batch_size,
-                                  repeats=task.data.repeats).element_spec
-    rng = np.random.RandomState(0)
-    batch = {}
-    for name in sorted(spec):
-        shape, dtype = tuple(spec[name].shape), spec[name].dtype.as_numpy_dtype
-        if np.issubdtype(dtype, np.floating):
-            batch[name] = rng.randn(*shape).astype(dtype)
-        else:
-            batch[name] = rng.randint(0, task.data.source.num_classes, shape).astype(dtype)
-    return sharding.to_global(batch, mesh)
-
-
 def bench_step(task, config) -> dict:
     """The loop's own jitted step (shardings, donation) on one device-resident random batch, timed."""
     import jax
 
+    from vitdistill.data import pipeline
     from vitdistill.train import loop, sharding
 
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(config.get("mesh"))
     _, state_shardings = loop.state_layout(task, mesh, seed=0)
     state = loop.init_state(task, state_shardings, seed=0)
     frozen = loop.place_frozen(task, mesh)
-    batch = random_batch(task, config, mesh)
+    batch = sharding.to_global(pipeline.random_batch(task.data, config.batch_size), mesh)
     compiled = loop.jit_train_step(task, mesh, state_shardings, frozen).lower(state, batch, frozen).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -23,3 +23,12 @@ class CheckpointError(UserError, ValueError):
 
 class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN or infinite; training stopped before saving the bad state."""
+
+
+class Preempted(Exception):
+    """A run stopped on SIGTERM or Ctrl-C at a step boundary, after saving its state: not an error (the entry
+    points exit 0); re-running the same command resumes."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step

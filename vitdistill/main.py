@@ -15,7 +15,11 @@ from ml_collections import config_flags  # noqa: E402
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file, configs/NAME.py[:ARG].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the resolved config go here; re-running resumes.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods, SLURM).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first: multi-host TPU pods, SLURM and Open MPI "
+                  "are detected; elsewhere give the three flags below.")
+flags.DEFINE_string("coordinator_address", None, "--distributed: host:port of process 0 (default: auto-detected).")
+flags.DEFINE_integer("num_processes", None, "--distributed: how many processes (default: auto-detected).")
+flags.DEFINE_integer("process_id", None, "--distributed: this process's index (default: auto-detected).")
 flags.DEFINE_string("jax_cache_dir", os.path.expanduser("~/.cache/vitdistill/jax"),
                     "Persistent XLA compilation cache: re-runs and resumes skip compiling ('' turns it off).")
 flags.DEFINE_bool("debug", False, "Show the traceback of errors about the config, data or checkpoints.")
@@ -23,6 +27,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
+    from vitdistill.train import preemption
+
+    preemption.install_early()  # SIGTERM / Ctrl-C from now on stop the run at a step boundary, with a checkpoint
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:
@@ -35,15 +42,21 @@ def main(argv):
     if FLAGS.jax_cache_dir:
         jax.config.update("jax_compilation_cache_dir", FLAGS.jax_cache_dir)
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                                   process_id=FLAGS.process_id)
+    preemption.install()  # the processes are known now: with several, JAX's preemption service takes SIGTERM
     logging.info("JAX process %d/%d, local devices %s, %d devices in all", jax.process_index(),
                  jax.process_count(), jax.local_devices(), jax.device_count())
 
-    from vitdistill.errors import UserError
+    from vitdistill.errors import Preempted, UserError
     from vitdistill.methods import train_and_evaluate
 
     try:
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except Preempted as e:  # SIGTERM / Ctrl-C: the state is saved; the scheduler's requeue resumes it
+        if jax.process_index() == 0:
+            print(f"vitdistill: {e}", file=sys.stderr, flush=True)
+        sys.exit(0)
     except UserError as e:
         if FLAGS.debug:
             raise

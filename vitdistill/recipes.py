@@ -38,6 +38,7 @@ def _run(config: ConfigDict, *, epochs: float, batch_size: int) -> ConfigDict:
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     config.progress_bar = True
+    config.mesh = ConfigDict({"data": -1, "fsdp": 1})  # axis sizes; -1: the remaining devices (train/sharding.py)
     return config
 
 
@@ -52,7 +53,8 @@ def deit(model: str = "deit_small_patch16_224", *, distilled: bool = False) -> C
         "drop_path_rate": 0.1,
         "drop_rate": 0.0,
         "dtype": "auto",               # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
-        "init_from": _opt(str),        # orbax dir from `python -m vitdistill.convert` (fine-tuning)
+        "init_from": _opt(str),        # orbax dir from `python -m vitdistill.convert` or a workdir (fine-tuning)
+        "init_from_network": "auto",   # of a workdir: auto (DINO: teacher, else student) | student | teacher | ema
     })
     c.data = _data("tfds", name="imagenet2012")
     c.augment = ConfigDict({
@@ -131,7 +133,8 @@ def dino(model: str = "vit_small_patch16_224", *, paper: bool = False) -> Config
         "norm_last_layer": True,
         "use_bn_in_head": False,       # official option; BatchNorm in the head's MLP
         "dtype": "auto",               # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
-        "init_from": _opt(str),
+        "init_from": _opt(str),        # a `python -m vitdistill.convert` output or a workdir
+        "init_from_network": "auto",   # of a workdir: auto (DINO: teacher, else student) | student | teacher | ema
     })
     c.data = _data("tfds", name="imagenet2012")
     c.multicrop = ConfigDict({

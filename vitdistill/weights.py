@@ -6,15 +6,15 @@ The training state's own checkpoints (optimiser, step, ...) are `vitdistill.trai
 """
 import json
 import os
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vitdistill import models
+from vitdistill import models, paths
 from vitdistill.errors import CheckpointError
-from vitdistill.train import state_checkpoints
+from vitdistill.train import sharding, state_checkpoints
 from vitdistill.train.reporting import CONFIG_FILE
 
 METADATA_FILE = 'vitdistill.json'
@@ -29,31 +29,31 @@ def save_variables(directory: str, variables: dict[str, Any], *, model: str, **m
     Overwrites the variables of an earlier save in the same directory. `metadata` must be
     JSON-serialisable (where the weights came from, the head's shape, ...).
     """
-    directory = os.path.abspath(directory)
+    directory = paths.check_checkpointable(directory, "weights directory")
     record = json.dumps({'model': model, **metadata}, indent=2, sort_keys=True)
-    os.makedirs(directory, exist_ok=True)
+    paths.makedirs(directory)
     variables = jax.tree.map(np.asarray, jax.device_get(variables))
     with ocp.PyTreeCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(directory, VARIABLES_DIR), variables, force=True)
     # Written last: a directory with this file holds a complete checkpoint.
-    with open(os.path.join(directory, METADATA_FILE), 'w') as f:
+    with paths.open_file(os.path.join(directory, METADATA_FILE), 'w') as f:
         f.write(record + '\n')
     return directory
 
 
 def read_metadata(directory: str) -> dict[str, Any]:
     """The `vitdistill.json` record of a checkpoint directory (model name and metadata)."""
-    directory = os.path.abspath(directory)
+    directory = paths.absolute(directory)
     path = os.path.join(directory, METADATA_FILE)
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
         raise CheckpointError(f"no checkpoint directory at {directory}: expected a directory holding "
                               f"{METADATA_FILE} and {VARIABLES_DIR}/; {HOW_TO_MAKE}")
-    if not os.path.isfile(path):
-        found = sorted(os.listdir(directory))
+    if not paths.exists(path):
+        found = sorted(paths.listdir(directory))
         found = ', '.join(found[:8]) + (f' and {len(found) - 8} more' if len(found) > 8 else '') or 'nothing'
         raise CheckpointError(f"{directory} is not a vitdistill checkpoint: it has no {METADATA_FILE} "
                               f"(found: {found}); {HOW_TO_MAKE}")
-    with open(path) as f:
+    with paths.open_file(path) as f:
         return json.load(f)
 
 
@@ -64,56 +64,94 @@ def load_variables(directory: str, *, model: str | None = None) -> dict[str, Any
     """
     record = read_metadata(directory)
     if model is not None and record.get('model') != model:
-        raise CheckpointError(f"{os.path.abspath(directory)} holds variables of model {record.get('model')!r}, "
+        raise CheckpointError(f"{paths.absolute(directory)} holds variables of model {record.get('model')!r}, "
                               f"not {model!r}: pass the matching model name, or convert the weights for {model!r}")
-    path = os.path.join(os.path.abspath(directory), VARIABLES_DIR)
+    path = os.path.join(paths.absolute(directory), VARIABLES_DIR)
     with ocp.PyTreeCheckpointer() as checkpointer:
         tree = checkpointer.metadata(path).item_metadata.tree
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
-def read_variables(path: str) -> tuple[dict[str, Any], Optional[str]]:
-    """(variables, model name) from a convert output (vitdistill.json) or a training workdir (the `params` and
-    `batch_stats` of its latest checkpoint; the model name from its config.json, None without one).
+NETWORKS = ("auto", "student", "teacher", "ema")  # which network of a training workdir: state fields below
+_STATE_FIELDS = {"student": "params", "teacher": "teacher_params", "ema": "ema_params"}
 
-    Either may be remote (gs://...).
+
+class ModelWeights(NamedTuple):
+    variables: dict          # {'params'[, 'batch_stats']}, numpy arrays
+    model: Optional[str]     # the model name recorded with them, None if unknown
+    description: str         # what they are, for the log: "the teacher of the training workdir DIR at step N"
+
+
+def read_weights(path: str, network: str = "auto") -> ModelWeights:
+    """A model's weights from a convert output (vitdistill.json) or a training workdir (its latest checkpoint,
+    whatever mesh or number of processes wrote it; the model name from its config.json).
+
+    `network` picks the network of a workdir: 'auto' is DINO's teacher where the state has one (what DINO's
+    evaluations and released weights use) and the trained params otherwise; 'student', 'teacher' (DINO) and
+    'ema' (DeiT's model EMA) ask for one. A convert output holds one network: the one chosen at conversion.
+    Either path may be remote (gs://...).
     """
-    from tensorflow.io import gfile  # imported here: convert, which saves, should not wait for TensorFlow
-
-    if gfile.exists(os.path.join(path, METADATA_FILE)):
-        return load_variables(path), read_metadata(path).get('model')
-    if gfile.isdir(os.path.join(path, state_checkpoints.CHECKPOINTS_DIR)):
-        _, raw = state_checkpoints.latest_raw_state(path)
-        variables = {'params': raw['params']}
+    if network not in NETWORKS:
+        raise CheckpointError(f"network={network!r}; valid: {', '.join(NETWORKS)}")
+    if paths.exists(os.path.join(path, METADATA_FILE)):
+        if network not in ("auto", "student"):
+            raise CheckpointError(f"{path} is a converted checkpoint, which holds one network; network={network!r} "
+                                  "applies to training workdirs (pick the network when converting: --key)")
+        return ModelWeights(load_variables(path), read_metadata(path).get('model'), f"the converted checkpoint {path}")
+    if paths.isdir(os.path.join(path, state_checkpoints.CHECKPOINTS_DIR)):
+        step, raw = state_checkpoints.latest_raw_state(path)
+        if network == "auto":
+            network = "teacher" if raw.get("teacher_params") else "student"
+        field = _STATE_FIELDS[network]
+        if not raw.get(field):
+            present = [name for name, key in _STATE_FIELDS.items() if raw.get(key)]
+            raise CheckpointError(f"the training workdir {path} has no {network} network (its state has: "
+                                  f"{', '.join(present)}); pick one of those")
+        variables = {'params': raw[field]}
         if raw.get('batch_stats'):
             variables['batch_stats'] = raw['batch_stats']
         model = None
         config_path = os.path.join(path, CONFIG_FILE)
-        if gfile.exists(config_path):
-            with gfile.GFile(config_path) as f:
+        if paths.exists(config_path):
+            with paths.open_file(config_path) as f:
                 model = json.load(f).get('model', {}).get('name')
-        return variables, model
+        return ModelWeights(variables, model, f"the {network} of the training workdir {path} at step {step}")
     raise CheckpointError(
         f"No model checkpoint at {path!r}: expected a `python -m vitdistill.convert` output (with "
         f"{METADATA_FILE}) or a training workdir (with {state_checkpoints.CHECKPOINTS_DIR}/).")
 
 
+def read_variables(path: str, network: str = "auto") -> tuple[dict[str, Any], Optional[str]]:
+    """(variables, model name): `read_weights` without the description."""
+    weights = read_weights(path, network)
+    return weights.variables, weights.model
+
+
 def place_like(new, like):
-    """Host arrays `new` on the devices, with the dtypes and shardings of the arrays `like`."""
-    return jax.tree.map(lambda n, o: jax.device_put(np.asarray(n, o.dtype), o.sharding), new, like)
+    """Host arrays `new` (the same on every process) as global arrays with the dtypes and shardings of the
+    arrays `like`."""
+    return sharding.place(jax.tree.map(lambda n, o: np.asarray(n, o.dtype), new, like),
+                          jax.tree.map(lambda o: o.sharding, like))
 
 
-def load_pretrained(path: str, like: dict[str, Any]) -> dict[str, Any]:
+def load_pretrained(path: str, like: dict[str, Any], *, network: str = "auto") -> tuple[dict[str, Any], str]:
     """Fine-tuning: the variables at `path` fitted to a fresh model's `like` ({'params'[, 'batch_stats']}, on
-    the devices) by `models.adapt_params`, and placed as those are.
+    the devices) by `models.fit_params`, and placed as those are; with a line for the log saying what was
+    loaded, resampled and kept fresh.
 
     BatchNorm statistics load where both sides have them; otherwise the fresh ones stay.
     """
-    loaded, _ = read_variables(path)
-    fitted = {'params': place_like(models.adapt_params(loaded['params'], jax.device_get(like['params'])),
-                                   like['params'])}
+    loaded = read_weights(path, network)
+    fitted = models.fit_params(loaded.variables['params'], sharding.to_host(like['params']))
+    variables = {'params': place_like(fitted.params, like['params'])}
     if like.get('batch_stats'):
-        fitted['batch_stats'] = (place_like(loaded['batch_stats'], like['batch_stats'])
-                                 if loaded.get('batch_stats') else like['batch_stats'])
-    return fitted
+        variables['batch_stats'] = (place_like(loaded.variables['batch_stats'], like['batch_stats'])
+                                    if loaded.variables.get('batch_stats') else like['batch_stats'])
+    report = f"init_from: {loaded.description}: {len(fitted.loaded)} arrays loaded"
+    if fitted.resampled:
+        report += f", resampled to this model's grid: {', '.join(fitted.resampled)}"
+    report += f"; new (fresh init): {', '.join(fitted.fresh) if fitted.fresh else 'none'}"
+    if fitted.ignored:
+        report += f"; not used: {len(fitted.ignored)} ({', '.join(fitted.ignored[:6])}{', ...' if len(fitted.ignored) > 6 else ''})"
+    return variables, report

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
+from vitdistill import paths
 from vitdistill.errors import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -92,9 +93,10 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 
 def read_idx(path: str) -> np.ndarray:
     """Reads an IDX file (optionally gzipped), the format of MNIST and Fashion-MNIST."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with paths.open_file(path, "rb") as f:
         raw = f.read()
+    if path.endswith(".gz"):
+        raw = gzip.decompress(raw)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes (magic {raw[:4].hex()}); "
                         "re-install it with `apt-get install --reinstall dataset-fashion-mnist`")
@@ -113,18 +115,18 @@ def fashion_mnist(split: str, data_dir: Optional[str] = None) -> Source:
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
         raise DataError(f"fashion_mnist has splits 'train' and 'test', not {split!r}")
-    paths = []
+    files = []
     for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
         candidates = [os.path.join(data_dir, f"{prefix}-{kind}{ext}") for ext in (".gz", "")]
-        found = [p for p in candidates if os.path.exists(p)]
+        found = [p for p in candidates if paths.exists(p)]
         if not found:
             raise DataError(f"Fashion-MNIST not found: looked for {candidates[0]} (or without .gz). Install it with "
                             "`sudo apt-get install dataset-fashion-mnist`, or set --config.data.data_dir to a folder "
                             "holding the four IDX files.")
-        paths.append(found[0])
-    images, labels = read_idx(paths[0]), read_idx(paths[1])
+        files.append(found[0])
+    images, labels = read_idx(files[0]), read_idx(files[1])
     if len(images) != len(labels):
-        raise DataError(f"{paths[0]} has {len(images)} images but {paths[1]} has {len(labels)} labels")
+        raise DataError(f"{files[0]} has {len(images)} images but {files[1]} has {len(labels)} labels")
     return in_memory(f"fashion_mnist:{split}", images, labels, 10, FASHION_MNIST_CLASSES)
 
 
@@ -135,24 +137,24 @@ def image_folder(root: str, split: Optional[str] = None, *, class_names: Optiona
     the training split's list with the evaluation split).
     """
     directory = os.path.join(root, split) if split else root
-    if not os.path.isdir(directory):
+    if not paths.isdir(directory):
         raise DataError(f"Image folder {directory!r} does not exist. Expected {root}/<split>/<class>/*.jpg "
                         f"(split {split!r}); set --config.data.data_dir and the split names.")
-    class_names = class_names or sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)))
+    class_names = class_names or sorted(d for d in paths.listdir(directory) if paths.isdir(os.path.join(directory, d)))
     if not class_names:
         raise DataError(f"{directory!r} has no class sub-folders; expected {directory}/<class>/*.jpg")
-    paths, labels = [], []
+    files, labels = [], []
     for label, name in enumerate(class_names):
         class_dir = os.path.join(directory, name)
-        if not os.path.isdir(class_dir):
+        if not paths.isdir(class_dir):
             continue
-        for file in sorted(os.listdir(class_dir)):
+        for file in sorted(paths.listdir(class_dir)):
             if file.lower().endswith(IMAGE_EXTENSIONS):
-                paths.append(os.path.join(class_dir, file))
+                files.append(os.path.join(class_dir, file))
                 labels.append(label)
-    if not paths:
+    if not files:
         raise DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {directory!r}/<class>/")
-    paths_t = tf.constant(paths)
+    paths_t = tf.constant(files)
     labels_t = tf.constant(np.asarray(labels, np.int32))
 
     def load(index):
@@ -161,7 +163,7 @@ def image_folder(root: str, split: Optional[str] = None, *, class_names: Optiona
         image.set_shape([None, None, 3])
         return {"image": image, "label": tf.gather(labels_t, index)}
 
-    return Source(f"folder:{directory}", len(paths), len(class_names), load=load, describe=lambda i: paths[i],
+    return Source(f"folder:{directory}", len(files), len(class_names), load=load, describe=lambda i: files[i],
                   class_names=list(class_names))
 
 

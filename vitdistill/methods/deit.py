@@ -244,7 +244,8 @@ def teacher_accuracy(teacher: teachers.Teacher, eval_source: Source, config, mes
 
     ds, _ = pipeline.eval_dataset(eval_source, eval_transform(config), global_batch=config.batch_size,
                                   process_index=jax.process_index(), process_count=jax.process_count())
-    return fractions(batched.sum_counts(jax.jit(counts), (sharding.replicate(teacher.variables, mesh),), ds, mesh))
+    variables = sharding.place(teacher.variables, sharding.state_shardings(teacher.variables, mesh))
+    return fractions(batched.sum_counts(jax.jit(counts), (variables,), ds, mesh))
 
 
 def summary_table(final: dict, *, config, eval_source: Source, distilled: bool, teacher: Optional[teachers.Teacher],
@@ -265,9 +266,11 @@ def summary_table(final: dict, *, config, eval_source: Source, distilled: bool, 
                                       f"distillation={config.distill.kind}")
 
 
-def load_init_from(path: str, state: DeitState) -> DeitState:
+def load_init_from(state: DeitState, *, path: str, network: str = "auto") -> DeitState:
     """Fine-tuning: a fresh state's params (and BatchNorm statistics) from `path`, adapted to this model."""
-    variables = weights.load_pretrained(path, state.model_variables())
+    variables, report = weights.load_pretrained(path, state.model_variables(), network=network)
+    if jax.process_index() == 0:
+        print(report, flush=True)
     params = variables["params"]
     return state.replace(params=params, batch_stats=variables.get("batch_stats", state.batch_stats),
                          ema_params=params if state.ema_params else state.ema_params)
@@ -295,7 +298,7 @@ def build_task(config, workdir: str) -> loop.Task:
     length = schedules.run_length(config, train_source.num_examples)
     setup = make_setup(config, num_classes=num_classes, length=length,
                        teacher=teacher.module if teacher is not None else None)
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(config.get("mesh"))
     init_from = config.model.init_from
     steps_per_epoch = length.steps_per_epoch
     return loop.Task(
@@ -307,6 +310,7 @@ def build_task(config, workdir: str) -> loop.Task:
         length=length,
         eval_every_steps=int(config.eval_every_epochs * steps_per_epoch) if config.eval_every_epochs else 0,
         frozen=teacher.variables if teacher is not None else {},
-        prepare_state=functools.partial(load_init_from, init_from) if init_from else None,
+        prepare_state=(functools.partial(load_init_from, path=init_from, network=config.model.init_from_network)
+                       if init_from else None),
         summarize=functools.partial(summary_table, config=config, eval_source=eval_source,
                                     distilled=setup.distilled, teacher=teacher, mesh=mesh))

@@ -231,8 +231,11 @@ def prepare_state(state: DinoState, *, config, workdir: str, evaluate) -> DinoSt
     """A fresh state: student and teacher from `model.init_from` if given, then (with `knn.before_training`)
     the k-NN of the network at initialisation, written to the workdir for the summary."""
     if config.model.init_from:
-        params = weights.load_pretrained(config.model.init_from, {"params": state.params})["params"]
-        state = state.replace(params=params, teacher_params=params)
+        variables, report = weights.load_pretrained(config.model.init_from, {"params": state.params},
+                                                    network=config.model.init_from_network)
+        if jax.process_index() == 0:
+            print(report, flush=True)
+        state = state.replace(params=variables["params"], teacher_params=variables["params"])
     if config.knn.before_training:
         result = evaluate(state)
         if jax.process_index() == 0:
@@ -264,7 +267,7 @@ def build_task(config, workdir: str) -> loop.Task:
     train_source = get_source(data, data.train_split, limit=data.train_limit)
     length = schedules.run_length(config, train_source.num_examples)
     setup = make_setup(config, steps_per_epoch=length.steps_per_epoch)
-    evaluate = knn_evaluator(config, sharding.make_mesh())
+    evaluate = knn_evaluator(config, sharding.make_mesh(config.get("mesh")))
     every = int(config.knn.every_epochs * length.steps_per_epoch) if config.knn.every_epochs else 0
     return loop.Task(
         name=f"dino:{config.model.name}",

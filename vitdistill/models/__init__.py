@@ -1,6 +1,7 @@
 """Model variants by name (timm's spelling), the factories `create` / `create_dino`, `adapt_params`, and the
 compute dtype a config names."""
 import dataclasses
+from typing import NamedTuple
 
 import flax.linen as nn
 import flax.traverse_util
@@ -15,8 +16,8 @@ from vitdistill.models.regnet import RegNet
 from vitdistill.models.resnet import ResNet
 from vitdistill.models.vit import VisionTransformer, last_attention, resample_pos_embed
 
-__all__ = ['MODELS', 'create', 'create_dino', 'adapt_params', 'compute_dtype', 'is_vit', 'VisionTransformer', 'DINO',
-           'DinoHead', 'ResNet', 'RegNet', 'last_attention', 'resample_pos_embed']
+__all__ = ['MODELS', 'create', 'create_dino', 'adapt_params', 'fit_params', 'Fitted', 'compute_dtype', 'is_vit',
+           'VisionTransformer', 'DINO', 'DinoHead', 'ResNet', 'RegNet', 'last_attention', 'resample_pos_embed']
 
 _TINY = dict(embed_dim=192, depth=12, num_heads=3)
 _SMALL = dict(embed_dim=384, depth=12, num_heads=6)
@@ -108,7 +109,17 @@ def _prefix_tokens(pos_embed_path, flat_params):
     return 2 if pos_embed_path.replace('pos_embed', 'dist_token') in flat_params else 1
 
 
-def adapt_params(loaded, target):
+class Fitted(NamedTuple):
+    """Pretrained params fitted to a model, and what happened to each array (flat '/'-joined paths)."""
+
+    params: dict
+    loaded: list       # taken from the pretrained params as they are
+    resampled: list    # position embeddings resampled to the model's grid
+    fresh: list        # kept at their fresh init: absent from the pretrained params, or a head of another size
+    ignored: list      # pretrained params the model has not
+
+
+def fit_params(loaded, target) -> Fitted:
     """Pretrained `loaded` params fitted to a fresh model's `target` params, for fine-tuning.
 
     - a 224-px position embedding is resampled to the target's grid with plain bicubic
@@ -118,35 +129,48 @@ def adapt_params(loaded, target):
       into a plain ViT.
     Any other mismatch (another width or depth) is an error naming every clash.
     """
+    left_out = []  # a DINO model's head (anything beside its backbone) when only the backbone is wanted
     if 'backbone' in target and 'backbone' not in loaded:
         loaded = {'backbone': loaded}
     elif 'backbone' in loaded and 'backbone' not in target:
+        left_out = list(flax.traverse_util.flatten_dict({k: v for k, v in loaded.items() if k != 'backbone'},
+                                                        sep='/'))
         loaded = loaded['backbone']
     loaded = flax.traverse_util.flatten_dict(loaded, sep='/')
     target = flax.traverse_util.flatten_dict(target, sep='/')
-    fitted, fresh, clashes = {}, [], []
+    fitted, taken, resampled, fresh, clashes = {}, [], [], [], []
     for path, fresh_value in target.items():
         value = loaded.get(path)
         if value is None:
             fresh.append(path)
         elif value.shape == fresh_value.shape:
             fitted[path] = value
+            taken.append(path)
         elif path.endswith('pos_embed') and _prefix_tokens(path, loaded) == _prefix_tokens(path, target):
             prefix = _prefix_tokens(path, target)
             grid = int(round((fresh_value.shape[1] - prefix) ** 0.5))
             fitted[path] = np.asarray(resample_pos_embed(value, (grid, grid), prefix, interpolation='bicubic'))
-            logging.info('resampled %s from %s to %s', path, value.shape, fresh_value.shape)
+            resampled.append(path)
         elif path.split('/')[0] in CLASSIFIER_SCOPES:
             fresh.append(path)
         else:
             clashes.append(f'{path}: pretrained {list(value.shape)}, model {list(fresh_value.shape)}')
     if clashes or not any(path in loaded for path in target):
         raise CheckpointError('the pretrained params do not fit this model (another architecture?):\n  '
-                         + '\n  '.join(clashes or ['no parameter name in common']))
-    if fresh:
+                              + '\n  '.join(clashes or ['no parameter name in common']))
+    return Fitted(flax.traverse_util.unflatten_dict({**target, **fitted}, sep='/'), taken, resampled, fresh,
+                  sorted(set(loaded) - set(target)) + sorted(left_out))
+
+
+def adapt_params(loaded, target):
+    """`fit_params(loaded, target).params`, logging what was resampled, kept fresh and ignored."""
+    fitted = fit_params(loaded, target)
+    for path in fitted.resampled:
+        logging.info('resampled %s to the model\'s grid', path)
+    if fitted.fresh:
         logging.warning('kept the fresh init of %d params not in (or not fitting) the pretrained ones: %s',
-                     len(fresh), ', '.join(fresh))
-    unused = sorted(set(loaded) - set(target))
-    if unused:
-        logging.info('ignored %d pretrained params the model does not have: %s', len(unused), ', '.join(unused))
-    return flax.traverse_util.unflatten_dict({**target, **fitted}, sep='/')
+                        len(fitted.fresh), ', '.join(fitted.fresh))
+    if fitted.ignored:
+        logging.info('ignored %d pretrained params the model does not have: %s', len(fitted.ignored),
+                     ', '.join(fitted.ignored))
+    return fitted.params

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import signal
-import threading
 from typing import Any, Callable, Optional
 
 import jax
+from absl import logging
 
+from vitdistill import paths
 from vitdistill.data import pipeline
-from vitdistill.errors import BadImageError, NonFiniteLossError
+from vitdistill.errors import BadImageError, NonFiniteLossError, Preempted
 from vitdistill.train import sharding
+from vitdistill.train import preemption
+from vitdistill.train.preemption import StopRequests
 from vitdistill.train.reporting import Reporter, save_config
 from vitdistill.train.schedules import RunLength
 from vitdistill.train.state_checkpoints import StateCheckpoints
@@ -29,7 +30,7 @@ class Task:
 
     `init` and `train_step` are pure (the loop jits them); the state is any pytree with a `step`
     (a `vitdistill.train.state.TrainState` subclass), saved and restored as a whole. `frozen` is
-    an input of every step that is neither trained nor saved (DeiT's teacher); it is replicated.
+    an input of every step that is neither trained nor saved (DeiT's teacher), sharded as the state is.
     """
 
     name: str
@@ -42,13 +43,14 @@ class Task:
     frozen: Any = None
     prepare_state: Optional[Callable[[Any], Any]] = None   # a fresh (not resumed) state -> state
     check_metrics: Optional[Callable[[int, dict], Optional[str]]] = None  # (step, host metrics) -> a warning
-    summarize: Optional[Callable[[dict], str]] = None  # final metrics -> what to print at the end
+    summarize: Optional[Callable[[dict], str]] = None  # final metrics -> what process 0 prints at the end
 
 
 def state_layout(task: Task, mesh, seed: int):
-    """(abstract state, its shardings): shapes from `jax.eval_shape(task.init)`, every array replicated."""
+    """(abstract state, its shardings): shapes from `jax.eval_shape(task.init)`, large arrays sharded over the
+    mesh's fsdp axis (`sharding.state_shardings`)."""
     abstract = jax.eval_shape(task.init, jax.random.key(seed))
-    return abstract, sharding.replicated_like(abstract, mesh)
+    return abstract, sharding.state_shardings(abstract, mesh)
 
 
 def init_state(task: Task, shardings, seed: int):
@@ -57,24 +59,20 @@ def init_state(task: Task, shardings, seed: int):
 
 
 def place_frozen(task: Task, mesh):
-    """The task's frozen inputs, replicated on the mesh (None if it has none)."""
-    return sharding.replicate(task.frozen, mesh) if task.frozen is not None else None
+    """The task's frozen inputs on the mesh, sharded as a state would be (None if it has none)."""
+    if task.frozen is None:
+        return None
+    return sharding.place(task.frozen, sharding.state_shardings(task.frozen, mesh))
 
 
 def jit_train_step(task: Task, mesh, state_shardings, frozen):
-    """The task's step as the loop runs it: explicit shardings, the state donated."""
+    """The task's step as the loop runs it: explicit shardings (the frozen inputs' as placed), the state
+    donated."""
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     return jax.jit(task.train_step,
-                   in_shardings=(state_shardings, sharding.batch_sharded(mesh), sharding.replicated_like(frozen, mesh)),
+                   in_shardings=(state_shardings, sharding.batch_sharded(mesh), frozen_shardings),
                    out_shardings=(state_shardings, sharding.replicated(mesh)),
                    donate_argnums=(0,))
-
-
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(signum, frame):
-    raise _Stop(f"signal {signum}")
 
 
 def _finite_or_raise(step: int, metrics: dict, workdir: str, last_saved: Optional[int]):
@@ -102,10 +100,15 @@ def run(task: Task, config, workdir: str) -> dict:
     """Trains `task` in `workdir` (resuming if a checkpoint is there), evaluates, returns the final metrics.
 
     `config` supplies the run's settings that every method shares: seed, batch_size, log_every_steps,
-    checkpoint_every_steps, keep_checkpoints, progress_bar.
+    checkpoint_every_steps, keep_checkpoints, progress_bar, mesh. SIGTERM or Ctrl-C, whenever they arrive,
+    stop the run at the next step boundary with a checkpoint: `errors.Preempted` says where.
     """
-    workdir = local_or_remote(workdir)
-    mesh = sharding.make_mesh()
+    with preemption.during_run() as stops:
+        return _run(task, config, paths.check_checkpointable(workdir), stops)
+
+
+def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
+    mesh = sharding.make_mesh(config.get("mesh"))
     source = task.data.source
     total_steps = task.length.total_steps
     pipeline.check_batch_size(config.batch_size, jax.device_count(), source.num_examples, source.name)
@@ -122,15 +125,21 @@ def run(task: Task, config, workdir: str) -> dict:
         reporter.message(f"{task.name}: resuming at step {step}/{total_steps} from {workdir}")
     last_saved = step if resumed else None
     metrics = None
-    previous = signal.signal(signal.SIGTERM, _raise_stop) if _main_thread() else None
+    batches = None
     try:
-        if step < total_steps:
-            batches = pipeline.train_dataset(
-                source, task.data.transform, seed=config.seed, global_batch=config.batch_size, start_step=step,
-                process_index=jax.process_index(), process_count=jax.process_count(),
-                repeats=task.data.repeats).as_numpy_iterator()
-            reporter.throughput(step)
         while step < total_steps:
+            if stops.should_stop(step):
+                last_saved = _save_before_stopping(checkpoints, step, state, metrics, last_saved)
+                where = (f"step {last_saved} is saved in {workdir}/checkpoints" if last_saved is not None
+                         else "nothing was trained yet, so nothing was saved")
+                raise Preempted(f"{task.name}: stopped by {stops.reason} at step {step}/{total_steps}; {where}. "
+                                "Re-run the same command to resume.", step)
+            if batches is None:  # built only once the first step is known to run
+                batches = pipeline.train_dataset(
+                    source, task.data.transform, seed=config.seed, global_batch=config.batch_size, start_step=step,
+                    process_index=jax.process_index(), process_count=jax.process_count(),
+                    repeats=task.data.repeats).as_numpy_iterator()
+                reporter.throughput(step)
             batch = sharding.to_global(_next_batch(batches, task.data, step, config), mesh)
             state, metrics = step_fn(state, batch, frozen)
             step += 1
@@ -147,20 +156,28 @@ def run(task: Task, config, workdir: str) -> dict:
                 reporter.write(step, task.evaluate(state), split="eval")
         final = {**task.evaluate(state), "step": step}
         reporter.write(step, final, split="eval")
-    except (KeyboardInterrupt, _Stop) as stop:
-        if metrics is not None and step > (last_saved or 0) and math.isfinite(float(sharding.to_host(metrics)["loss"])):
-            checkpoints.maybe_save(step, state, force=True)
-            reporter.message(f"{task.name}: interrupted ({stop or 'Ctrl-C'}); saved step {step}. "
-                             "Re-run the same command to resume.")
+    except KeyboardInterrupt:  # a second Ctrl-C: save what is finished if it can be, then stop at once
+        try:
+            _save_before_stopping(checkpoints, step, state, metrics, last_saved)
+        except Exception as e:  # the state may be mid-update (donated): keep the last regular checkpoint
+            logging.warning("no checkpoint at step %d after a second Ctrl-C (%s); the last saved one stays", step, e)
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
         checkpoints.close()  # waits for asynchronous saves: nothing started is lost, whatever happened
         reporter.close()
-    if task.summarize is not None and jax.process_index() == 0:
-        print(task.summarize(final), flush=True)
+    if task.summarize is not None:
+        summary = task.summarize(final)  # on every process: a summary may evaluate, which is collective
+        if jax.process_index() == 0:
+            print(summary, flush=True)
     return final
+
+
+def _save_before_stopping(checkpoints: StateCheckpoints, step: int, state, metrics, last_saved) -> Optional[int]:
+    """Saves `state` at `step` unless it is saved already or its last loss was not finite; the last saved step."""
+    if metrics is not None and step > (last_saved or 0) and math.isfinite(float(sharding.to_host(metrics)["loss"])):
+        checkpoints.maybe_save(step, state, force=True)
+        return step
+    return last_saved
 
 
 def _log(task: Task, reporter: Reporter, step: int, host: dict, workdir: str, last_saved):
@@ -172,15 +189,6 @@ def _log(task: Task, reporter: Reporter, step: int, host: dict, workdir: str, la
     reporter.advance(step, {"loss": float(host["loss"]), "img/s": round(host.get("images_per_sec", 0.0), 1)})
     if task.check_metrics is not None and (warning := task.check_metrics(step, host)):
         reporter.message(warning)
-
-
-def local_or_remote(path: str) -> str:
-    """An absolute local path, or a remote one (gs://...) as given: orbax and tf.io.gfile read both."""
-    return path if "://" in path else os.path.abspath(path)
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
 
 
 def _next_batch(batches, data: pipeline.TrainData, step: int, config) -> dict:

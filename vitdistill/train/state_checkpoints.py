@@ -9,6 +9,8 @@ import os
 from typing import Any, Optional
 
 import flax
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -81,14 +83,18 @@ def _restore_leaving_out(path: str, abstract_state):
 
 
 def latest_raw_state(workdir: str) -> tuple[int, dict[str, Any]]:
-    """(step, the latest saved state as nested dicts of arrays) of a training workdir, with no target.
+    """(step, the latest saved state as nested dicts of numpy arrays) of a training workdir, whatever mesh or
+    number of processes wrote it (no target: nothing is placed on devices).
 
     Raises CheckpointError if the workdir has no finished checkpoint.
     """
     directory = os.path.join(workdir, CHECKPOINTS_DIR)
-    with ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler()) as manager:
+    with ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler()) as manager:
         step = manager.latest_step()
         if step is None:
             raise CheckpointError(f"{directory} holds no finished checkpoint; finish (or re-run) that training run "
                                   "first")
-        return step, manager.restore(step, args=ocp.args.StandardRestore())
+        saved = manager.item_metadata(step)
+        # Restored as numpy arrays, not placed with the saved shardings: the writers' topology does not matter.
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), getattr(saved, "tree", saved))
+        return step, manager.restore(step, args=ocp.args.PyTreeRestore(restore_args=restore_args))

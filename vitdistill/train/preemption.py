@@ -1,0 +1,107 @@
+"""SIGTERM (what SLURM and TPU maintenance send) and Ctrl-C as requests to stop at the next step boundary.
+
+With one process a Python handler records the signal. With several, JAX's preemption service
+(started by `jax.distributed.initialize`) catches SIGTERM on whichever process receives it and
+agrees with the others on one step at which all of them stop (`reached_preemption_sync_point`),
+so the checkpoint they then save together is consistent; Ctrl-C is turned into a SIGTERM of its
+own process to join that protocol. A second Ctrl-C stops at once, without a checkpoint.
+
+The entry point installs the handlers first thing (`install_early`, before JAX starts, then
+`install` once the processes are known), so a signal that arrives while libraries, data, models or a
+teacher load is kept until the first step boundary; a run started from Python installs them for its
+own duration.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Optional
+
+
+class StopRequests:
+    """Owns SIGTERM / SIGINT while installed; `should_stop(step)` is asked at every step boundary."""
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._previous = {}
+        self._multi_process = False
+
+    def install(self, *, before_jax: bool = False) -> "StopRequests":
+        """Takes SIGINT, and SIGTERM unless several processes run (JAX's preemption notifier, which
+        `jax.distributed.initialize` installs, owns it then). `before_jax`: JAX is not started yet, so take
+        both; a signal caught then is handed on at the second `install`."""
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        if not before_jax:
+            import jax
+
+            self._multi_process = jax.process_count() > 1
+        if not self._multi_process and signal.SIGTERM not in self._previous:
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if signal.SIGINT not in self._previous:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+        if self._multi_process:
+            self._previous.pop(signal.SIGTERM, None)  # now the notifier's: never restored over it
+            if self.received is not None:
+                os.kill(os.getpid(), signal.SIGTERM)  # a signal from before JAX started joins the protocol
+        return self
+
+    def uninstall(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _on_sigterm(self, signum, frame):
+        self.received = self.received or "SIGTERM"
+
+    def _on_sigint(self, signum, frame):
+        if self.received == "SIGINT":
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        self.received = "SIGINT"
+        if self._multi_process:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def should_stop(self, step: int) -> bool:
+        """True when the run must stop before training step `step` (the same answer on every process)."""
+        if self._multi_process:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.received is not None
+
+    @property
+    def reason(self) -> str:
+        return {"SIGINT": "Ctrl-C (SIGINT)"}.get(self.received, "SIGTERM")
+
+
+_installed: Optional[StopRequests] = None
+
+
+def install_early() -> StopRequests:
+    """The entry points' first call, before JAX starts: from here on no SIGTERM / Ctrl-C is lost."""
+    global _installed
+    if _installed is None:
+        _installed = StopRequests().install(before_jax=True)
+    return _installed
+
+
+def install() -> StopRequests:
+    """Installs the process's stop handlers for good, once `jax.distributed.initialize` has run (if it does)."""
+    global _installed
+    _installed = (_installed or StopRequests()).install()
+    return _installed
+
+
+class during_run:
+    """`with during_run() as stops:` the installed handlers, or ones installed for the run's duration."""
+
+    def __enter__(self) -> StopRequests:
+        self._own = _installed is None
+        self._stops = StopRequests().install() if self._own else _installed
+        return self._stops
+
+    def __exit__(self, *exc):
+        if self._own:
+            self._stops.uninstall()
+        return False
