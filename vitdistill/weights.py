@@ -68,9 +68,7 @@ def load_variables(directory: str, *, model: str | None = None) -> dict[str, Any
                               f"not {model!r}: pass the matching model name, or convert the weights for {model!r}")
     path = os.path.join(paths.absolute(directory), VARIABLES_DIR)
     with ocp.PyTreeCheckpointer() as checkpointer:
-        tree = checkpointer.metadata(path).item_metadata.tree
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        return checkpointer.restore(path, args=state_checkpoints.as_numpy(checkpointer.metadata(path).item_metadata.tree))
 
 
 NETWORKS = ("auto", "student", "teacher", "ema")  # which network of a training workdir: state fields below

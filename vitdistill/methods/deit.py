@@ -244,7 +244,7 @@ def teacher_accuracy(teacher: teachers.Teacher, eval_source: Source, config, mes
 
     ds, _ = pipeline.eval_dataset(eval_source, eval_transform(config), global_batch=config.batch_size,
                                   process_index=jax.process_index(), process_count=jax.process_count())
-    variables = sharding.place(teacher.variables, sharding.state_shardings(teacher.variables, mesh))
+    variables = sharding.place_sharded(teacher.variables, mesh)
     return fractions(batched.sum_counts(jax.jit(counts), (variables,), ds, mesh))
 
 

@@ -62,7 +62,7 @@ def place_frozen(task: Task, mesh):
     """The task's frozen inputs on the mesh, sharded as a state would be (None if it has none)."""
     if task.frozen is None:
         return None
-    return sharding.place(task.frozen, sharding.state_shardings(task.frozen, mesh))
+    return sharding.place_sharded(task.frozen, mesh)
 
 
 def jit_train_step(task: Task, mesh, state_shardings, frozen):

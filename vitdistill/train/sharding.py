@@ -61,12 +61,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def replicated_like(tree, mesh: Mesh):
-    """A replicated sharding for every leaf of `tree`."""
-    rep = replicated(mesh)
-    return jax.tree.map(lambda _: rep, tree)
-
-
 def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
@@ -107,9 +101,9 @@ def to_global(local_batch: dict, mesh: Mesh) -> dict:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
-def replicate(tree, mesh: Mesh):
-    """Places host values on every device, whole."""
-    return place(tree, replicated_like(tree, mesh))
+def place_sharded(tree, mesh: Mesh):
+    """Host values placed as a state would be (`state_shardings`): DeiT's teacher, for training and evaluation."""
+    return place(tree, state_shardings(tree, mesh))
 
 
 def to_host(tree):

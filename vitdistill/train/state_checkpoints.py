@@ -95,6 +95,11 @@ def latest_raw_state(workdir: str) -> tuple[int, dict[str, Any]]:
             raise CheckpointError(f"{directory} holds no finished checkpoint; finish (or re-run) that training run "
                                   "first")
         saved = manager.item_metadata(step)
-        # Restored as numpy arrays, not placed with the saved shardings: the writers' topology does not matter.
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), getattr(saved, "tree", saved))
-        return step, manager.restore(step, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        return step, manager.restore(step, args=as_numpy(getattr(saved, "tree", saved)))
+
+
+def as_numpy(tree) -> ocp.args.PyTreeRestore:
+    """Restore arguments that bring back every array of a saved tree (its metadata) as numpy, not placed with
+    the saved shardings: the topology that wrote it does not matter."""
+    return ocp.args.PyTreeRestore(restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                                            tree))
