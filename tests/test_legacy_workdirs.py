@@ -23,6 +23,12 @@ CONFIGS = {"deit": legacy_workdirs.deit_config, "dino": legacy_workdirs.dino_con
 # The two sides ran on different machines at different times: float32 rounding may differ a little, a changed
 # computation would not (one step of these nano models moves parameters by ~1e-3).
 ATOL, RTOL = 2e-6, 1e-5
+# Since the fixtures were written, each of the two devices takes every second position of a batch (as
+# DistributedSampler's ranks do) instead of one half: the same examples in another row order. That alone moves
+# DINO's Adam moments after 2 steps by up to 1.5e-5 (measured: the same batch in both orders through today's
+# step) and its parameters by 2e-8, and the legacy state carries that rounding on when it resumes: the moments
+# get this much room in both comparisons.
+MOMENTS_ATOL = 1e-4
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +44,7 @@ def _saved(workdir, step):
         return manager.restore(step, args=ocp.args.StandardRestore())
 
 
-def _assert_same_state(legacy, today, what):
+def _assert_same_state(legacy, today, what, moments_atol=ATOL):
     """Every field of today's state equals the legacy one; the legacy fields today's method lacks are empty."""
     dropped = set(legacy) - set(today)
     assert dropped <= {"ema_params", "teacher_params", "center"} and all(legacy[k] == {} for k in dropped), dropped
@@ -46,7 +52,8 @@ def _assert_same_state(legacy, today, what):
     for key in sorted(today):
         assert jax.tree.structure(legacy[key]) == jax.tree.structure(today[key]), (what, key)
         for a, b in zip(jax.tree.leaves(legacy[key]), jax.tree.leaves(today[key])):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL, err_msg=f"{what}: {key}")
+            atol = moments_atol if key == "opt_state" else ATOL
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=atol, err_msg=f"{what}: {key}")
 
 
 @pytest.mark.parametrize("method", ["deit", "dino"])
@@ -57,7 +64,7 @@ def test_a_legacy_workdir_resumes_into_the_uninterrupted_run(tmp_path, capsys, m
     config = CONFIGS[method]
 
     methods.train_and_evaluate(config(max_steps=step), fresh)
-    _assert_same_state(_saved(legacy, step), _saved(fresh, step), f"{method} at step {step}")
+    _assert_same_state(_saved(legacy, step), _saved(fresh, step), f"{method} at step {step}", MOMENTS_ATOL)
     if method == "deit":
         _assert_same_state(_saved(os.path.join(legacy, "teacher"), 2), _saved(os.path.join(fresh, "teacher"), 2),
                            "the teacher")
@@ -71,4 +78,4 @@ def test_a_legacy_workdir_resumes_into_the_uninterrupted_run(tmp_path, capsys, m
     methods.train_and_evaluate(config(max_steps=4), fresh)
     resumed, uninterrupted = _saved(legacy, 4), _saved(fresh, 4)
     assert sorted(resumed) == sorted(uninterrupted)  # saved again in today's layout
-    _assert_same_state(resumed, uninterrupted, f"{method} at step 4")
+    _assert_same_state(resumed, uninterrupted, f"{method} at step 4", MOMENTS_ATOL)

@@ -54,9 +54,65 @@ def test_train_batches_resume_at_a_step_and_split_between_processes():
         np.testing.assert_array_equal(a["noise"], b["noise"])  # augmentation seeds follow the position
     halves = [_ids(pipeline.train_dataset(src, _identity, seed=5, global_batch=4, process_index=k,
                                           process_count=2), 6) for k in range(2)]
-    for step in range(6):
-        joined = np.concatenate([halves[0][step]["image"], halves[1][step]["image"]])
-        np.testing.assert_array_equal(joined, full[step]["image"])
+    for step in range(6):  # process k holds positions k, k+2 of each batch, as DistributedSampler's rank k
+        for k in range(2):
+            for key in ("image", "noise"):
+                np.testing.assert_array_equal(halves[k][step][key], full[step][key][k::2])
+
+
+def _stream_rows(process_rows, global_batch, steps, **kwargs):
+    """The stream positions each row of this process's first `steps` batches holds."""
+    return [[step * global_batch + int(r) for r in process_rows(global_batch, **kwargs)] for step in range(steps)]
+
+
+def test_devices_and_processes_take_every_dth_position_so_repeated_copies_are_spread():
+    """DeiT's RASampler, written out: indices = [each of randperm(N) 3 times]; rank r of W takes
+    indices[r::W], in order. With our stream as `indices`, device d of D (jax.devices() order) must hold
+    positions d, d+D, d+2D, ... of each batch; so the 3 copies of an image sit on 3 different devices, and on
+    both of 2 processes."""
+    global_batch, D = 12, 4
+    for processes in (1, 2, 4):
+        rows = [_stream_rows(pipeline.process_rows, global_batch, 1, process_index=k, process_count=processes,
+                             num_shards=D)[0] for k in range(processes)]
+        device_rows = np.concatenate(rows).reshape(D, global_batch // D)  # row order = device order
+        for d in range(D):
+            assert device_rows[d].tolist() == list(range(d, global_batch, D))  # RASampler's indices[d::D]
+    src = _toy(12)
+    stream = [int(i) for _, i in pipeline.index_stream(12, seed=3, repeats=3).take(24).as_numpy_iterator()]
+    for processes, shards in ((2, 2), (2, 4)):
+        per_process = [_ids(pipeline.train_dataset(src, _identity, seed=3, global_batch=12, process_index=k,
+                                                    process_count=processes, num_shards=shards, repeats=3), 2)
+                       for k in range(processes)]
+        for step in range(2):
+            placed = {}  # image index -> [(process, device)] of its copies in this batch
+            for k in range(processes):
+                images = per_process[k][step]["image"][:, 0, 0, 0].astype(int)
+                for row, image in enumerate(images):
+                    placed.setdefault(int(image), []).append((k, k * (shards // processes) + row // (12 // shards)))
+            assert sorted(placed) == sorted(set(stream[12 * step:12 * (step + 1)]))
+            for image, where in placed.items():
+                copies = stream[12 * step:12 * (step + 1)].count(image)
+                assert len(where) == copies
+                assert len({device for _, device in where}) == min(copies, shards)  # each copy on its own device
+                if copies > 1:
+                    assert {process for process, _ in where} == set(range(processes))  # and on both processes
+
+
+def test_the_devices_of_a_global_batch_hold_what_the_pipeline_placed_there():
+    """The pipeline's row order is the device order of `sharding.to_global` (two CPU devices here)."""
+    import jax
+
+    from vitdistill.train import sharding
+
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+    src = _toy(12)
+    batch = next(pipeline.train_dataset(src, _identity, seed=3, global_batch=12, num_shards=2,
+                                        repeats=3).as_numpy_iterator())
+    on_devices = sharding.to_global(batch, mesh)["image"]
+    stream = [int(i) for _, i in pipeline.index_stream(12, seed=3, repeats=3).take(12).as_numpy_iterator()]
+    for shard in on_devices.addressable_shards:
+        d = jax.devices().index(shard.device)
+        assert np.asarray(shard.data)[:, 0, 0, 0].astype(int).tolist() == stream[d::2]
 
 
 def test_eval_dataset_counts_every_example_once_over_processes():

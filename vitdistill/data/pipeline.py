@@ -3,9 +3,13 @@
 The training stream is a pure function of (seed, position): stream position `p` holds
 example `perm_e[p - e*N]` of epoch `e = p // N`, where `perm_e` is a permutation drawn
 from (seed, e), and its augmentation is seeded from (seed, p). Global batch `b` covers
-positions `[b*G, (b+1)*G)`; process `k` takes its slice `[b*G + k*L, b*G + (k+1)*L)`.
+positions `[b*G, (b+1)*G)`. Its rows are split over the D devices (batch shards) in
+`jax.devices()` order, B = G/D each, and device `d` takes every D-th position: its row `j` is
+position `b*G + j*D + d`, as DistributedSampler and DeiT's RASampler give rank `d` every
+D-th index; so the repeated-augmentation copies of an image, adjacent in the stream, land
+on different devices (and processes). Process `k` holds the rows of its own devices.
 Resuming at step `s` therefore starts at position `s*G` and sees exactly the batches the
-uninterrupted run would have seen.
+uninterrupted run would have seen, on the same devices.
 """
 from __future__ import annotations
 
@@ -77,13 +81,31 @@ def _options() -> tf.data.Options:
     return options
 
 
-def train_dataset(source: Source, transform: Transform, *, seed: int, global_batch: int, start_step: int = 0,
-                  process_index: int = 0, process_count: int = 1, repeats: int = 1,
-                  prefetch: int = 2) -> tf.data.Dataset:
-    """This process's endless stream of training batches, each `global_batch // process_count` examples."""
+def process_rows(global_batch: int, process_index: int = 0, process_count: int = 1, num_shards: int = 1):
+    """The offsets within a global batch of this process's rows, in row order: for each of its devices
+    (`num_shards // process_count` of the `num_shards`, process-major), every `num_shards`-th position."""
+    import numpy as np
+
     if global_batch % process_count:
         raise ConfigError(f"batch_size {global_batch} is not divisible by the {process_count} processes")
-    local_batch = global_batch // process_count
+    num_shards = max(num_shards, process_count)
+    if num_shards % process_count or global_batch % num_shards:
+        raise ConfigError(f"batch_size {global_batch} cannot be split over {num_shards} devices in {process_count} "
+                          f"processes; use a multiple of {num_shards} (--config.batch_size=...)")
+    per_process = num_shards // process_count
+    shards = np.arange(process_index * per_process, (process_index + 1) * per_process)
+    slots = np.arange(global_batch // num_shards)
+    return (slots[None, :] * num_shards + shards[:, None]).reshape(-1)
+
+
+def train_dataset(source: Source, transform: Transform, *, seed: int, global_batch: int, start_step: int = 0,
+                  process_index: int = 0, process_count: int = 1, num_shards: int = 1, repeats: int = 1,
+                  prefetch: int = 2) -> tf.data.Dataset:
+    """This process's endless stream of training batches, each `global_batch // process_count` examples.
+
+    `num_shards` is the number of devices the global batch is split over (all processes' together)."""
+    rows = process_rows(global_batch, process_index, process_count, num_shards)
+    local_batch = len(rows)
 
     def prepare(position, example):
         views = transform(example["image"], stream_seed(seed, 1, position))
@@ -91,15 +113,16 @@ def train_dataset(source: Source, transform: Transform, *, seed: int, global_bat
 
     if source.random_access:
         positions = index_stream(source.num_examples, seed=seed, start_position=start_step * global_batch,
-                                 repeats=repeats)
+                                 repeats=repeats).batch(global_batch)
+        rows_t = tf.constant(rows, tf.int64)
 
-        def is_mine(position, index):
-            return (position % global_batch) // local_batch == process_index
+        def mine(position, index):
+            return tf.gather(position, rows_t), tf.gather(index, rows_t)
 
         def load_and_prepare(position, index):
             return prepare(position, source.load(index))
 
-        ds = positions.filter(is_mine).map(_plain(load_and_prepare), num_parallel_calls=AUTOTUNE)
+        ds = positions.map(mine).unbatch().map(_plain(load_and_prepare), num_parallel_calls=AUTOTUNE)
     else:
         # Sequential sources (TFDS in TFRecords): a seeded shuffle that restarts from a new seed on resume.
         ds = source.sequential(process_index, process_count, seed + start_step)
@@ -166,16 +189,15 @@ def eval_dataset(source: Source, transform: Callable[[tf.Tensor], dict], *, glob
 
 
 def batch_examples(source: Source, step: int, config, repeats: int = 1, process_index: int = 0,
-                   process_count: int = 1, limit: int = 20) -> list:
+                   process_count: int = 1, num_shards: int = 1, limit: int = 20) -> list:
     """Names the examples of this process's share of training batch `step` (to find a corrupt file)."""
     if not source.random_access:
         return [f"(a record of {source.name}; sequential sources cannot name it)"]
     global_batch = config.batch_size
-    local_batch = global_batch // process_count
-    first = step * global_batch + process_index * local_batch
-    stream = index_stream(source.num_examples, seed=config.seed, start_position=first, repeats=repeats)
-    indices = [int(i) for _, i in stream.take(local_batch).as_numpy_iterator()]
-    return [source.describe(i) for i in sorted(set(indices))][:limit]
+    stream = index_stream(source.num_examples, seed=config.seed, start_position=step * global_batch, repeats=repeats)
+    indices = [int(i) for _, i in stream.take(global_batch).as_numpy_iterator()]
+    mine = [indices[r] for r in process_rows(global_batch, process_index, process_count, num_shards)]
+    return [source.describe(i) for i in sorted(set(mine))][:limit]
 
 
 def eval_batch_examples(source: Source, batch_index: int, global_batch: int, process_index: int = 0,

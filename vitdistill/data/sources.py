@@ -1,9 +1,10 @@
 """Where images come from: scikit-learn's digits, Fashion-MNIST IDX files, an image folder, TFDS.
 
 Every source gives uint8 RGB images and int32 labels. Random-access sources (arrays in
-memory, files on disk) let the pipeline address example `i` directly, which makes the
-training stream a pure function of (seed, step) and resumption exact. TFDS datasets too
-large for memory are read sequentially instead.
+memory, files on disk, TFDS datasets prepared as ArrayRecord) let the pipeline address
+example `i` directly, which makes the training stream a pure function of (seed, step) and
+resumption exact. TFDS datasets prepared as TFRecord and too large for memory are read
+sequentially instead, and say so (`Source.note`).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class Source:
     sequential: Optional[Callable[[int, int, int], tf.data.Dataset]] = None
     describe: Callable[[int], str] = lambda i: f"example {i}"
     class_names: Optional[list] = None
+    note: str = ""  # what a user should know before training on it (a sequential source's approximate resume)
 
     @property
     def random_access(self) -> bool:
@@ -178,34 +180,72 @@ def tfds_source(name: str, split: str, data_dir: Optional[str] = None, *, manual
     if not builder.is_prepared():
         hint = (f"ImageNet must be downloaded by hand: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
                 f"{manual_dir or os.path.join(builder.data_dir_root if hasattr(builder, 'data_dir_root') else '~/tensorflow_datasets', 'downloads', 'manual')}"
-                f" and run `tfds build {name} --manual_dir=DIR --data_dir={data_dir or '~/tensorflow_datasets'}`"
+                f" and run `tfds build {name} --file_format=array_record --manual_dir=DIR "
+                f"--data_dir={data_dir or '~/tensorflow_datasets'}` (after `pip install apache-beam`: TFDS's "
+                "command needs it to start)"
                 if name.startswith("imagenet") else
-                f"prepare it once with `tfds build {name} --data_dir={data_dir or '~/tensorflow_datasets'}` on a machine "
-                "with internet access")
+                f"prepare it once with `tfds build {name} --file_format=array_record "
+                f"--data_dir={data_dir or '~/tensorflow_datasets'}` on a machine with internet access (after "
+                "`pip install apache-beam`: TFDS's command needs it to start)")
         raise DataError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r} (looked there because "
                         f"config.data.data_dir={data_dir!r}). {hint}; vitdistill never downloads data at run time. "
                         "On a machine without it, try --config=configs/quickstart.py (scikit-learn's digits).")
+    # Read from the prepared files, not the builder's code: only they list the formats a conversion added.
+    builder = tfds.builder_from_directory(builder.data_dir)
     info = builder.info
     if split not in info.splits:
         raise DataError(f"TFDS {name} has splits {sorted(info.splits)}, not {split!r}")
     num_examples = info.splits[split].num_examples
     num_classes = info.features["label"].num_classes
-    image_key = "image"
+    class_names = info.features["label"].names
+    full_name = f"tfds:{name}:{split}"
+    formats = {str(getattr(f, "value", f)) for f in [info.file_format, *info.alternative_file_formats] if f}
+    if "array_record" in formats:
+        return _tfds_random_access(builder, split, full_name, num_examples, num_classes, class_names)
     size_bytes = info.splits[split].num_bytes or 0
-    if size_bytes and size_bytes < IN_MEMORY_LIMIT_BYTES and info.features[image_key].shape[0] is not None:
+    if size_bytes and size_bytes < IN_MEMORY_LIMIT_BYTES and info.features["image"].shape[0] is not None:
         arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-        images = arrays[image_key]
-        return in_memory(f"tfds:{name}:{split}", images, arrays["label"], num_classes,
-                         info.features["label"].names)
+        return in_memory(full_name, arrays["image"], arrays["label"], num_classes, class_names)
 
     def sequential(process_index, process_count, seed):
         shard = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
         ds = builder.as_dataset(split=shard, shuffle_files=True,
                                 read_config=tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=16))
-        return ds.map(lambda ex: {"image": ex[image_key], "label": tf.cast(ex["label"], tf.int32)})
+        return ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
 
-    return Source(f"tfds:{name}:{split}", num_examples, num_classes, sequential=sequential,
-                  class_names=info.features["label"].names)
+    note = (f"{full_name} is stored as TFRecord, which can only be read in order: a resumed run reshuffles "
+            "(approximate resume) and repeated-augmentation copies stay on one device. For random access and "
+            f"exact resume, add ArrayRecord shards once: `python -m vitdistill.data.tfds_convert {builder.data_dir}`.")
+    return Source(full_name, num_examples, num_classes, sequential=sequential, class_names=class_names, note=note)
+
+
+def _tfds_random_access(builder, split: str, name: str, num_examples: int, num_classes: int,
+                        class_names) -> Source:
+    """A TFDS split prepared as ArrayRecord, read by index (`tfds.data_source`): the serialized record is
+    fetched in Python, parsed and decoded in the tf.data graph like an image file."""
+    import tensorflow_datasets as tfds
+
+    records = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES,
+                                     file_format="array_record")
+    features = builder.info.features
+    skip_image = {"image": tfds.decode.SkipDecoding()}
+    if len(records) != num_examples:
+        raise DataError(f"{name}: dataset_info.json counts {num_examples} examples but the ArrayRecord files hold "
+                        f"{len(records)}; the dataset is incomplete. Prepare it again with `tfds build`.")
+
+    def read(index):
+        return records[int(index)]
+
+    def load(index):
+        record = tf.numpy_function(read, [index], tf.string, stateful=False)
+        record.set_shape([])
+        example = features.deserialize_example(record, decoders=skip_image)
+        image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
+        image.set_shape([None, None, 3])
+        return {"image": image, "label": tf.cast(example["label"], tf.int32)}
+
+    return Source(name, num_examples, num_classes, load=load, class_names=class_names,
+                  describe=lambda i: f"record {i} of {name} ({builder.data_dir})")
 
 
 def sample_images(num_examples: int = 10_000, num_classes: int = 1000) -> Source:

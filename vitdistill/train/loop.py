@@ -123,6 +123,8 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
                         progress_bar=config.progress_bar, name=task.name)
     if resumed:
         reporter.message(f"{task.name}: resuming at step {step}/{total_steps} from {workdir}")
+    if source.note:
+        reporter.message(f"{task.name}: warning: {source.note}")
     last_saved = step if resumed else None
     metrics = None
     batches = None
@@ -138,7 +140,7 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
                 batches = pipeline.train_dataset(
                     source, task.data.transform, seed=config.seed, global_batch=config.batch_size, start_step=step,
                     process_index=jax.process_index(), process_count=jax.process_count(),
-                    repeats=task.data.repeats).as_numpy_iterator()
+                    num_shards=mesh.devices.size, repeats=task.data.repeats).as_numpy_iterator()
                 reporter.throughput(step)
             batch = sharding.to_global(_next_batch(batches, task.data, step, config), mesh)
             state, metrics = step_fn(state, batch, frozen)
@@ -199,7 +201,7 @@ def _next_batch(batches, data: pipeline.TrainData, step: int, config) -> dict:
 
         if isinstance(e, tf.errors.InvalidArgumentError):
             suspects = pipeline.batch_examples(data.source, step, config, data.repeats, jax.process_index(),
-                                               jax.process_count())
+                                               jax.process_count(), jax.device_count())
             raise BadImageError(
                 f"Could not decode an image of {data.source.name} for step {step}: {e.message.splitlines()[0]}"
                 f". It is one of: {suspects}. Remove or replace the corrupt file(s) and re-run the same command "
