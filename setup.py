@@ -22,6 +22,7 @@ setup(
         "numpy>=1.26",
         "scikit-learn>=1.3",
         "tqdm>=4.66",
+        "matplotlib>=3.7",  # attention maps (vitdistill.visualize) and training curves
         "tensorboard>=2.16",
     ],
     extras_require={

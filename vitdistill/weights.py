@@ -153,3 +153,16 @@ def load_pretrained(path: str, like: dict[str, Any], *, network: str = "auto") -
     if fitted.ignored:
         report += f"; not used: {len(fitted.ignored)} ({', '.join(fitted.ignored[:6])}{', ...' if len(fitted.ignored) > 6 else ''})"
     return variables, report
+
+
+def vit_backbone(params: dict, what: str) -> tuple[dict, int, int]:
+    """(a ViT's params, its patch size, its native image size) from a network's params: a DINO network's
+    backbone is taken out, a classifier head kept. `what` names the weights in the error for anything else."""
+    params = params.get('backbone', params)
+    if 'patch_embed' not in params or 'pos_embed' not in params:
+        raise CheckpointError(f"{what} holds no Vision Transformer (top-level arrays: {', '.join(sorted(params))}); "
+                              "this needs a ViT / DeiT / DINO backbone")
+    patch = int(params['patch_embed']['proj']['kernel'].shape[0])
+    prefix = 2 if 'dist_token' in params else 1
+    grid = int(round((params['pos_embed'].shape[1] - prefix) ** 0.5))
+    return params, patch, grid * patch
