@@ -23,7 +23,7 @@ def _main(*args, timeout=600):
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_config_loads_and_names_a_known_model(path):
     config = config_flags.config_flags._LoadConfigModule("config", path).get_config()
-    assert config.method in ("deit", "dino")
+    assert config.method in ("deit", "dino", "linear")
     assert config.model.name in models.MODELS
     if config.method == "deit" and config.distill.kind != "none":
         teacher = config.teacher.train.model.name if config.teacher.train else config.teacher.model

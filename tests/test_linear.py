@@ -1,0 +1,143 @@
+"""The linear probe (`method='linear'`, DINO's eval_linear.py): its features against timm's
+`get_intermediate_layers` with the official concatenation, its SGD and cosine against torch's, and a
+probe of a checkpoint on digits, several learning rates in one pass."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitdistill import methods, models, recipes, small_data
+from vitdistill.methods import linear
+
+try:
+    import timm
+    import torch
+except ImportError:
+    torch = timm = None
+needs_torch = pytest.mark.skipif(torch is None, reason="torch/timm is not installed (pip install -e '.[torch]')")
+
+
+def _micro_timm():
+    torch.manual_seed(0)
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4, num_classes=0).eval()
+
+
+@needs_torch
+@pytest.mark.parametrize("n, avgpool", [(1, False), (3, False), (1, True)])
+def test_features_are_eval_linears_concatenation_of_timms_intermediate_layers(tmp_path, n, avgpool):
+    from vitdistill.convert import from_torch
+
+    reference = _micro_timm()
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in reference.state_dict().items()}}, tmp_path / "t.pth")
+    params = from_torch(str(tmp_path / "t.pth"), "vit_micro_patch4_32")["params"]
+    images = np.random.RandomState(1).randn(3, 32, 32, 3).astype(np.float32)
+    with torch.no_grad():
+        layers = reference.get_intermediate_layers(torch.tensor(images.transpose(0, 3, 1, 2)), n=n, norm=True,
+                                                   return_prefix_tokens=True)
+        output = torch.cat([prefix[:, 0] for _, prefix in layers], dim=-1)  # eval_linear: x[:, 0] of each
+        if avgpool:  # eval_linear: cat((output.unsqueeze(-1), mean(patches).unsqueeze(-1)), -1).reshape(B, -1)
+            output = torch.cat((output.unsqueeze(-1), layers[-1][0].mean(dim=1).unsqueeze(-1)), dim=-1)
+            output = output.reshape(output.shape[0], -1)
+    ours = linear.features(models.create("vit_micro_patch4_32", num_classes=0), params, jnp.asarray(images),
+                           n_last_blocks=n, avgpool=avgpool)
+    np.testing.assert_allclose(np.asarray(ours), output.numpy(), atol=2e-5)
+
+
+@needs_torch
+def test_sgd_and_the_per_epoch_cosine_follow_torch():
+    """Two heads (lrs 0.1 and 0.03), 3 epochs of 2 steps, against torch.optim.SGD(momentum=0.9) on
+    nn.Linear and CosineAnnealingLR(T_max=3, eta_min=0) stepped once per epoch."""
+    rng = np.random.RandomState(0)
+    feats = rng.randn(6, 8, 5).astype(np.float32)  # 6 steps of 8 examples, 5-dim features
+    labels = rng.randint(0, 3, (6, 8))
+    identity = type("Identity", (), {})()
+    setup = linear.LinearSetup(backbone=identity, n_last_blocks=1, avgpool=False, lrs=(0.1, 0.03), momentum=0.9,
+                               num_classes=3, feature_dim=5, steps_per_epoch=2, epochs=3.0)
+    state = linear.init_state(jax.random.key(0), setup=setup)
+    original = linear.features
+    linear.features = lambda backbone, params, images, **_: images  # the step on given features
+    try:
+        step = jax.jit(lambda s, b: linear.train_step(s, b, None, setup=setup))
+        ours = state
+        for i in range(6):
+            ours, _ = step(ours, {"image": jnp.asarray(feats[i]), "label": jnp.asarray(labels[i])})
+    finally:
+        linear.features = original
+    for h, lr in enumerate(setup.lrs):
+        layer = torch.nn.Linear(5, 3)
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor(np.asarray(state.params["kernel"][h]).T))
+            layer.bias.copy_(torch.tensor(np.asarray(state.params["bias"][h])))
+        optimizer = torch.optim.SGD(layer.parameters(), lr, momentum=0.9, weight_decay=0)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 3, eta_min=0)
+        for epoch in range(3):
+            for i in (2 * epoch, 2 * epoch + 1):
+                loss = torch.nn.CrossEntropyLoss()(layer(torch.tensor(feats[i])), torch.tensor(labels[i]))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+        np.testing.assert_allclose(np.asarray(ours.params["kernel"][h]), layer.weight.detach().numpy().T, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(ours.params["bias"][h]), layer.bias.detach().numpy(), atol=1e-6)
+
+
+def _colour_folder(root):
+    """An image folder of 4 classes told apart by their colour (noisy 16-px squares): random ViT features
+    separate them, so a probe that trains must score well above chance."""
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
+    for split, count in (("train", 32), ("val", 8)):
+        for c, colour in enumerate(colours):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                image = np.clip(np.array(colour) + rng.randint(-60, 60, (16, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(image).save(folder / f"{i}.png")
+
+
+def test_a_probe_of_a_checkpoint_on_an_image_folder_trains_one_head_per_learning_rate(tmp_path, capsys):
+    from vitdistill.weights import save_variables
+
+    backbone = models.create("vit_micro_patch4_32", num_classes=0)
+    variables = jax.jit(lambda: backbone.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))()
+    save_variables(str(tmp_path / "backbone"), variables, model="vit_micro_patch4_32")
+    _colour_folder(tmp_path / "data")
+    config = recipes.linear()
+    config.data.source = "folder"
+    config.data.data_dir = str(tmp_path / "data")
+    config.data.eval_split = "val"
+    config.data.image_size = 16
+    config.data.crop_pct = 1.0
+    config.model.name = "vit_micro_patch4_32"
+    config.model.init_from = str(tmp_path / "backbone")
+    config.linear.n_last_blocks = 2
+    config.linear.lrs = (1e-4, 1.0)
+    config.batch_size = 16
+    config.epochs = 4.0
+    config.progress_bar = False
+    final = methods.train_and_evaluate(config, str(tmp_path / "probe"))
+    out = capsys.readouterr().out
+    assert "| 0.0001" in out and "| 1 " in out  # one row per learning rate
+    assert final["step"] == 4 * (128 // 16)
+    assert final["top1"] == max(final["top1_head0"], final["top1_head1"])
+    assert final["top1_head1"] >= 0.9  # colour is linearly readable from random features: the probe trains
+    assert final["top1_head1"] > final["top1_head0"] + 0.2  # and each head trains at its own learning rate
+    assert os.listdir(tmp_path / "probe" / "checkpoints")
+
+
+def test_the_backbone_is_required_and_checked(tmp_path):
+    from vitdistill.errors import ConfigError
+
+    config = recipes.linear()
+    small_data.use_small_data(config, "digits")
+    with pytest.raises(ConfigError, match="needs a backbone"):
+        methods.get("linear").build_task(config, str(tmp_path))
+    config.linear.n_last_blocks = 2
+    config.linear.avgpool_patchtokens = True
+    with pytest.raises(ConfigError, match="n_last_blocks=1"):
+        methods.get("linear").build_task(config, str(tmp_path))

@@ -1,0 +1,228 @@
+"""Linear probe on frozen features, as DINO's `eval_linear.py` trains one.
+
+The backbone (a DINO or DeiT workdir, its teacher/EMA by default, or a converted checkpoint, through
+`config.model.init_from`) is frozen: an input of every step, never trained or saved. Its features are
+the CLS token of each of the last `n_last_blocks` blocks, each through the final LayerNorm, concatenated
+(`get_intermediate_layers`); with `avgpool_patchtokens` (n_last_blocks must be 1, as the official
+concatenation requires) the average of the last block's normed patch tokens is interleaved with them.
+One linear layer per learning rate in `linear.lrs` (weights N(0, 0.01), bias 0) trains on the same
+features: SGD with momentum 0.9, weight decay 0, lr x batch / 256, cosine annealing to 0 stepped once per
+epoch (`CosineAnnealingLR(epochs, eta_min=0)`), on random-resized crops (scale 0.08-1) and flips; it is
+evaluated after every `eval_every_epochs` on resize (crop_pct) + centre crop, top-1 and top-5 per head,
+and the summary gives each head's last and best top-1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from tensorflow.io import gfile
+
+from vitdistill import models, weights
+from vitdistill.data import deit_transforms, pipeline
+from vitdistill.data.sources import Source, get_source
+from vitdistill.errors import ConfigError
+from vitdistill.evaluate import batched
+from vitdistill.evaluate.classify import fractions, topk_correct
+from vitdistill.train import loop, schedules, sharding
+from vitdistill.train.reporting import markdown_table
+from vitdistill.train.state import TrainState
+
+
+@flax.struct.dataclass
+class LinearState(TrainState):
+    """`params`: {'kernel': [heads, dim, classes], 'bias': [heads, classes]}, one head per learning rate;
+    `opt_state`: their SGD momentum buffers."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSetup:
+    backbone: nn.Module
+    n_last_blocks: int
+    avgpool: bool
+    lrs: tuple              # per head, already scaled by batch / 256
+    momentum: float
+    num_classes: int
+    feature_dim: int
+    steps_per_epoch: int
+    epochs: float
+
+    def lr_scale(self, step):
+        """CosineAnnealingLR(T_max=epochs, eta_min=0), stepped at the end of every epoch."""
+        epoch = step // self.steps_per_epoch
+        return 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / self.epochs))
+
+
+def features(backbone: nn.Module, params, images, *, n_last_blocks: int, avgpool: bool):
+    """float32 [B, dim]: DINO eval_linear's features of frozen ViT `params` (see the module docstring)."""
+    _, state = backbone.apply({"params": params}, images, train=False, mutable=["intermediates"])
+    blocks = state["intermediates"]
+    norm_module = models.vit._layer_norm(dtype=backbone.dtype, param_dtype=backbone.param_dtype, name=None)
+    norm = functools.partial(norm_module.apply, {"params": params["norm"]})  # the backbone's final norm
+    last = [norm(blocks[f"blocks_{i}"]["tokens"][0]) for i in range(backbone.depth - n_last_blocks, backbone.depth)]
+    output = jnp.concatenate([x[:, 0] for x in last], axis=-1)
+    if avgpool:  # torch.cat((cls.unsqueeze(-1), mean.unsqueeze(-1)), -1).reshape(B, -1): interleaved
+        prefix = 2 if backbone.distilled else 1
+        output = jnp.stack([output, jnp.mean(last[-1][:, prefix:], axis=1)], axis=-1).reshape(output.shape[0], -1)
+    return output.astype(jnp.float32)
+
+
+def init_state(rng, *, setup: LinearSetup) -> LinearState:
+    heads = len(setup.lrs)
+    params = {"kernel": 0.01 * jax.random.normal(rng, (heads, setup.feature_dim, setup.num_classes), jnp.float32),
+              "bias": jnp.zeros((heads, setup.num_classes), jnp.float32)}
+    return LinearState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.tree.map(jnp.zeros_like, params))
+
+
+def logits(params, feats):
+    """[heads, B, classes]."""
+    return jnp.einsum("bd,hdc->hbc", feats, params["kernel"]) + params["bias"][:, None, :]
+
+
+def train_step(state: LinearState, batch: dict, backbone_params, *, setup: LinearSetup):
+    feats = jax.lax.stop_gradient(features(setup.backbone, backbone_params, batch["image"],
+                                           n_last_blocks=setup.n_last_blocks, avgpool=setup.avgpool))
+    labels = batch["label"].astype(jnp.int32)
+
+    def loss_fn(params):
+        per_head = optax.softmax_cross_entropy_with_integer_labels(logits(params, feats), labels[None]).mean(axis=1)
+        return jnp.sum(per_head), per_head  # heads are independent: the sum's gradient is each head's own
+
+    (_, per_head), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # torch.optim.SGD(momentum, dampening 0, weight_decay 0): buf = momentum * buf + g; p -= lr * buf.
+    buffers = jax.tree.map(lambda b, g: setup.momentum * b + g, state.opt_state, grads)
+    lr = jnp.asarray(setup.lrs, jnp.float32) * setup.lr_scale(state.step)
+    params = {"kernel": state.params["kernel"] - lr[:, None, None] * buffers["kernel"],
+              "bias": state.params["bias"] - lr[:, None] * buffers["bias"]}
+    metrics = {"loss": jnp.mean(per_head), "lr": lr[0],
+               **{f"loss_head{h}": per_head[h] for h in range(len(setup.lrs))}}
+    return state.replace(step=state.step + 1, params=params, opt_state=buffers), metrics
+
+
+def train_transform(config):
+    size, scale = config.data.image_size, tuple(config.linear.scale)
+
+    def transform(image, seed):
+        crop_seed, flip_seed = deit_transforms.split_seed(seed, 2)
+        image = deit_transforms.random_resized_crop(image, crop_seed, size, scale=scale)
+        return {"image": deit_transforms.normalize(deit_transforms.horizontal_flip(image, flip_seed))}
+
+    return transform
+
+
+def eval_transform(config):
+    return lambda image: {"image": deit_transforms.eval_transform(image, size=config.data.image_size,
+                                                                  crop_pct=config.data.crop_pct)}
+
+
+def head_counts(params, backbone_params, batch, *, setup: LinearSetup):
+    feats = features(setup.backbone, backbone_params, batch["image"], n_last_blocks=setup.n_last_blocks,
+                     avgpool=setup.avgpool)
+    counts = {"count": jnp.sum(batch["mask"])}
+    for h, head_logits in enumerate(logits(params, feats)):
+        counts.update({f"{k}_head{h}": v for k, v in topk_correct(head_logits, batch["label"], batch["mask"]).items()})
+    return counts
+
+
+def evaluator(setup: LinearSetup, eval_source: Source, config, mesh, frozen_box: list) -> Callable[[LinearState], dict]:
+    counts = jax.jit(functools.partial(head_counts, setup=setup))
+
+    def evaluate(state: LinearState) -> dict:
+        ds, _ = pipeline.eval_dataset(eval_source, eval_transform(config), global_batch=config.batch_size,
+                                      process_index=jax.process_index(), process_count=jax.process_count())
+        result = fractions(batched.sum_counts(counts, (state.params, frozen_box[0]), ds, mesh, source=eval_source,
+                                              global_batch=config.batch_size))
+        best = max(range(len(setup.lrs)), key=lambda h: result.get(f"top1_head{h}", 0.0))
+        result["top1"] = result.get(f"top1_head{best}", 0.0)  # the best head's, for the table and the logs
+        return result
+
+    return evaluate
+
+
+def summary_table(final: dict, *, config, workdir: str, setup: LinearSetup) -> str:
+    """Per learning rate: top-1 at the end and the best over the run's evaluations (eval_linear's 'best')."""
+    evals = []
+    path = os.path.join(workdir, "metrics.jsonl")
+    if gfile.exists(path):
+        with gfile.GFile(path) as f:
+            evals = [row for row in map(json.loads, f) if row.get("split") == "eval"]
+    rows = [("learning rate (x batch/256)", "top-1 % (end)", "top-1 % (best)", "top-5 % (end)")]
+    for h, lr in enumerate(config.linear.lrs):
+        best = max([row.get(f"top1_head{h}", 0.0) for row in evals] + [final.get(f"top1_head{h}", 0.0)])
+        rows.append((f"{lr:g}", f"{100 * final.get(f'top1_head{h}', 0.0):.2f}", f"{100 * best:.2f}",
+                     f"{100 * final[f'top5_head{h}']:.2f}" if f"top5_head{h}" in final else "-"))
+    features = f"CLS of the last {setup.n_last_blocks} block(s)" + (" + mean patch token" if setup.avgpool else "")
+    return markdown_table(rows, title=f"linear probe of {config.model.init_from} ({config.model.name}; {features}, "
+                                      f"{final['step']} steps) on {config.data.source} {config.data.eval_split}")
+
+
+def load_backbone(config) -> tuple[nn.Module, Any]:
+    """The frozen ViT and its params (numpy), from `config.model.init_from`."""
+    if not config.model.init_from:
+        raise ConfigError("the linear probe needs a backbone: --config.model.init_from=DIR (a DINO or DeiT "
+                          "workdir, or a `python -m vitdistill.convert` output)")
+    loaded = weights.read_weights(config.model.init_from, config.model.init_from_network)
+    params, patch, native = weights.vit_backbone(loaded.variables["params"], loaded.description)
+    backbone = models.create(config.model.name, num_classes=0, img_size=native, patch_size=patch,
+                             dtype=models.compute_dtype(config.model.dtype), pos_embed_interpolation="dino")
+    if not isinstance(backbone, models.VisionTransformer):
+        raise ConfigError(f"config.model.name={config.model.name!r} is not a Vision Transformer")
+    backbone_params = {k: v for k, v in params.items() if k not in ("head", "head_dist")}
+    expected = jax.eval_shape(lambda: backbone.init(jax.random.key(0), jnp.zeros((1, native, native, 3))))
+    fitted = models.fit_params(backbone_params, expected["params"])  # another width or depth: an error naming it
+    if fitted.fresh:
+        raise ConfigError(f"{loaded.description} lacks {', '.join(fitted.fresh)} of {config.model.name}; is "
+                          "config.model.name the checkpoint's architecture?")
+    return backbone, fitted.params
+
+
+def build_task(config, workdir: str) -> loop.Task:
+    data, lin = config.data, config.linear
+    if lin.n_last_blocks < 1:
+        raise ConfigError(f"config.linear.n_last_blocks={lin.n_last_blocks}; use 1 or more")
+    if lin.avgpool_patchtokens and lin.n_last_blocks != 1:
+        raise ConfigError("config.linear.avgpool_patchtokens needs n_last_blocks=1 (eval_linear.py interleaves the "
+                          "CLS and mean patch features, which only lines up for one block)")
+    if not lin.lrs:
+        raise ConfigError("config.linear.lrs is empty; give one or more base learning rates, e.g. (0.001,)")
+    backbone, backbone_params = load_backbone(config)
+    if lin.n_last_blocks > backbone.depth:
+        raise ConfigError(f"config.linear.n_last_blocks={lin.n_last_blocks} but {config.model.name} has "
+                          f"{backbone.depth} blocks")
+    train_source = get_source(data, data.train_split, limit=data.train_limit)
+    eval_source = get_source(data, data.eval_split, limit=data.eval_limit, class_names=train_source.class_names)
+    length = schedules.run_length(config, train_source.num_examples)
+    setup = LinearSetup(
+        backbone=backbone, n_last_blocks=int(lin.n_last_blocks), avgpool=bool(lin.avgpool_patchtokens),
+        lrs=tuple(schedules.scaled_lr(float(lr), config.batch_size, 256) for lr in lin.lrs),
+        momentum=float(lin.momentum), num_classes=train_source.num_classes,
+        feature_dim=backbone.embed_dim * (int(lin.n_last_blocks) + int(bool(lin.avgpool_patchtokens))),
+        steps_per_epoch=length.steps_per_epoch, epochs=float(config.epochs))
+    mesh = sharding.make_mesh(config.get("mesh"))
+    frozen_box = [None]  # the evaluator's backbone, placed on the mesh once
+
+    def evaluate(state):
+        if frozen_box[0] is None:
+            frozen_box[0] = sharding.place_sharded(backbone_params, mesh)
+        return evaluate_on(state)
+
+    evaluate_on = evaluator(setup, eval_source, config, mesh, frozen_box)
+    every = int(config.eval_every_epochs * length.steps_per_epoch) if config.eval_every_epochs else 0
+    return loop.Task(
+        name=f"linear:{config.model.name}",
+        data=pipeline.TrainData(train_source, train_transform(config)),
+        init=functools.partial(init_state, setup=setup),
+        train_step=functools.partial(train_step, setup=setup),
+        evaluate=evaluate,
+        length=length,
+        eval_every_steps=every,
+        frozen=backbone_params,
+        summarize=functools.partial(summary_table, config=config, workdir=workdir, setup=setup))
