@@ -1,11 +1,11 @@
-"""Fine-tunes a 224-px DeiT-B at 384 px (paper: 83.1 top-1), as the official README does.
+"""Fine-tunes a 224-px DeiT-B at 384 px (paper: 83.1 top-1), as the official README's command does.
 
     python -m vitdistill.convert --checkpoint=deit_base_patch16_224-*.pth --model=deit_base_patch16_224 --output=DEIT_224
     python -m vitdistill.main --config=configs/deit_b_384.py --workdir=DIR --config.data.data_dir=TFDS_DIR --config.model.init_from=DEIT_224
 
 The 224-px position embedding is resampled bicubically to the 24x24 grid on loading. Official
-fine-tuning settings: 30 epochs, lr 5e-6 x batch/512 held constant (min lr 5e-6), weight decay 1e-8,
-images resized to 384 with crop_pct 1.0 at evaluation.
+fine-tuning settings (main.py --finetune): 30 epochs, lr 5e-6 x batch/512 with min lr 5e-6, after
+main.py's 5 warm-up epochs from 1e-6; evaluation resizes to 438 and centre-crops 384.
 """
 from vitdistill import recipes, small_data
 

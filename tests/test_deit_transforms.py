@@ -1,5 +1,6 @@
 """DeiT transforms: crop/erase sampling statistics against torchvision/timm, PIL resampling, tf.data == eager."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -213,3 +214,24 @@ def test_deit_train_transform_composition():
                                                      rand_augment=False, erase_prob=1.0), seeds[0])
     changed = np.any(erased != plain, axis=-1)
     assert 0.01 < changed.mean() < 0.4
+
+
+def test_the_384_fine_tuning_recipe_evaluates_as_deits_build_transform():
+    """DeiT's build_transform(is_train=False) with input_size 384, eval_crop_ratio 0.875:
+    Resize(int(384 / 0.875) = 438, bicubic), CenterCrop(384)."""
+    transforms = pytest.importorskip("torchvision.transforms")
+    from PIL import Image
+    from ml_collections import config_flags
+
+    from vitdistill.methods import deit
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "deit_b_384.py")
+    config = config_flags.config_flags._LoadConfigModule("config", path).get_config()
+    photo = sample_image("china", size=(520, 470))
+    bicubic = transforms.InterpolationMode.BICUBIC
+    reference = transforms.Compose([transforms.Resize(int(384 / 0.875), interpolation=bicubic),
+                                    transforms.CenterCrop(384)])
+    want = np.asarray(reference(Image.fromarray(photo))).astype(np.float32)
+    ours = unnormalize(eager(lambda im: deit.eval_transform(config)(im)["image"], photo))
+    difference = np.abs(ours - want)
+    assert ours.shape == (384, 384, 3) and difference.mean() < 0.5 and difference.max() < 8

@@ -150,3 +150,27 @@ def test_deit_lr_schedule_matches_timm_create_scheduler_with_deit_args():
         scheduler.step(epoch)
         assert float(schedule(epoch * 10 + 3)) == pytest.approx(
             optimizer.param_groups[0]["lr"], rel=2e-6, abs=1e-12), epoch
+
+
+def test_the_384_fine_tuning_recipe_warms_up_as_deits_main_py():
+    """main.py --finetune keeps its default warm-up: timm 0.3.2's CosineLRScheduler(t_initial=30, warmup_t=5,
+    warmup_lr_init=1e-6, lr_min=5e-6) at lr 5e-6 (batch 512), written out: epoch t < 5 trains at
+    1e-6 + t * (5e-6 - 1e-6) / 5, later at lr_min + (lr - lr_min)(1 + cos(pi t / 30)) / 2 = 5e-6; and
+    main.py steps it after each epoch, so epoch e trains at t = max(e - 1, 0)."""
+    import os
+
+    from ml_collections import config_flags
+
+    from vitdistill.methods import deit
+    from vitdistill.train.schedules import RunLength
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = config_flags.config_flags._LoadConfigModule(
+        "config", os.path.join(root, "configs", "deit_b_384.py")).get_config()
+    assert config.distill.kind == "none"  # main.py raises NotImplementedError for fine-tuning with distillation
+    setup = deit.make_setup(config, num_classes=1000, length=RunLength(steps_per_epoch=10, total_steps=300))
+    for epoch in range(8):
+        t = max(epoch - 1, 0)
+        want = 1e-6 + t * (5e-6 - 1e-6) / 5 if t < 5 else 5e-6 + (5e-6 - 5e-6) * (1 + np.cos(np.pi * t / 30)) / 2
+        for step in (10 * epoch, 10 * epoch + 9):
+            assert float(setup.lr(step)) == pytest.approx(want, rel=1e-6), (epoch, step)
