@@ -6,7 +6,8 @@
    initialised weights, seed 0, saved as main_dino.py saves its teacher), converted with
    `vitdistill.convert.from_torch`, on scikit-learn's china.jpg at 224 x 224: the image, then per head the
    CLS -> patch attention (top row) and the mask holding 60 % of its mass (bottom row). Random weights
-   attend almost uniformly; the figure shows the command and the layout, not a trained network.
+   follow colour and position, not objects; the figure shows the command and the layout, not a trained
+   network.
 2. `attention_dino_quickstart.png`: the teacher of the DINO quick start (`configs/dino_quickstart.py`; run
    it first, or pass its workdir) on test digits at its 16-px global-crop size, upsampled for display.
 Needs torch and timm for the first (`pip install -e '.[torch]'`).
