@@ -131,11 +131,11 @@ def test_a_probe_of_a_checkpoint_on_an_image_folder_trains_one_head_per_learning
 
 
 def test_the_backbone_is_required_and_checked(tmp_path):
-    from vitdistill.errors import ConfigError
+    from vitdistill.errors import ConfigError, UserError
 
     config = recipes.linear()
     small_data.use_small_data(config, "digits")
-    with pytest.raises(ConfigError, match="needs a backbone"):
+    with pytest.raises(UserError, match="needs a backbone"):
         methods.get("linear").build_task(config, str(tmp_path))
     config.linear.n_last_blocks = 2
     config.linear.avgpool_patchtokens = True

@@ -201,3 +201,25 @@ def linear(model: str = "vit_small_patch16_224") -> ConfigDict:
         "scale": (0.08, 1.0),          # RandomResizedCrop(224)'s default scale
     })
     return _run(c, epochs=100.0, batch_size=1024)
+
+
+def knn_eval(model: str = "vit_small_patch16_224") -> ConfigDict:
+    """DINO's k-NN evaluation (facebookresearch/dino eval_knn.py defaults): k in 10, 20, 100, 200, T 0.07,
+    float32 CLS features of resize 256 + centre crop 224 (crop_pct 0.875), the whole train split as the bank."""
+    c = ConfigDict()
+    c.method = "knn"
+    c.model = ConfigDict({
+        "name": model,                 # the backbone's architecture
+        "dtype": "float32",            # eval_knn.py extracts float32 features
+        "init_from": _opt(str),        # required: a DINO/DeiT workdir or a `python -m vitdistill.convert` output
+        "init_from_network": "auto",   # of a workdir: auto (DINO: teacher, else student) | student | teacher | ema
+    })
+    c.data = _data("tfds", name="imagenet2012")
+    c.knn = ConfigDict({
+        "ks": (10, 20, 100, 200),
+        "temperature": 0.07,
+        "train_limit": _opt(int),
+        "eval_limit": _opt(int),
+        "features_dir": _opt(str),     # write the features there as .npy; a later run reads them back
+    })
+    return _run(c, epochs=0.0, batch_size=256)

@@ -166,3 +166,27 @@ def vit_backbone(params: dict, what: str) -> tuple[dict, int, int]:
     prefix = 2 if 'dist_token' in params else 1
     grid = int(round((params['pos_embed'].shape[1] - prefix) ** 0.5))
     return params, patch, grid * patch
+
+
+def frozen_vit(model_config, *, what: str, dtype=None):
+    """(module, params, description) of the ViT backbone at `model_config.init_from` (its `init_from_network`),
+    as `model_config.name` with no classifier: for evaluations that freeze it (linear probe, k-NN). `dtype`
+    defaults to `model_config.dtype` resolved for the backend; `what` names the evaluation in errors."""
+    import jax.numpy as jnp
+
+    if not model_config.init_from:
+        raise CheckpointError(f"{what} needs a backbone: --config.model.init_from=DIR (a DINO or DeiT workdir, or a "
+                              "`python -m vitdistill.convert` output)")
+    loaded = read_weights(model_config.init_from, model_config.init_from_network)
+    params, patch, native = vit_backbone(loaded.variables['params'], loaded.description)
+    module = models.create(model_config.name, num_classes=0, img_size=native, patch_size=patch,
+                           dtype=dtype or models.compute_dtype(model_config.dtype), pos_embed_interpolation='dino')
+    if not isinstance(module, models.VisionTransformer):
+        raise CheckpointError(f"config.model.name={model_config.name!r} is not a Vision Transformer")
+    params = {k: v for k, v in params.items() if k not in ('head', 'head_dist')}
+    expected = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, native, native, 3))))
+    fitted = models.fit_params(params, expected['params'])  # another width or depth: an error naming it
+    if fitted.fresh:
+        raise CheckpointError(f"{loaded.description} lacks {', '.join(fitted.fresh)} of {model_config.name}; is "
+                              "config.model.name the checkpoint's architecture?")
+    return module, fitted.params, loaded.description

@@ -7,10 +7,10 @@ teacher), each run here the same way. Adding one: docs/DESIGN.md, "Adding a meth
 from __future__ import annotations
 
 from vitdistill.errors import ConfigError
-from vitdistill.methods import deit, dino, linear
+from vitdistill.methods import deit, dino, knn_eval, linear
 from vitdistill.train import loop
 
-METHODS = {"deit": deit, "dino": dino, "linear": linear}
+METHODS = {"deit": deit, "dino": dino, "knn": knn_eval, "linear": linear}
 
 
 def get(name: str):

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import flax
 import flax.linen as nn
@@ -164,26 +164,6 @@ def summary_table(final: dict, *, config, workdir: str, setup: LinearSetup) -> s
                                       f"{final['step']} steps) on {config.data.source} {config.data.eval_split}")
 
 
-def load_backbone(config) -> tuple[nn.Module, Any]:
-    """The frozen ViT and its params (numpy), from `config.model.init_from`."""
-    if not config.model.init_from:
-        raise ConfigError("the linear probe needs a backbone: --config.model.init_from=DIR (a DINO or DeiT "
-                          "workdir, or a `python -m vitdistill.convert` output)")
-    loaded = weights.read_weights(config.model.init_from, config.model.init_from_network)
-    params, patch, native = weights.vit_backbone(loaded.variables["params"], loaded.description)
-    backbone = models.create(config.model.name, num_classes=0, img_size=native, patch_size=patch,
-                             dtype=models.compute_dtype(config.model.dtype), pos_embed_interpolation="dino")
-    if not isinstance(backbone, models.VisionTransformer):
-        raise ConfigError(f"config.model.name={config.model.name!r} is not a Vision Transformer")
-    backbone_params = {k: v for k, v in params.items() if k not in ("head", "head_dist")}
-    expected = jax.eval_shape(lambda: backbone.init(jax.random.key(0), jnp.zeros((1, native, native, 3))))
-    fitted = models.fit_params(backbone_params, expected["params"])  # another width or depth: an error naming it
-    if fitted.fresh:
-        raise ConfigError(f"{loaded.description} lacks {', '.join(fitted.fresh)} of {config.model.name}; is "
-                          "config.model.name the checkpoint's architecture?")
-    return backbone, fitted.params
-
-
 def build_task(config, workdir: str) -> loop.Task:
     data, lin = config.data, config.linear
     if lin.n_last_blocks < 1:
@@ -193,7 +173,7 @@ def build_task(config, workdir: str) -> loop.Task:
                           "CLS and mean patch features, which only lines up for one block)")
     if not lin.lrs:
         raise ConfigError("config.linear.lrs is empty; give one or more base learning rates, e.g. (0.001,)")
-    backbone, backbone_params = load_backbone(config)
+    backbone, backbone_params, _ = weights.frozen_vit(config.model, what="the linear probe")
     if lin.n_last_blocks > backbone.depth:
         raise ConfigError(f"config.linear.n_last_blocks={lin.n_last_blocks} but {config.model.name} has "
                           f"{backbone.depth} blocks")

@@ -1,0 +1,112 @@
+"""k-NN evaluation of any ViT backbone (`config.method='knn'`), as DINO's `eval_knn.py`: nothing trains.
+
+The backbone comes from `config.model.init_from` (a DINO or DeiT workdir, DINO's teacher by default, or
+a `python -m vitdistill.convert` output). Its float32 CLS features (after the final norm) of the eval
+transform (resize by crop_pct, centre crop) are computed in batches on the mesh for the training split
+(the memory bank) and the evaluation split (the queries), L2-normalised, and every k of `knn.ks` is
+scored from one neighbour search: votes exp(cosine / T), classes ranked as `knn_classifier` ranks them.
+With `knn.features_dir`, the features and labels are written there as .npy and read back by a later
+run instead of being computed again.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tensorflow.io import gfile
+
+from vitdistill import weights
+from vitdistill.data import deit_transforms, pipeline
+from vitdistill.data.sources import get_source
+from vitdistill.errors import ConfigError
+from vitdistill.evaluate import batched, knn
+from vitdistill.train import loop, schedules, sharding
+from vitdistill.train.reporting import markdown_table
+from vitdistill.train.state import TrainState
+
+FEATURE_FILES = ("train_features", "train_labels", "test_features", "test_labels")
+
+
+def _saved(directory):
+    return directory and all(gfile.exists(os.path.join(directory, f"{name}.npy")) for name in FEATURE_FILES)
+
+
+def _read(directory) -> dict:
+    out = {}
+    for name in FEATURE_FILES:
+        with gfile.GFile(os.path.join(directory, f"{name}.npy"), "rb") as f:
+            out[name] = np.load(f)
+    return out
+
+
+def _write(directory, arrays: dict) -> None:
+    gfile.makedirs(directory)
+    for name, array in arrays.items():
+        with gfile.GFile(os.path.join(directory, f"{name}.npy"), "wb") as f:
+            np.save(f, array)
+
+
+def build_task(config, workdir: str) -> loop.Task:
+    data, kcfg = config.data, config.knn
+    if not kcfg.ks or min(kcfg.ks) < 1:
+        raise ConfigError(f"config.knn.ks={tuple(kcfg.ks)}; give one or more k >= 1, e.g. (10, 20, 100, 200)")
+    if config.epochs != 0:
+        raise ConfigError("the k-NN evaluation trains nothing: leave config.epochs at 0")
+    dtype = jnp.float32 if config.model.dtype in ("auto", "float32") else None  # eval_knn: float32
+    backbone, params, description = weights.frozen_vit(config.model, what="k-NN", dtype=dtype)
+    bank = get_source(data, data.train_split, limit=kcfg.train_limit)
+    queries = get_source(data, data.eval_split, limit=kcfg.eval_limit, class_names=bank.class_names)
+    mesh = sharding.make_mesh(config.get("mesh"))
+    transform = lambda image: {"image": deit_transforms.eval_transform(image, size=data.image_size,  # noqa: E731
+                                                                       crop_pct=data.crop_pct)}
+
+    @jax.jit
+    def features(frozen, batch):
+        return backbone.apply({"params": frozen}, batch["image"], train=False).astype(jnp.float32)
+
+    def evaluate(state) -> dict:
+        if _saved(kcfg.features_dir):
+            arrays = _read(kcfg.features_dir)
+            if jax.process_index() == 0:
+                print(f"k-NN: features read from {kcfg.features_dir}", flush=True)
+        else:
+            extract = functools.partial(batched.extract_features, features, (sharding.place_sharded(params, mesh),),
+                                        transform=transform, global_batch=config.batch_size, mesh=mesh)
+            train_features, train_labels = extract(bank)
+            test_features, test_labels = extract(queries)
+            arrays = dict(train_features=train_features, train_labels=train_labels, test_features=test_features,
+                          test_labels=test_labels)
+            if kcfg.features_dir and jax.process_index() == 0:
+                _write(kcfg.features_dir, arrays)
+        scores = knn.knn_accuracies(arrays["train_features"], arrays["train_labels"], arrays["test_features"],
+                                    arrays["test_labels"], ks=tuple(int(k) for k in kcfg.ks),
+                                    temperature=kcfg.temperature, num_classes=bank.num_classes)
+        result = {"count": float(len(arrays["test_labels"]))}
+        for k, values in scores.items():
+            result.update({f"{name}_k{k}": v for name, v in values.items()})
+        return result
+
+    def summarize(final: dict) -> str:
+        rows = [("k", "top-1 %", "top-5 %")]
+        for k in kcfg.ks:
+            top5 = final.get(f"knn_top5_k{k}")
+            rows.append((str(k), f"{100 * final[f'knn_top1_k{k}']:.2f}", "-" if top5 is None else f"{100 * top5:.2f}"))
+        return markdown_table(rows, title=f"k-NN (T={kcfg.temperature}) of {description} ({config.model.name}) on "
+                                          f"{data.source} {data.eval_split}: {len(bank.class_names or [])} classes, "
+                                          f"{bank.num_examples} train / {queries.num_examples} test images")
+
+    def init(rng):
+        del rng
+        return TrainState(step=jnp.zeros((), jnp.int32), params={}, opt_state={})
+
+    return loop.Task(
+        name=f"knn:{config.model.name}",
+        data=pipeline.TrainData(bank, lambda image, seed: transform(image)),
+        init=init,
+        train_step=lambda state, batch, frozen: (state, {"loss": jnp.zeros(())}),
+        evaluate=evaluate,
+        length=schedules.run_length(config, bank.num_examples),
+        summarize=summarize)
