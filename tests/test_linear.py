@@ -128,6 +128,7 @@ def test_a_probe_of_a_checkpoint_on_an_image_folder_trains_one_head_per_learning
     assert final["top1_head1"] >= 0.9  # colour is linearly readable from random features: the probe trains
     assert final["top1_head1"] > final["top1_head0"] + 0.2  # and each head trains at its own learning rate
     assert os.listdir(tmp_path / "probe" / "checkpoints")
+    assert os.path.getsize(tmp_path / "probe" / "curves.png") > 10_000  # every run draws its curves at the end
 
 
 def test_the_backbone_is_required_and_checked(tmp_path):

@@ -167,11 +167,23 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
     finally:
         checkpoints.close()  # waits for asynchronous saves: nothing started is lost, whatever happened
         reporter.close()
+    if jax.process_index() == 0:
+        _plot_curves(workdir, config)
     if task.summarize is not None:
         summary = task.summarize(final)  # on every process: a summary may evaluate, which is collective
         if jax.process_index() == 0:
             print(summary, flush=True)
     return final
+
+
+def _plot_curves(workdir: str, config) -> None:
+    """`workdir/curves.png` from metrics.jsonl; a run never fails for its plot."""
+    from vitdistill import plot
+
+    try:
+        plot.plot(workdir, out_dim=config.get("model", {}).get("out_dim"))
+    except Exception as e:  # noqa: BLE001 - no matplotlib backend, a read-only workdir...: say so, go on
+        logging.warning("no training curves for %s: %s", workdir, e)
 
 
 def _save_before_stopping(checkpoints: StateCheckpoints, step: int, state, metrics, last_saved) -> Optional[int]:
