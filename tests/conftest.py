@@ -6,6 +6,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # torch/TF stay on the CPU in tests
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("VITDISTILL_CURVES", "0")  # runs skip curves.png (~1 s each); tests/test_linear.py asks for it
 
 # torch's optional triton import crashes the process once TensorFlow is loaded; the CPU paths never need it.
 sys.modules.setdefault("triton", None)

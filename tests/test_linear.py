@@ -100,8 +100,10 @@ def _colour_folder(root):
                 Image.fromarray(image).save(folder / f"{i}.png")
 
 
-def test_a_probe_of_a_checkpoint_on_an_image_folder_trains_one_head_per_learning_rate(tmp_path, capsys):
+def test_a_probe_of_a_checkpoint_on_an_image_folder_trains_one_head_per_learning_rate(tmp_path, capsys, monkeypatch):
     from vitdistill.weights import save_variables
+
+    monkeypatch.setenv("VITDISTILL_CURVES", "1")  # conftest turns the end-of-run curves off elsewhere
 
     backbone = models.create("vit_micro_patch4_32", num_classes=0)
     variables = jax.jit(lambda: backbone.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))()

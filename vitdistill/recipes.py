@@ -188,7 +188,7 @@ def linear(model: str = "vit_small_patch16_224") -> ConfigDict:
     c.method = "linear"
     c.model = ConfigDict({
         "name": model,                 # the backbone's architecture
-        "dtype": "auto",
+        "dtype": "float32",            # eval_linear.py runs the frozen backbone in float32
         "init_from": _opt(str),        # required: a DINO/DeiT workdir or a `python -m vitdistill.convert` output
         "init_from_network": "auto",   # of a workdir: auto (DINO: teacher, else student) | student | teacher | ema
     })

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Callable, Optional
 
 import jax
@@ -167,7 +168,7 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
     finally:
         checkpoints.close()  # waits for asynchronous saves: nothing started is lost, whatever happened
         reporter.close()
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and os.environ.get("VITDISTILL_CURVES", "1") != "0":
         _plot_curves(workdir, config)
     if task.summarize is not None:
         summary = task.summarize(final)  # on every process: a summary may evaluate, which is collective
