@@ -77,15 +77,14 @@ def mass_mask(maps: np.ndarray, threshold: float) -> np.ndarray:
     return keep.reshape(maps.shape)
 
 
-def attention_maps(variables: dict, model_name: str, image: np.ndarray) -> tuple[np.ndarray, int]:
-    """(CLS -> patch maps [heads, h, w], patch size) of `image` (uint8 [H, W, 3]) through the named ViT with
-    `variables` ({'params'}; a DINO network's backbone is taken from it)."""
+def attention_maps(backbone: tuple, model_name: str, image: np.ndarray) -> np.ndarray:
+    """CLS -> patch maps [heads, h, w] of `image` (uint8 [H, W, 3], sides multiples of the patch size) through
+    the named ViT; `backbone` is `weights.vit_backbone`'s (params, patch size, native image size)."""
     import jax.numpy as jnp
 
     from vitdistill import models
-    from vitdistill.weights import vit_backbone
 
-    params, patch, native = vit_backbone(variables["params"], "the checkpoint")
+    params, patch, native = backbone
     prefix = 2 if "dist_token" in params else 1
     head = params.get("head")
     num_classes = int(head["kernel"].shape[-1]) if isinstance(head, dict) and "kernel" in head else 0
@@ -96,7 +95,7 @@ def attention_maps(variables: dict, model_name: str, image: np.ndarray) -> tuple
     pixels = (image.astype(np.float32) / 255.0 - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
     attention = models.last_attention(model, {"params": params}, jnp.asarray(pixels[None]))
     h, w = image.shape[0] // patch, image.shape[1] // patch
-    return cls_attention(np.asarray(attention[0], np.float32), (h, w), prefix), patch
+    return cls_attention(np.asarray(attention[0], np.float32), (h, w), prefix)
 
 
 def _colour(maps: np.ndarray) -> np.ndarray:
@@ -157,10 +156,10 @@ def visualize(checkpoint: str, image_path: str, output: str, *, model: Optional[
     name = model or loaded.model
     if not name:
         raise ConfigError(f"{checkpoint} does not record its model; pass --model=NAME (e.g. vit_small_patch16_224)")
-    params, patch, _ = weights.vit_backbone(loaded.variables["params"], loaded.description)
+    backbone = weights.vit_backbone(loaded.variables["params"], loaded.description)
+    patch = backbone[1]
     image = load_image(image_path, image_size, patch)
-    maps, patch = attention_maps({"params": params}, name, image)
-    return write_maps(output, image, maps, patch, threshold)
+    return write_maps(output, image, attention_maps(backbone, name, image), patch, threshold)
 
 
 def main(argv=None) -> int:
