@@ -71,7 +71,7 @@ def build_task(config, workdir):
         result = topk_correct(logits(params, batch["pixels"]), batch["label"], batch["mask"])
         return {**result, "count": jnp.sum(batch["mask"])}
 
-    def evaluate(state):
+    def evaluate(state, frozen):
         ds, _ = pipeline.eval_dataset(test, pixels, global_batch=config.batch_size)
         return fractions(batched.sum_counts(counts, (state.params,), ds, mesh, source=test,
                                             global_batch=config.batch_size))

@@ -222,7 +222,8 @@ def classification_evaluator(setup: DeitSetup, eval_source: Source, config, mesh
     """Top-k accuracy of the student (and of its EMA, as `ema_*`) on `eval_source`, as fractions."""
     counts = jax.jit(functools.partial(classifier_counts, model=setup.model))
 
-    def evaluate(state: DeitState) -> dict:
+    def evaluate(state: DeitState, frozen=None) -> dict:
+        del frozen  # the teacher: scored once, before training
         ds, _ = pipeline.eval_dataset(eval_source, eval_transform(config), global_batch=config.batch_size,
                                       process_index=jax.process_index(), process_count=jax.process_count())
         named = dict(source=eval_source, global_batch=config.batch_size)

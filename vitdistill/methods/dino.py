@@ -22,7 +22,7 @@ import optax
 from tensorflow.io import gfile
 
 from vitdistill import losses, models, weights
-from vitdistill.data import deit_transforms, multicrop, pipeline
+from vitdistill.data import multicrop, pipeline
 from vitdistill.data.sources import get_source
 from vitdistill.evaluate import batched, knn
 from vitdistill.train import loop, optim, schedules, sharding
@@ -198,7 +198,7 @@ def train_transform(config):
                              num_local=mc.num_local, blur_sigma=tuple(mc.blur_sigma))
 
 
-def knn_evaluator(config, mesh) -> Callable[[DinoState], dict]:
+def knn_evaluator(config, mesh) -> Callable[..., dict]:
     """k-NN top-1/top-5 of the teacher backbone's CLS features on a labelled split (DINO's protocol)."""
     data, kcfg, mc = config.data, config.knn, config.multicrop
     size = dict(img_size=mc.global_size)
@@ -207,20 +207,13 @@ def knn_evaluator(config, mesh) -> Callable[[DinoState], dict]:
     backbone = models.create(config.model.name, num_classes=0, dtype=models.compute_dtype(config.model.dtype), **size)
     bank = get_source(data, data.train_split, limit=kcfg.train_limit)
     queries = get_source(data, data.eval_split, limit=kcfg.eval_limit, class_names=bank.class_names)
-    crop_pct = data.crop_pct
-    transform = lambda image: {"image": deit_transforms.eval_transform(image, size=mc.global_size,  # noqa: E731
-                                                                       crop_pct=crop_pct)}
+    extract = batched.cls_features(backbone, image_size=mc.global_size, crop_pct=data.crop_pct,
+                                   global_batch=config.batch_size, mesh=mesh)
 
-    @jax.jit
-    def features(params, batch):
-        return backbone.apply({"params": params}, batch["image"], train=False).astype(jnp.float32)
-
-    def evaluate(state: DinoState) -> dict:
-        params = (state.teacher_params["backbone"],)
-        extract = functools.partial(batched.extract_features, features, params, transform=transform,
-                                    global_batch=config.batch_size, mesh=mesh)
-        bank_features, bank_labels = extract(bank)
-        query_features, query_labels = extract(queries)
+    def evaluate(state: DinoState, frozen=None) -> dict:
+        del frozen  # DINO has none
+        bank_features, bank_labels = extract(state.teacher_params["backbone"], bank)
+        query_features, query_labels = extract(state.teacher_params["backbone"], queries)
         return knn.knn_accuracy(bank_features, bank_labels, query_features, query_labels, k=kcfg.k,
                                 temperature=kcfg.temperature, num_classes=bank.num_classes)
 

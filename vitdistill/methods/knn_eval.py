@@ -10,7 +10,6 @@ run instead of being computed again.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -60,23 +59,18 @@ def build_task(config, workdir: str) -> loop.Task:
     bank = get_source(data, data.train_split, limit=kcfg.train_limit)
     queries = get_source(data, data.eval_split, limit=kcfg.eval_limit, class_names=bank.class_names)
     mesh = sharding.make_mesh(config.get("mesh"))
-    transform = lambda image: {"image": deit_transforms.eval_transform(image, size=data.image_size,  # noqa: E731
-                                                                       crop_pct=data.crop_pct)}
+    extract = batched.cls_features(backbone, image_size=data.image_size, crop_pct=data.crop_pct,
+                                   global_batch=config.batch_size, mesh=mesh)
 
-    @jax.jit
-    def features(frozen, batch):
-        return backbone.apply({"params": frozen}, batch["image"], train=False).astype(jnp.float32)
-
-    def evaluate(state) -> dict:
+    def evaluate(state, frozen) -> dict:
+        del state  # nothing trains: the backbone is the frozen input, placed by the loop
         if _saved(kcfg.features_dir):
             arrays = _read(kcfg.features_dir)
             if jax.process_index() == 0:
                 print(f"k-NN: features read from {kcfg.features_dir}", flush=True)
         else:
-            extract = functools.partial(batched.extract_features, features, (sharding.place_sharded(params, mesh),),
-                                        transform=transform, global_batch=config.batch_size, mesh=mesh)
-            train_features, train_labels = extract(bank)
-            test_features, test_labels = extract(queries)
+            train_features, train_labels = extract(frozen, bank)
+            test_features, test_labels = extract(frozen, queries)
             arrays = dict(train_features=train_features, train_labels=train_labels, test_features=test_features,
                           test_labels=test_labels)
             if kcfg.features_dir and jax.process_index() == 0:
@@ -104,9 +98,11 @@ def build_task(config, workdir: str) -> loop.Task:
 
     return loop.Task(
         name=f"knn:{config.model.name}",
-        data=pipeline.TrainData(bank, lambda image, seed: transform(image)),
+        data=pipeline.TrainData(bank, lambda image, seed: {"image": deit_transforms.eval_transform(
+            image, size=data.image_size, crop_pct=data.crop_pct)}),  # never read: nothing trains
         init=init,
         train_step=lambda state, batch, frozen: (state, {"loss": jnp.zeros(())}),
         evaluate=evaluate,
         length=schedules.run_length(config, bank.num_examples),
+        frozen=params,
         summarize=summarize)

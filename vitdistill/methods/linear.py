@@ -132,13 +132,14 @@ def head_counts(params, backbone_params, batch, *, setup: LinearSetup):
     return counts
 
 
-def evaluator(setup: LinearSetup, eval_source: Source, config, mesh, frozen_box: list) -> Callable[[LinearState], dict]:
+def evaluator(setup: LinearSetup, eval_source: Source, config, mesh) -> Callable[[LinearState, dict], dict]:
+    """(state, the backbone as the loop placed it) -> every head's top-1/top-5; `top1` is the best head's."""
     counts = jax.jit(functools.partial(head_counts, setup=setup))
 
-    def evaluate(state: LinearState) -> dict:
+    def evaluate(state: LinearState, backbone_params) -> dict:
         ds, _ = pipeline.eval_dataset(eval_source, eval_transform(config), global_batch=config.batch_size,
                                       process_index=jax.process_index(), process_count=jax.process_count())
-        result = fractions(batched.sum_counts(counts, (state.params, frozen_box[0]), ds, mesh, source=eval_source,
+        result = fractions(batched.sum_counts(counts, (state.params, backbone_params), ds, mesh, source=eval_source,
                                               global_batch=config.batch_size))
         best = max(range(len(setup.lrs)), key=lambda h: result.get(f"top1_head{h}", 0.0))
         result["top1"] = result.get(f"top1_head{best}", 0.0)  # the best head's, for the table and the logs
@@ -187,21 +188,13 @@ def build_task(config, workdir: str) -> loop.Task:
         feature_dim=backbone.embed_dim * (int(lin.n_last_blocks) + int(bool(lin.avgpool_patchtokens))),
         steps_per_epoch=length.steps_per_epoch, epochs=float(config.epochs))
     mesh = sharding.make_mesh(config.get("mesh"))
-    frozen_box = [None]  # the evaluator's backbone, placed on the mesh once
-
-    def evaluate(state):
-        if frozen_box[0] is None:
-            frozen_box[0] = sharding.place_sharded(backbone_params, mesh)
-        return evaluate_on(state)
-
-    evaluate_on = evaluator(setup, eval_source, config, mesh, frozen_box)
     every = int(config.eval_every_epochs * length.steps_per_epoch) if config.eval_every_epochs else 0
     return loop.Task(
         name=f"linear:{config.model.name}",
         data=pipeline.TrainData(train_source, train_transform(config)),
         init=functools.partial(init_state, setup=setup),
         train_step=functools.partial(train_step, setup=setup),
-        evaluate=evaluate,
+        evaluate=evaluator(setup, eval_source, config, mesh),
         length=length,
         eval_every_steps=every,
         frozen=backbone_params,

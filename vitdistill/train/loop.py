@@ -31,14 +31,15 @@ class Task:
 
     `init` and `train_step` are pure (the loop jits them); the state is any pytree with a `step`
     (a `vitdistill.train.state.TrainState` subclass), saved and restored as a whole. `frozen` is
-    an input of every step that is neither trained nor saved (DeiT's teacher), sharded as the state is.
+    an input of every step that is neither trained nor saved (DeiT's teacher, a probe's backbone), sharded
+    as the state is; the loop places it on the mesh once and hands the placed copy to `evaluate` as well.
     """
 
     name: str
     data: pipeline.TrainData
     init: Callable[[jax.Array], Any]                  # rng -> state
     train_step: Callable                              # (state, batch, frozen) -> (state, metrics with 'loss')
-    evaluate: Callable[[Any], dict]                   # state -> metrics (host-side; runs its own eval data)
+    evaluate: Callable[[Any, Any], dict]              # (state, frozen) -> metrics (host-side; own eval data)
     length: RunLength
     eval_every_steps: int = 0                         # 0: only at the end
     frozen: Any = None
@@ -156,8 +157,8 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
                 if checkpoints.maybe_save(step, state, force=is_last):
                     last_saved = step
             if task.eval_every_steps and step % task.eval_every_steps == 0 and not is_last:
-                reporter.write(step, task.evaluate(state), split="eval")
-        final = {**task.evaluate(state), "step": step}
+                reporter.write(step, task.evaluate(state, frozen), split="eval")
+        final = {**task.evaluate(state, frozen), "step": step}
         reporter.write(step, final, split="eval")
     except KeyboardInterrupt:  # a second Ctrl-C: save what is finished if it can be, then stop at once
         try:
