@@ -157,6 +157,17 @@ def _dino_head_config(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
                 norm_last_layer=norm_last_layer, use_bn_in_head='head.mlp.1.running_mean' in sd)
 
 
+CLASSIFIER_WEIGHTS = ('head.weight', 'fc.weight', 'head.fc.weight')  # ViT/DeiT, ResNet, RegNet (timm names)
+
+
+def _classifier_classes(sd) -> int | None:
+    """The class count of the checkpoint's classifier (its weight's rows), if it has one."""
+    for key in CLASSIFIER_WEIGHTS:
+        if key in sd and getattr(sd[key], 'ndim', 0) == 2:
+            return int(sd[key].shape[0])
+    return None
+
+
 def _example_input(module):
     backbone = getattr(module, 'backbone', module)
     size = getattr(backbone, 'img_size', 64)
@@ -193,6 +204,8 @@ def from_torch(checkpoint: str | Mapping[str, Any], name: str, *, key: str | Non
         if head_keys:
             logging.warning('skipping the DINO head (%d arrays); pass with_head=True to convert it', len(head_keys))
         sd = {k: v for k, v in sd.items() if k not in head_keys}
+        if 'num_classes' not in overrides and _classifier_classes(sd) is not None:
+            overrides['num_classes'] = _classifier_classes(sd)  # a fine-tuned checkpoint: its own class count
         module = create(name, **overrides)
 
     expected = jax.eval_shape(module.init, jax.random.key(0), _example_input(module))
