@@ -31,6 +31,20 @@ ATOL, RTOL = 2e-6, 1e-5
 MOMENTS_ATOL = 1e-4
 
 
+def _cutmix_box_of_the_fixtures(lam, cy, cx, height, width):
+    """The CutMix box of the code that wrote the fixtures: later timm's, whose box ends at cy + (cut_h + 1) // 2.
+    Today's follows timm 0.3.2 (cy + cut_h // 2), one pixel shorter on odd sides: a deliberate change of the
+    DeiT step, so the reproduction runs with the old box to keep checking everything else."""
+    import jax.numpy as jnp
+
+    cut_ratio = jnp.sqrt(1.0 - lam)
+    cut_h = jnp.floor(height * cut_ratio).astype(jnp.int32)
+    cut_w = jnp.floor(width * cut_ratio).astype(jnp.int32)
+    y_lo, y_hi = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + (cut_h + 1) // 2, 0, height)
+    x_lo, x_hi = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + (cut_w + 1) // 2, 0, width)
+    return jnp.stack([y_lo, y_hi, x_lo, x_hi]).astype(jnp.int32)
+
+
 @pytest.fixture(autouse=True)
 def nano_models(monkeypatch):
     for name, entry in legacy_workdirs.NANO_MODELS.items():
@@ -57,7 +71,10 @@ def _assert_same_state(legacy, today, what, moments_atol=ATOL):
 
 
 @pytest.mark.parametrize("method", ["deit", "dino"])
-def test_a_legacy_workdir_resumes_into_the_uninterrupted_run(tmp_path, capsys, method):
+def test_a_legacy_workdir_resumes_into_the_uninterrupted_run(tmp_path, capsys, monkeypatch, method):
+    from vitdistill.data import mixup
+
+    monkeypatch.setattr(mixup, "cutmix_box", _cutmix_box_of_the_fixtures)
     legacy, fresh = str(tmp_path / "legacy"), str(tmp_path / "fresh")
     shutil.copytree(os.path.join(FIXTURES, method), legacy)
     step = legacy_workdirs.SAVED_AT

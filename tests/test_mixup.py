@@ -39,16 +39,39 @@ def test_mix_batch_by_hand():
     np.testing.assert_allclose(mixed_targets[0], [0.7, 0.025, 0.25, 0.025], rtol=1e-5)
 
 
+def rand_bbox_timm_0_3_2(img_shape, lam, cy, cx):
+    """timm 0.3.2 `timm/data/mixup.py::rand_bbox` (DeiT pins 0.3.2), margin 0, with the centre given instead
+    of drawn by np.random.randint. Written out because the installed timm ends the box at
+    cy + (cut_h + 1) // 2."""
+    ratio = np.sqrt(1 - lam)
+    img_h, img_w = img_shape[-2:]
+    cut_h, cut_w = int(img_h * ratio), int(img_w * ratio)
+    yl = np.clip(cy - cut_h // 2, 0, img_h)
+    yh = np.clip(cy + cut_h // 2, 0, img_h)
+    xl = np.clip(cx - cut_w // 2, 0, img_w)
+    xh = np.clip(cx + cut_w // 2, 0, img_w)
+    return yl, yh, xl, xh
+
+
+def cutmix_bbox_and_lam_timm_0_3_2(img_shape, lam, rng):
+    """timm 0.3.2 `cutmix_bbox_and_lam(correct_lam=True)`: the box, then lam = 1 - its area / the image's."""
+    cy, cx = rng.randint(0, img_shape[-2]), rng.randint(0, img_shape[-1])
+    yl, yu, xl, xu = rand_bbox_timm_0_3_2(img_shape, lam, cy, cx)
+    return (yl, yu, xl, xu), 1. - (yu - yl) * (xu - xl) / float(img_shape[-2] * img_shape[-1])
+
+
 @pytest.mark.parametrize("lam", [0.0, 0.13, 0.5, 0.77, 0.999])
-def test_cutmix_box_matches_timm(lam, monkeypatch):
-    timm_mixup = pytest.importorskip("timm.data.mixup")
-    height, width = 24, 32
-    for cy, cx in [(0, 0), (5, 31), (23, 16), (12, 3)]:
-        centre = iter([cy, cx])  # rand_bbox draws cy, then cx, with np.random.randint
-        monkeypatch.setattr(np.random, "randint", lambda low, high, size=None, draws=centre: next(draws))
-        want = timm_mixup.rand_bbox((3, height, width), lam)
+def test_cutmix_box_matches_timm_0_3_2(lam):
+    height, width = 24, 31  # odd sides: where 0.3.2 and later timm differ
+    for cy, cx in [(0, 0), (5, 30), (23, 16), (12, 3)]:
+        want = rand_bbox_timm_0_3_2((3, height, width), lam, cy, cx)
         got = mixup.cutmix_box(jnp.float32(lam), cy, cx, height, width)
         np.testing.assert_array_equal(got, np.array(want).ravel())
+
+
+def test_cutmix_box_is_a_pixel_shorter_than_later_timm_on_odd_sides():
+    # lam 0.5 on 24 x 31: cut 16 x 21; 0.3.2 spans rows 2:18 (16) and columns 5:25 (20, not 21).
+    np.testing.assert_array_equal(mixup.cutmix_box(jnp.float32(0.5), 10, 15, 24, 31), [2, 18, 5, 25])
 
 
 def test_targets_match_timm_mixup_target():
@@ -83,10 +106,9 @@ def test_mix_statistics_match_timm():
     assert stats.kstest(mixup_lam, stats.beta(0.8, 0.8).cdf).pvalue > 1e-3
     assert abs(mixup_lam.mean() - 0.5) < 4.5 * np.sqrt(stats.beta(0.8, 0.8).var() / mixup_lam.size)
 
-    # CutMix's lam is Beta(1, 1) corrected by the clipped box: compare with timm's own sampling.
-    timm_mixup = pytest.importorskip("timm.data.mixup")
-    np.random.seed(0)
-    timm_lam = np.array([timm_mixup.cutmix_bbox_and_lam((3, 32, 32), np.random.beta(1.0, 1.0))[1]
+    # CutMix's lam is Beta(1, 1) corrected by the clipped box: compare with timm 0.3.2's sampling.
+    rng = np.random.RandomState(0)
+    timm_lam = np.array([cutmix_bbox_and_lam_timm_0_3_2((3, 32, 32), rng.beta(1.0, 1.0), rng)[1]
                          for _ in range(N_DRAWS)])
     cutmix_lam = lam[use_cutmix]
     assert stats.ks_2samp(cutmix_lam, timm_lam).pvalue > 1e-3
@@ -94,7 +116,7 @@ def test_mix_statistics_match_timm():
     box = params["box"][use_cutmix]
     np.testing.assert_allclose(cutmix_lam, 1 - (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2]) / 1024, atol=1e-6)
     print(f"switch rate {switch_rate:.3f}; mixup lam mean {mixup_lam.mean():.3f} (Beta(0.8,0.8): 0.5); "
-          f"cutmix corrected lam mean {cutmix_lam.mean():.3f} (timm {timm_lam.mean():.3f}; Beta(1,1): 0.5)")
+          f"cutmix corrected lam mean {cutmix_lam.mean():.3f} (timm 0.3.2 {timm_lam.mean():.3f}; Beta(1,1): 0.5)")
 
 
 def test_switches_and_prob():

@@ -16,15 +16,17 @@ def smooth_one_hot(labels, num_classes, smoothing=0.0):
 
 
 def cutmix_box(lam, cy, cx, height, width):
-    """timm's rand_bbox: sides int(H * sqrt(1 - lam)), int(W * sqrt(1 - lam)) about (cy, cx), clipped.
+    """timm 0.3.2's rand_bbox (the version DeiT pins): sides cut_h = int(H * sqrt(1 - lam)), cut_w alike,
+    rows cy - cut_h // 2 to cy + cut_h // 2 and columns alike, clipped to the image. (Later timm ends the
+    box at cy + (cut_h + 1) // 2, a pixel further for odd sides.)
 
     Returns (y_lo, y_hi, x_lo, x_hi), int32; the box is rows y_lo:y_hi, columns x_lo:x_hi.
     """
     cut_ratio = jnp.sqrt(1.0 - lam)
     cut_h = jnp.floor(height * cut_ratio).astype(jnp.int32)
     cut_w = jnp.floor(width * cut_ratio).astype(jnp.int32)
-    y_lo, y_hi = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + (cut_h + 1) // 2, 0, height)
-    x_lo, x_hi = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + (cut_w + 1) // 2, 0, width)
+    y_lo, y_hi = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h // 2, 0, height)
+    x_lo, x_hi = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w // 2, 0, width)
     return jnp.stack([y_lo, y_hi, x_lo, x_hi]).astype(jnp.int32)
 
 
