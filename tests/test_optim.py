@@ -1,4 +1,5 @@
 """AdamW against torch.optim.AdamW, DINO's per-tensor clipping, and the decay masks."""
+import functools
 import sys
 
 import jax
@@ -49,7 +50,7 @@ def test_masks_on_a_vit_like_tree():
     assert dino == {**deit, "cls_token": True, "pos_embed": True}
     selected = {name for name, chosen in last.items() if chosen}
     assert selected == {"last_layer/weight_v", "last_layer/weight_g"}
-    assert not optim.deit_decay_mask({"dist_token": np.zeros((1, 1, 4))})["dist_token"]
+    assert optim.deit_decay_mask({"dist_token": np.zeros((1, 1, 4))})["dist_token"]  # as DeiT: decayed
     # The train step builds masks from jax.eval_shape's shapes as well.
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     assert optim.dino_decay_mask(shapes) == optim.dino_decay_mask(params)
@@ -181,3 +182,26 @@ def test_tree_l2_norm():
     want = np.sqrt(sum(np.sum(np.square(leaf, dtype=np.float64)) for leaf in jax.tree.leaves(tree)))
     assert float(jax.jit(optim.tree_l2_norm)(tree)) == pytest.approx(want, rel=1e-6)
     assert float(optim.tree_l2_norm({})) == 0.0
+
+
+def test_deit_decay_mask_is_timm_0_3_2s_add_weight_decay_on_a_distilled_deit():
+    """timm 0.3.2 (DeiT's pin) `optim/optim_factory.py::add_weight_decay(model, wd, model.no_weight_decay())`:
+    no decay for 1-D params, names ending '.bias' and names in {'pos_embed', 'cls_token'} (the
+    `no_weight_decay` DeiT's DistilledVisionTransformer inherits), written out on the torch names."""
+    from vitdistill import models
+    from vitdistill.convert import torch_key
+
+    model = models.create("deit_micro_distilled_patch4_32")
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    ours = optim.deit_decay_mask(params)
+    checked = 0
+    for path, decays in jax.tree_util.tree_flatten_with_path(ours)[0]:
+        keys = tuple(entry.key for entry in path)
+        leaf = functools.reduce(lambda tree, key: tree[key], keys, params)
+        name = torch_key(("params",) + keys)
+        official_no_decay = len(leaf.shape) == 1 or name.endswith(".bias") or name in {"pos_embed", "cls_token"}
+        assert decays == (not official_no_decay), name
+        checked += 1
+    assert checked == len(jax.tree.leaves(params))
+    flat = dict(leaves_with_names(ours))
+    assert flat["dist_token"] and not flat["cls_token"] and not flat["pos_embed"]

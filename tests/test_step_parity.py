@@ -362,8 +362,10 @@ class DistillationLoss(torch.nn.Module):
 
 
 def timm_param_groups(model, weight_decay):
-    """timm's add_weight_decay / param_groups_weight_decay with the model's no_weight_decay() list."""
-    skip = model.no_weight_decay()
+    """timm 0.3.2's add_weight_decay with the no_weight_decay() of its VisionTransformer, {'pos_embed',
+    'cls_token'}, which DeiT's DistilledVisionTransformer inherits (DeiT pins 0.3.2; the installed timm's
+    distilled model also skips 'dist_token', so its own list is not used)."""
+    skip = {"pos_embed", "cls_token"}
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:

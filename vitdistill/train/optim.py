@@ -14,8 +14,9 @@ import optax
 
 ScalarOrSchedule = Union[float, Callable[[jax.Array], jax.Array]]
 
-# timm's VisionTransformer.no_weight_decay(): the tokens and the position embedding.
-DEIT_NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "dist_token"})
+# timm 0.3.2's VisionTransformer.no_weight_decay(), which DeiT's DistilledVisionTransformer inherits: the class
+# token and the position embedding. The distillation token is decayed (later timm also skips 'dist_token').
+DEIT_NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token"})
 
 
 def _path_names(path):
@@ -30,7 +31,8 @@ def _path_names(path):
 
 
 def deit_decay_mask(params):
-    """True where DeiT/timm decays: not biases, not 1-D params, not pos_embed/cls/dist tokens."""
+    """True where DeiT decays (timm 0.3.2's add_weight_decay): not biases, not 1-D params, not pos_embed or
+    cls_token; dist_token is decayed."""
     def decays(path, leaf):
         names = _path_names(path)
         return not (jnp.ndim(leaf) <= 1 or names[-1] == "bias"
