@@ -1,6 +1,7 @@
 """The data stream: deterministic by position, sharded by process, padded eval sets, sources."""
 import gzip
 import os
+import shutil
 import struct
 
 import numpy as np
@@ -214,3 +215,30 @@ def test_limited_source_keeps_the_first_examples():
 def test_debian_fashion_mnist_when_installed():
     src = sources.fashion_mnist("test")
     assert src.num_examples == 10000 and src.num_classes == 10
+
+
+def test_jpegs_decode_to_pils_pixels_bit_for_bit(tmp_path):
+    """torchvision's ImageFolder decodes with PIL; the folder, TFDS and benchmark sources decode JPEGs with
+    the accurate integer IDCT, which gives PIL's pixels exactly (TF's default fast IDCT does not)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    for i, path in enumerate(load_sample_images().filenames):  # china.jpg, flower.jpg: 427 x 640
+        (tmp_path / "train" / f"c{i}").mkdir(parents=True)
+        shutil.copy(path, tmp_path / "train" / f"c{i}" / "photo.jpg")
+    folder = sources.image_folder(str(tmp_path), "train")
+    fast_folder = sources.get_source(ConfigDict({"source": "folder", "data_dir": str(tmp_path),
+                                                 "jpeg_decoding": "fast"}), "train")
+    for i, path in enumerate(load_sample_images().filenames):
+        want = np.asarray(Image.open(path).convert("RGB"))
+        got = folder.load(tf.constant(i))["image"].numpy()
+        np.testing.assert_array_equal(got, want)
+        fast = tf.io.decode_jpeg(tf.io.read_file(path), channels=3).numpy()  # TF's default, for contrast
+        assert np.abs(fast.astype(int) - want).max() > 0
+        np.testing.assert_array_equal(fast_folder.load(tf.constant(i))["image"].numpy(), fast)
+    with pytest.raises(DataError, match="jpeg_decoding='pil'.*'accurate'.*'fast'"):
+        sources.get_source(ConfigDict({"source": "folder", "data_dir": str(tmp_path), "jpeg_decoding": "pil"}),
+                           "train")
+    sample = sources.sample_images(num_examples=2)
+    np.testing.assert_array_equal(sample.load(tf.constant(0))["image"].numpy(),
+                                  np.asarray(Image.open(load_sample_images().filenames[0]).convert("RGB")))

@@ -25,6 +25,7 @@ def _data(source: str, *, name: str = "", image_size: int = 224) -> ConfigDict:
         "eval_limit": _opt(int),
         "image_size": image_size,
         "crop_pct": 0.875,             # eval: resize to image_size / crop_pct, centre crop image_size
+        "jpeg_decoding": "accurate",   # accurate: PIL's (torchvision's) pixels exactly | fast: TF's fast IDCT
     })
 
 
