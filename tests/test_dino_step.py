@@ -143,3 +143,39 @@ def test_collapse_warning_needs_an_extreme_entropy_and_a_student_that_copies_the
     assert check_metrics(late, {"teacher_entropy": 0.01 * log_k, "teacher_student_kl": 1.5}) is None
     assert check_metrics(late, {"teacher_entropy": 0.5 * log_k, "teacher_student_kl": 0.01}) is None
     assert check_metrics(0, {"teacher_entropy": 0.0, "teacher_student_kl": 0.0}) is None
+
+
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_bfloat16_heads_give_float32_logits_accumulated_in_float32(norm_last_layer):
+    """The last layer's product runs in bfloat16 but its [B, K] logits, which the loss divides by a teacher
+    temperature of 0.04, are float32 (not rounded to bfloat16's 8 bits): x_bf16 @ v_bf16 summed in float32,
+    times the weight-norm scale of the float32 v."""
+    from vitdistill.models.dino import WeightNormLinear
+
+    layer = WeightNormLinear(64, fixed_gain=norm_last_layer, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(1), (8, 32), jnp.float32)
+    params = layer.init(jax.random.key(0), x)["params"]
+    out = layer.apply({"params": params}, x)
+    assert out.dtype == jnp.float32
+    v = np.asarray(params["weight_v"], np.float64)
+    x16 = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    v16 = np.asarray(jnp.asarray(params["weight_v"]).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    want = (x16 @ v16) / np.linalg.norm(v, axis=0, keepdims=True)
+    if not norm_last_layer:
+        want = want * np.asarray(params["weight_g"], np.float64)
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=2e-5, atol=1e-6)
+
+
+def test_the_knn_during_training_extracts_float32_features_from_a_bfloat16_run(monkeypatch):
+    from vitdistill.evaluate import batched
+
+    seen = {}
+    real = batched.cls_features
+
+    def spy(backbone, **kwargs):
+        seen["dtype"] = backbone.dtype
+        return real(backbone, **kwargs)
+
+    monkeypatch.setattr(batched, "cls_features", spy)
+    dino.knn_evaluator(_config(**{"model.dtype": "bfloat16"}), mesh=None)
+    assert seen["dtype"] == jnp.float32

@@ -204,7 +204,8 @@ def knn_evaluator(config, mesh) -> Callable[..., dict]:
     size = dict(img_size=mc.global_size)
     if config.model.patch_size:
         size["patch_size"] = config.model.patch_size
-    backbone = models.create(config.model.name, num_classes=0, dtype=models.compute_dtype(config.model.dtype), **size)
+    # float32 features whatever the training dtype, as eval_knn.py extracts them
+    backbone = models.create(config.model.name, num_classes=0, dtype=jnp.float32, **size)
     bank = get_source(data, data.train_split, limit=kcfg.train_limit)
     queries = get_source(data, data.eval_split, limit=kcfg.eval_limit, class_names=bank.class_names)
     extract = batched.cls_features(backbone, image_size=mc.global_size, crop_pct=data.crop_pct,

@@ -67,7 +67,11 @@ class WeightNormLinear(nn.Module):
         scale = jax.lax.rsqrt(sum_sq)
         if not self.fixed_gain:
             scale = scale * self.param('weight_g', nn.initializers.ones, (1, self.features), self.param_dtype)
-        return (x.astype(self.dtype) @ v.astype(self.dtype)) * scale.astype(self.dtype)
+        # The product runs in the compute dtype but accumulates and returns float32: the logits that the loss
+        # divides by a temperature of 0.04 and sharpens are not rounded to bfloat16's 8 bits (AMP's are fp16
+        # from an fp32 accumulation; its softmax runs in fp32).
+        logits = jnp.matmul(x.astype(self.dtype), v.astype(self.dtype), preferred_element_type=jnp.float32)
+        return logits * scale
 
 
 class DINO(nn.Module):
