@@ -256,4 +256,5 @@ def test_unknown_pos_embed_interpolation_is_a_config_error():
     with pytest.raises(ConfigError, match="pos_embed_interpolation='nearest'; valid: antialias, bicubic, dino"):
         create_dino('vit_micro_patch4_32', pos_embed_interpolation='nearest')
     assert create_dino('vit_micro_patch4_32').backbone.pos_embed_interpolation == 'dino'
-    assert create('vit_micro_patch4_32').pos_embed_interpolation == 'antialias'
+    assert create('vit_micro_patch4_32').pos_embed_interpolation == 'dino'  # DINO's backbones resample as DINO
+    assert create('deit_micro_patch4_32').pos_embed_interpolation == 'antialias'

@@ -18,7 +18,8 @@ from vitdistill.convert import from_torch  # noqa: E402
 from vitdistill.models import MODELS, create, create_dino, resample_pos_embed  # noqa: E402
 
 TIMM_NAMES = [name for name in MODELS if 'micro' not in name]
-# Non-native input sizes, checked against timm's `dynamic_img_size=True` resampling.
+# Non-native input sizes: DeiT against timm's `dynamic_img_size=True` resampling; DINO's vit_* backbones against
+# DINO's own forward (`official_dino_forward`, its interpolate_pos_encoding) on the same timm modules.
 OTHER_SIZES = {
     'vit_small_patch16_224': [96], 'vit_small_patch8_224': [96],
     'vit_base_patch16_224': [96], 'vit_base_patch8_224': [96],
@@ -68,7 +69,8 @@ def test_matches_timm(name):
     for size in [getattr(model, 'img_size', 224)] + OTHER_SIZES.get(name, []):
         images = torch.randn(2, 3, size, size, generator=generator)
         with torch.no_grad():
-            expected = reference(images)
+            official_dino = name.startswith('vit_') and size != getattr(model, 'img_size', 224)
+            expected = official_dino_forward(reference, images) if official_dino else reference(images)
         check_close(apply(variables, nhwc(images)), expected, f'{name} {size}px')
 
     if getattr(model, 'distilled', False):  # both heads, as in distillation training

@@ -34,11 +34,14 @@ MODELS = {
     'deit_small_distilled_patch16_224': (VisionTransformer, dict(_SMALL, distilled=True)),
     'deit_base_distilled_patch16_224': (VisionTransformer, dict(_BASE, distilled=True)),
     'deit_base_distilled_patch16_384': (VisionTransformer, dict(_BASE, img_size=384, distilled=True)),
-    # DINO (arXiv 2104.14294) backbones: CLS features, no classifier.
-    'vit_small_patch16_224': (VisionTransformer, dict(_SMALL, num_classes=0)),
-    'vit_small_patch8_224': (VisionTransformer, dict(_SMALL, patch_size=8, num_classes=0)),
-    'vit_base_patch16_224': (VisionTransformer, dict(_BASE, num_classes=0)),
-    'vit_base_patch8_224': (VisionTransformer, dict(_BASE, patch_size=8, num_classes=0)),
+    # DINO (arXiv 2104.14294) backbones: CLS features, no classifier; at other input sizes the position
+    # embedding is resampled as DINO's own ViT does it (interpolate_pos_encoding).
+    'vit_small_patch16_224': (VisionTransformer, dict(_SMALL, num_classes=0, pos_embed_interpolation='dino')),
+    'vit_small_patch8_224': (VisionTransformer, dict(_SMALL, patch_size=8, num_classes=0,
+                                                     pos_embed_interpolation='dino')),
+    'vit_base_patch16_224': (VisionTransformer, dict(_BASE, num_classes=0, pos_embed_interpolation='dino')),
+    'vit_base_patch8_224': (VisionTransformer, dict(_BASE, patch_size=8, num_classes=0,
+                                                    pos_embed_interpolation='dino')),
     # CNN teachers.
     'resnet18': (ResNet, dict(block='basic', layers=(2, 2, 2, 2))),
     'resnet50': (ResNet, dict(block='bottleneck', layers=(3, 4, 6, 3))),
@@ -46,7 +49,7 @@ MODELS = {
     # Small variants for CPU work on 28-32 px images.
     'deit_micro_patch4_32': (VisionTransformer, dict(_MICRO, num_classes=10)),
     'deit_micro_distilled_patch4_32': (VisionTransformer, dict(_MICRO, num_classes=10, distilled=True)),
-    'vit_micro_patch4_32': (VisionTransformer, dict(_MICRO, num_classes=0)),
+    'vit_micro_patch4_32': (VisionTransformer, dict(_MICRO, num_classes=0, pos_embed_interpolation='dino')),
     'resnet_micro': (ResNet, dict(block='basic', layers=(1, 1, 1, 1), widths=(32, 64, 128, 256), stem_width=32,
                                   cifar_stem=True, num_classes=10)),
 }

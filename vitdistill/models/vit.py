@@ -238,7 +238,7 @@ class VisionTransformer(nn.Module):
     reproduces timm's `dynamic_img_size=True` (PyTorch's antialiased bicubic, a = -0.5);
     'bicubic' plain `F.interpolate(size=..., mode='bicubic')` (a = -0.75), as the official DeiT
     fine-tuning script does; 'dino' official DINO's `interpolate_pos_encoding` (plain bicubic with
-    `scale_factor=(n + 0.1) / N`), which `models.create_dino` uses for the local crops.
+    `scale_factor=(n + 0.1) / N`), the default of the DINO backbones (`vit_*`) and of `models.create_dino`.
 
     `drop_rate` is dropout on the token(s) entering the head, as in timm >= 0.9; DeiT's
     original timm 0.3 also applied it after the position embedding and inside the blocks
