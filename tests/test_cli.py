@@ -77,3 +77,33 @@ def test_bench_prints_one_json_object_per_measurement():
         assert {"what", "images_per_sec", "step_ms", "flops_per_step", "peak_rss_mb"} <= set(line)
         assert line["images_per_sec"] > 0 and line["step_ms"] > 0 and line["peak_rss_mb"] > 100
     assert lines[0]["flops_per_step"] > 1e6  # XLA's count for student + teacher forward/backward
+
+
+def _config(path, arg=None):
+    return config_flags.config_flags._LoadConfigModule("config", path).get_config(*([arg] if arg else []))
+
+
+def test_dino_vits16_is_the_readme_command_it_cites_and_boost_is_the_readmes_boosted_one():
+    from vitdistill.train import schedules
+
+    vanilla = _config(os.path.join(ROOT, "configs", "dino_vits16.py"))
+    # `main_dino.py --arch vit_small` with --nproc_per_node=8 and its default 64 images per GPU
+    assert vanilla.batch_size == 8 * 64 and vanilla.epochs == 100
+    assert schedules.scaled_lr(vanilla.optim.lr, vanilla.batch_size, vanilla.optim.lr_reference_batch) == 1e-3
+    assert (vanilla.dino.teacher_temp, vanilla.dino.warmup_teacher_temp_epochs) == (0.04, 0.0)
+    assert vanilla.model.norm_last_layer and vanilla.multicrop.num_local == 8
+    # run_with_submitit.py (2 nodes x 8 GPUs) --epochs 300 --teacher_temp 0.07 --warmup_teacher_temp_epochs 30
+    # --norm_last_layer false
+    boost = _config(os.path.join(ROOT, "configs", "dino_vits16.py"), "boost")
+    assert boost.batch_size == 2 * 8 * 64 and boost.epochs == 300
+    assert (boost.dino.warmup_teacher_temp, boost.dino.teacher_temp, boost.dino.warmup_teacher_temp_epochs) == (
+        0.04, 0.07, 30.0)
+    assert not boost.model.norm_last_layer and boost.multicrop.num_local == 8
+
+
+def test_an_unknown_config_variant_is_one_line_naming_the_valid_ones(tmp_path):
+    run = _main("--config=configs/dino_vits16.py:paper", f"--workdir={tmp_path / 'run'}")
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    assert ("vitdistill: configs/dino_vits16.py:paper is not a variant of this config; valid: boost, runlocal"
+            in run.stderr)

@@ -87,12 +87,32 @@ def _unknown_override(argv) -> str:
     return ""
 
 
+def _first_user_error(error):
+    """The first `UserError` in an exception's chain (a config file's get_config raised it, and ml_collections
+    and absl wrapped it in errors of their own that carry its traceback as their message), or None."""
+    from vitdistill.errors import UserError
+
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, UserError):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
+
+
 def _parse_flags(argv):
     try:
         return FLAGS(argv)
     except (AttributeError, KeyError) as e:
         message = _unknown_override(argv) or f"Bad --config override: {e}"
         print(f"vitdistill: {message}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 -- only a config file's own UserError is shortened
+        user_error = _first_user_error(e)
+        if user_error is None or "--debug" in argv:
+            raise
+        print(f"vitdistill: {user_error}", file=sys.stderr)
         sys.exit(2)
 
 
