@@ -31,18 +31,22 @@ ATOL, RTOL = 2e-6, 1e-5
 MOMENTS_ATOL = 1e-4
 
 
-def _cutmix_box_of_the_fixtures(lam, cy, cx, height, width):
-    """The CutMix box of the code that wrote the fixtures: later timm's, whose box ends at cy + (cut_h + 1) // 2.
-    Today's follows timm 0.3.2 (cy + cut_h // 2), one pixel shorter on odd sides: a deliberate change of the
-    DeiT step, so the reproduction runs with the old box to keep checking everything else."""
-    import jax.numpy as jnp
+def _the_fixtures_code(monkeypatch):
+    """Three deliberate changes since the fixtures were written, undone for the reproduction so that it keeps
+    checking everything else: mixup draws per device (the test's config sets one group), the CutMix box follows timm 0.3.2 (the fixtures' code used later timm's, a pixel
+    longer on odd sides), and weights start from timm's trunc_normal_(std=.02) (the fixtures' code used
+    Flax's truncated_normal(0.02), truncated at 2 standard deviations)."""
+    import functools
 
-    cut_ratio = jnp.sqrt(1.0 - lam)
-    cut_h = jnp.floor(height * cut_ratio).astype(jnp.int32)
-    cut_w = jnp.floor(width * cut_ratio).astype(jnp.int32)
-    y_lo, y_hi = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + (cut_h + 1) // 2, 0, height)
-    x_lo, x_hi = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + (cut_w + 1) // 2, 0, width)
-    return jnp.stack([y_lo, y_hi, x_lo, x_hi]).astype(jnp.int32)
+    import flax.linen as nn
+
+    from vitdistill.data import mixup
+    from vitdistill.models import dino, vit
+
+    monkeypatch.setattr(mixup, "cutmix_box", functools.partial(mixup.cutmix_box, rule="timm_1.0"))
+    flax_init = nn.initializers.truncated_normal(stddev=0.02)
+    monkeypatch.setattr(vit, "trunc_normal_02", flax_init)
+    monkeypatch.setattr(dino, "trunc_normal_02", flax_init)
 
 
 @pytest.fixture(autouse=True)
@@ -72,13 +76,16 @@ def _assert_same_state(legacy, today, what, moments_atol=ATOL):
 
 @pytest.mark.parametrize("method", ["deit", "dino"])
 def test_a_legacy_workdir_resumes_into_the_uninterrupted_run(tmp_path, capsys, monkeypatch, method):
-    from vitdistill.data import mixup
-
-    monkeypatch.setattr(mixup, "cutmix_box", _cutmix_box_of_the_fixtures)
+    _the_fixtures_code(monkeypatch)
     legacy, fresh = str(tmp_path / "legacy"), str(tmp_path / "fresh")
     shutil.copytree(os.path.join(FIXTURES, method), legacy)
     step = legacy_workdirs.SAVED_AT
-    config = CONFIGS[method]
+
+    def config(max_steps):
+        made = CONFIGS[method](max_steps=max_steps)
+        if method == "deit":
+            made.mixup.groups = 1  # the fixtures' code mixed the 2 devices' batch with one draw
+        return made
 
     methods.train_and_evaluate(config(max_steps=step), fresh)
     _assert_same_state(_saved(legacy, step), _saved(fresh, step), f"{method} at step {step}", MOMENTS_ATOL)

@@ -72,6 +72,8 @@ def test_cutmix_box_matches_timm_0_3_2(lam):
 def test_cutmix_box_is_a_pixel_shorter_than_later_timm_on_odd_sides():
     # lam 0.5 on 24 x 31: cut 16 x 21; 0.3.2 spans rows 2:18 (16) and columns 5:25 (20, not 21).
     np.testing.assert_array_equal(mixup.cutmix_box(jnp.float32(0.5), 10, 15, 24, 31), [2, 18, 5, 25])
+    # timm 1.0 (rand_bbox: cy + (cut_h + 1) // 2) gives the odd side its 21 columns.
+    np.testing.assert_array_equal(mixup.cutmix_box(jnp.float32(0.5), 10, 15, 24, 31, rule="timm_1.0"), [2, 18, 5, 26])
 
 
 def test_targets_match_timm_mixup_target():
@@ -167,5 +169,54 @@ def test_no_mixing_is_label_smoothing_only():
 
 
 def test_odd_batch_is_refused():
-    with pytest.raises(ValueError, match="even batch size, got 3"):
+    with pytest.raises(ValueError, match="even batch per mixing group, got 3 images in 1 group"):
         mixup.mixup_cutmix(jax.random.key(0), jnp.ones((3, 4, 4, 3)), jnp.zeros(3, jnp.int32), num_classes=2)
+
+
+def test_each_device_group_mixes_its_own_rows_with_its_own_draw_as_deits_ddp():
+    """DeiT mixes on every GPU after DistributedDataParallel's split: timm's Mixup on the local batch, which
+    pairs local image i with x.flip(0)[i] and draws lam for that batch alone. With 2 groups of 4: each mixed
+    image is lam_g x_i + (1 - lam_g) x_{partner in its own group}, and the groups' lams are independent."""
+    images = jnp.asarray(np.random.RandomState(0).rand(8, 6, 6, 3), jnp.float32)
+    labels = jnp.arange(8) % 5
+    lams = []
+    for seed in range(40):
+        out, targets = mixup.mixup_cutmix(jax.random.key(seed), images, labels, num_classes=5, mixup_alpha=0.8,
+                                          cutmix_alpha=0.0, label_smoothing=0.0, groups=2)
+        out, targets = np.asarray(out), np.asarray(targets)
+        for group in range(2):
+            rows = np.arange(4 * group, 4 * group + 4)
+            lam = targets[rows[0], int(labels[rows[0]])]
+            if int(labels[rows[0]]) == int(labels[rows[-1]]):
+                continue  # lam not readable from the target
+            for i, partner in zip(rows, rows[::-1]):  # x.flip(0) of the group's own rows
+                want = lam * np.asarray(images[i]) + (1 - lam) * np.asarray(images[partner])
+                np.testing.assert_allclose(out[i], want, atol=1e-5)
+            lams.append((seed, group, lam))
+    by_seed = {}
+    for seed, group, lam in lams:
+        by_seed.setdefault(seed, {})[group] = lam
+    pairs = [g for g in by_seed.values() if len(g) == 2]
+    assert len(pairs) >= 30 and sum(abs(g[0] - g[1]) > 1e-6 for g in pairs) == len(pairs)  # independent draws
+
+
+def test_an_odd_group_is_refused():
+    with pytest.raises(ValueError, match="even batch per mixing group, got 6 images in 2 group"):
+        mixup.mixup_cutmix(jax.random.key(0), jnp.ones((6, 4, 4, 3)), jnp.zeros(6, jnp.int32), num_classes=2,
+                           groups=2)
+
+
+def test_deit_draws_once_per_device_by_default_and_names_a_batch_that_does_not_split_evenly():
+    from vitdistill import recipes
+    from vitdistill.errors import ConfigError
+    from vitdistill.methods import deit
+
+    config = recipes.deit("deit_tiny_patch16_224")
+    assert config.mixup.groups == 0
+    config.batch_size = 8
+    assert deit.mixing_groups(config) == jax.device_count() == 2  # the suite's 2 host devices
+    config.batch_size = 6
+    with pytest.raises(ConfigError, match="batch_size=6 splits into 2 mixup groups .one per device., each"):
+        deit.mixing_groups(config)
+    config.mixup.groups = 1
+    assert deit.mixing_groups(config) == 1

@@ -258,3 +258,28 @@ def test_unknown_pos_embed_interpolation_is_a_config_error():
     assert create_dino('vit_micro_patch4_32').backbone.pos_embed_interpolation == 'dino'
     assert create('vit_micro_patch4_32').pos_embed_interpolation == 'dino'  # DINO's backbones resample as DINO
     assert create('deit_micro_patch4_32').pos_embed_interpolation == 'antialias'
+
+
+def test_fresh_weights_follow_timms_trunc_normal_std_002():
+    """timm 0.3.2 and DINO initialise Linear weights, cls/dist tokens, the position embedding and DINO's head
+    with `trunc_normal_(std=.02)`, whose bounds a=-2, b=2 are absolute: in effect N(0, 0.02^2). So the values
+    follow that normal (Kolmogorov-Smirnov against its CDF) and 2 (1 - Phi(2)) = 4.55 % of them lie beyond
+    +-0.04. (Flax's truncated_normal(0.02) has std 0.0176 and none beyond 0.04: this test fails on it.)"""
+    import scipy.stats
+
+    model = create_dino("vit_micro_patch4_32", out_dim=512)
+    params = jax.jit(lambda: model.init(jax.random.key(0), [jnp.zeros((1, 32, 32, 3))]))()["params"]
+    backbone = params["backbone"]
+    samples = {
+        "qkv kernel": backbone["blocks_0"]["attn"]["qkv"]["kernel"],
+        "fc1 kernel": backbone["blocks_3"]["mlp"]["fc1"]["kernel"],
+        "pos_embed": backbone["pos_embed"],
+        "DINO head mlp": params["head"]["mlp_0"]["kernel"],
+    }
+    for name, values in samples.items():
+        values = np.asarray(values, np.float64).ravel()
+        assert values.size > 8_000, name
+        assert scipy.stats.kstest(values, "norm", args=(0.0, 0.02)).pvalue > 1e-3, name
+        assert abs(values.std() - 0.02) < 0.02 * 0.02, (name, values.std())
+        beyond = np.mean(np.abs(values) > 0.04)
+        assert abs(beyond - 2 * scipy.stats.norm.sf(2.0)) < 0.01, (name, beyond)

@@ -223,8 +223,11 @@ def test_a_teacher_trained_on_two_processes_teaches_a_student_on_one_device(tmp_
     on one process with one device, given that teacher: it loads (another topology wrote it) and the student ends
     as on two processes."""
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
-    _run(["--config=tests/nano_config.py:deit", f"--workdir={two}"], processes=2)
-    (_, out, _), = _run(["--config=tests/nano_config.py:deit", f"--workdir={one}",
+    # One mixup draw over the batch on both: by default each device mixes its own rows (DeiT's DDP), so 2 and
+    # 1 devices would mix differently by design.
+    one_draw = "--config.mixup.groups=1"
+    _run(["--config=tests/nano_config.py:deit", f"--workdir={two}", one_draw], processes=2)
+    (_, out, _), = _run(["--config=tests/nano_config.py:deit", f"--workdir={one}", one_draw,
                          f"--config.teacher.checkpoint={two}/teacher"], processes=1, devices_per_process=1)
     assert "| teacher resnet_nano" in out
     assert not os.path.exists(os.path.join(one, "teacher"))  # the given teacher was used, not retrained

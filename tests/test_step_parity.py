@@ -72,7 +72,21 @@ def load_into(module, params, *, allow_missing=()):
     assert sorted(result.missing_keys) == sorted(allow_missing), result.missing_keys
 
 
-def param_diffs(ours, module, what):
+# |gradient| below which Adam's update lr * g / (|g| + eps) is float32 noise: at 1e-7 (10 eps), a relative
+# difference of 1e-6 in g between the frameworks already moves that element's update by ~1e-7 of the lr,
+# and below eps the update is a fraction of the lr set by the noise itself.
+NOISE_GRADIENT = 1e-7
+
+
+def record_small_gradients(module, small: dict):
+    """Marks, in `small` {torch key: bool array}, the elements whose gradient was ever below NOISE_GRADIENT."""
+    for name, p in module.named_parameters():
+        if p.grad is not None:
+            tiny = (p.grad.abs() < NOISE_GRADIENT).numpy()
+            small[name] = small[name] | tiny if name in small else tiny
+
+
+def param_diffs(ours, module, what, small_gradients=None):
     """Our params against the module's same-named tensors: {'max', 'max_key', 'q99', 'q99_key', 'key_bias'}.
 
     'max': the largest |Δ| of any element. 'q99': the largest, over tensors, of a tensor's 99th
@@ -89,18 +103,22 @@ def param_diffs(ours, module, what):
         assert key in theirs, f"{what}: {key} has no PyTorch counterpart"
         assert value.shape == theirs[key].shape, (what, key, value.shape, theirs[key].shape)
         diff = np.abs(value - theirs[key]).ravel()
+        noise = (small_gradients or {}).get(key)
+        # Elements whose gradient was ever ~eps are float32 noise: left out of the max, kept in the q99.
+        max_diff = np.where(noise.ravel(), 0.0, diff) if noise is not None else diff
         if key.endswith("attn.qkv.bias"):
             dim = diff.shape[0] // 3
             out["key_bias"] = max(out["key_bias"], float(diff[dim:2 * dim].max()))
             diff = np.concatenate([diff[:dim], diff[2 * dim:]])
-        for stat, value in (("max", float(diff.max())), ("q99", float(np.quantile(diff, 0.99)))):
+            max_diff = np.concatenate([max_diff[:dim], max_diff[2 * dim:]])
+        for stat, value in (("max", float(max_diff.max())), ("q99", float(np.quantile(diff, 0.99)))):
             if value > out[stat]:
                 out[stat], out[f"{stat}_key"] = value, key
     return out
 
 
-def check_params(ours, module, what, lr_sum):
-    d = param_diffs(ours, module, what)
+def check_params(ours, module, what, lr_sum, small_gradients=None):
+    d = param_diffs(ours, module, what, small_gradients)
     print(f"    {what}: max |Δ| {d['max']:.2e} ({d['max_key']}), worst tensor's 99th percentile {d['q99']:.2e} "
           f"({d['q99_key']}), attention key biases {d['key_bias']:.2e}")
     assert d["q99"] <= PARAM_Q99_ATOL, f"{what}: {d['q99_key']} differs by {d['q99']:.3g} (99th percentile)"
@@ -397,6 +415,7 @@ class OfficialDeit:
         base_lr = opt.lr * config.batch_size / 512.0
         self.optimizer = torch.optim.AdamW(timm_param_groups(self.student, opt.weight_decay), lr=base_lr,
                                            betas=(opt.b1, opt.b2), eps=opt.eps)
+        self.small_gradients = {}
         assert not opt.schedule_per_epoch
         self.scheduler = CosineLRScheduler(
             self.optimizer, t_initial=int(config.epochs * steps_per_epoch), lr_min=opt.min_lr, cycle_limit=1,
@@ -409,6 +428,7 @@ class OfficialDeit:
         loss = self.criterion(samples, outputs, targets)
         self.optimizer.zero_grad()
         loss.backward()
+        record_small_gradients(self.student, self.small_gradients)
         self.optimizer.step()
         self.scheduler.step_update(num_updates=it + 1)
         return dict(loss=loss.item(), lr=lr)
@@ -466,7 +486,12 @@ def test_deit_steps_match_official_pytorch(tmp_path, kind, alpha, tau):
               f"lr {float(metrics['lr']):.4e} vs {want['lr']:.4e}")
         assert float(metrics["loss"]) == pytest.approx(want["loss"], rel=LOSS_RTOL)
         assert float(metrics["lr"]) == pytest.approx(want["lr"], rel=1e-6)
-        check_params(state.params, reference.student, "student", lr_sum)
+        check_params(state.params, reference.student, "student", lr_sum, reference.small_gradients)
+    noisy = sum(int(v.sum()) for v in reference.small_gradients.values())
+    total = sum(v.size for v in reference.small_gradients.values())
+    # The max |Δ| check still covers all but ~0.1 % of the elements (512 of them the attention key biases,
+    # whose exact gradient is 0).
+    assert noisy < 2.5e-3 * total, (noisy, total)
 
 
 def test_deit_per_epoch_lr_follows_the_official_main_loop():

@@ -85,6 +85,7 @@ def deit(model: str = "deit_small_patch16_224", *, distilled: bool = False) -> C
         "switch_prob": 0.5,
         "prob": 1.0,
         "label_smoothing": 0.1,
+        "groups": 0,                   # one lam/box per device's rows, as each GPU under DeiT's DDP; 1: per batch
     })
     c.distill = ConfigDict({
         "kind": "hard" if distilled else "none",  # none | soft | hard

@@ -15,18 +15,21 @@ def smooth_one_hot(labels, num_classes, smoothing=0.0):
     return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (on - off) + off
 
 
-def cutmix_box(lam, cy, cx, height, width):
+def cutmix_box(lam, cy, cx, height, width, *, rule: str = "timm_0.3.2"):
     """timm 0.3.2's rand_bbox (the version DeiT pins): sides cut_h = int(H * sqrt(1 - lam)), cut_w alike,
-    rows cy - cut_h // 2 to cy + cut_h // 2 and columns alike, clipped to the image. (Later timm ends the
-    box at cy + (cut_h + 1) // 2, a pixel further for odd sides.)
+    rows cy - cut_h // 2 to cy + cut_h // 2 and columns alike, clipped to the image. `rule='timm_1.0'`: timm
+    1.0's (1.0.31 checked), whose box ends at cy + (cut_h + 1) // 2, a pixel further for odd sides.
 
     Returns (y_lo, y_hi, x_lo, x_hi), int32; the box is rows y_lo:y_hi, columns x_lo:x_hi.
     """
+    if rule not in ("timm_0.3.2", "timm_1.0"):
+        raise ValueError(f"cutmix_box rule={rule!r}; valid: timm_0.3.2, timm_1.0")
     cut_ratio = jnp.sqrt(1.0 - lam)
     cut_h = jnp.floor(height * cut_ratio).astype(jnp.int32)
     cut_w = jnp.floor(width * cut_ratio).astype(jnp.int32)
-    y_lo, y_hi = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h // 2, 0, height)
-    x_lo, x_hi = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w // 2, 0, width)
+    extra = 1 if rule == "timm_1.0" else 0
+    y_lo, y_hi = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + (cut_h + extra) // 2, 0, height)
+    x_lo, x_hi = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + (cut_w + extra) // 2, 0, width)
     return jnp.stack([y_lo, y_hi, x_lo, x_hi]).astype(jnp.int32)
 
 
@@ -76,18 +79,30 @@ def mix_batch(params, images, targets):
 
 
 def mixup_cutmix(rng, images, labels, *, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
-                 prob=1.0, label_smoothing=0.1):
+                 prob=1.0, label_smoothing=0.1, groups=1):
     """Mix a batch of NHWC `images` and class ids `labels` -> (images, soft targets [B, num_classes]).
 
-    Both alphas 0: no mixing, targets are the smoothed one-hot labels. The batch size must be even
-    (timm's requirement: an odd batch would mix its middle image with itself).
+    The batch is `groups` contiguous groups (on a mesh, one per device: each device's rows), each mixed as
+    timm's Mixup mixes one GPU's batch under DeiT's DistributedDataParallel: its own lam, mode and box, each
+    image with its group's reversed order. `groups=1`: one draw over the whole batch. Both alphas 0: no
+    mixing, targets are the smoothed one-hot labels. Each group must be even (timm's requirement: an odd
+    batch would mix its middle image with itself).
     """
     batch, height, width = images.shape[:3]
-    if batch % 2:
-        raise ValueError(f"mixup/cutmix needs an even batch size, got {batch}: use an even batch_size per step")
+    if batch % groups or (batch // groups) % 2:
+        raise ValueError(f"mixup/cutmix needs an even batch per mixing group, got {batch} images in {groups} "
+                         "group(s): use a batch_size divisible by 2 x the number of devices")
     targets = smooth_one_hot(labels, num_classes, label_smoothing)
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return images, targets
-    params = sample_mix_params(rng, (height, width), mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-                               switch_prob=switch_prob, prob=prob)
-    return mix_batch(params, images, targets)
+
+    def mix_one(key, group_images, group_targets):
+        params = sample_mix_params(key, (height, width), mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+                                   switch_prob=switch_prob, prob=prob)
+        return mix_batch(params, group_images, group_targets)
+
+    if groups == 1:
+        return mix_one(rng, images, targets)
+    per_group = lambda x: x.reshape((groups, batch // groups) + x.shape[1:])
+    mixed, mixed_targets = jax.vmap(mix_one)(jax.random.split(rng, groups), per_group(images), per_group(targets))
+    return mixed.reshape(images.shape), mixed_targets.reshape(targets.shape)

@@ -45,6 +45,7 @@ class Mixing:
     switch_prob: float
     prob: float
     label_smoothing: float
+    groups: int = 1                 # of the batch, each with its own draw (one per device: DeiT's DDP)
 
     @property
     def mixes(self) -> bool:
@@ -106,6 +107,24 @@ def check_distillation(config) -> None:
                           f"config.model.name={config.model.name!r} has no distillation head")
 
 
+def mixing_groups(config) -> int:
+    """How many groups of the batch mixup/cutmix draws for: `config.mixup.groups`, or with 0 one per device
+    (each device's rows, as each GPU of DeiT's DistributedDataParallel mixes its own batch). Each group must
+    be even when the batch is mixed."""
+    mix = config.mixup
+    groups = int(mix.get("groups", 1)) or jax.device_count()
+    if groups < 0:
+        raise ConfigError(f"config.mixup.groups={groups}; use 0 (one per device, as DeiT) or a count >= 1")
+    mixes = mix.prob > 0 and (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0)
+    if mixes and (config.batch_size % groups or (config.batch_size // groups) % 2):
+        per_device = " (one per device)" if not mix.get("groups", 1) else ""
+        raise ConfigError(f"config.batch_size={config.batch_size} splits into {groups} mixup groups{per_device}, "
+                          "each of which must hold an even number of images (timm mixes each image with its "
+                          f"group's reversed order): use a batch_size divisible by {2 * groups}, or "
+                          "--config.mixup.groups=1 for one draw over the whole batch")
+    return groups
+
+
 def make_setup(config, *, num_classes: int, length: schedules.RunLength,
                teacher: Optional[nn.Module] = None) -> DeitSetup:
     """The DeiT step's modules and settings for `config`; `teacher` is the frozen teacher's module."""
@@ -121,9 +140,11 @@ def make_setup(config, *, num_classes: int, length: schedules.RunLength,
                        decay_mask=optim.deit_decay_mask)
     tx = optax.chain(optax.clip_by_global_norm(opt.clip_grad), adam) if opt.clip_grad else adam
     mix = config.mixup
+    groups = mixing_groups(config)
     return DeitSetup(model=model, tx=tx, lr=lr, image_size=config.data.image_size, num_classes=num_classes,
                      kind=config.distill.kind, alpha=config.distill.alpha, tau=config.distill.tau,
-                     mixing=Mixing(mix.mixup_alpha, mix.cutmix_alpha, mix.switch_prob, mix.prob, mix.label_smoothing),
+                     mixing=Mixing(mix.mixup_alpha, mix.cutmix_alpha, mix.switch_prob, mix.prob, mix.label_smoothing,
+                                   groups),
                      ema_decay=config.model_ema_decay, seed=config.seed, teacher=teacher)
 
 
@@ -142,7 +163,7 @@ def mixed_targets(rng, images, labels, *, num_classes: int, mixing: Mixing):
     if mixing.mixes:
         return mixup.mixup_cutmix(rng, images, labels, num_classes=num_classes, mixup_alpha=mixing.mixup_alpha,
                                   cutmix_alpha=mixing.cutmix_alpha, switch_prob=mixing.switch_prob,
-                                  prob=mixing.prob, label_smoothing=mixing.label_smoothing)
+                                  prob=mixing.prob, label_smoothing=mixing.label_smoothing, groups=mixing.groups)
     if mixing.label_smoothing:
         return images, mixup.smooth_one_hot(labels, num_classes, mixing.label_smoothing)
     return images, labels

@@ -13,7 +13,15 @@ import numpy as np
 
 from vitdistill.errors import ConfigError
 
-trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02)
+def trunc_normal(std: float, a: float = -2.0, b: float = 2.0):
+    """timm's (0.3.2 and later) and DINO's `trunc_normal_(tensor, std=std)`: N(0, std^2) truncated to [a, b]
+    in absolute units, so at std 0.02 a truncation at +-100 standard deviations, in effect N(0, 0.02^2).
+    (Flax's `truncated_normal(stddev)` truncates at +-2 standard deviations and does not rescale: std 0.0176,
+    no value beyond +-0.04.)"""
+    return nn.initializers.truncated_normal(stddev=std, lower=a / std, upper=b / std)
+
+
+trunc_normal_02 = trunc_normal(0.02)
 
 
 def torch_default_init(fan_in: int):
