@@ -10,7 +10,9 @@ cosine, random-resized crops and flips) trains on the same 10,000 images and is 
 for --probe_epochs (30), one head per learning rate of --probe_lrs (0.1, 0.3, 1) in one pass; every head
 is reported (none is picked on the test images). Its crops default to the DINO config's global-crop scale
 (0.4-1): eval_linear.py's 0.08-1, an ImageNet setting, leaves a few pixels of a 28-px image (that probe is
---probe_scale=0.08,1.0). The network at initialisation is the DINO run's own (same seed), saved as
+--probe_scale=0.08,1.0). The logistic-regression probe (`configs/eval_logreg.py`, SimCLR's and CLIP's
+protocol) fits the same features of the whole images by L-BFGS, l2 chosen on 1,000 of the 10,000 training
+images, and is scored once on the 2,000. The network at initialisation is the DINO run's own (same seed), saved as
 `init_teacher/`. Needs `apt-get install dataset-fashion-mnist`.
 """
 import argparse
@@ -105,6 +107,25 @@ def linear_probe(backbone: str, workdir: str, *, dino_config, epochs: float, lrs
     return {lr: final[f"top1_head{h}"] for h, lr in enumerate(lrs)}
 
 
+def logistic_probe(backbone: str, workdir: str, *, dino_config) -> dict:
+    """configs/eval_logreg.py on the k-NN's images (features of the whole image, l2 chosen on 10 % of the
+    10,000 training images): the chosen l2 and its test top-1."""
+    from vitdistill import recipes, small_data
+    from vitdistill.methods import train_and_evaluate
+
+    config = recipes.logreg(dino_config.model.name)
+    small_data.use_small_data(config, "fashion_mnist")
+    config.data.image_size = dino_config.multicrop.global_size
+    config.data.crop_pct = dino_config.data.crop_pct
+    config.logreg.train_limit = dino_config.knn.train_limit
+    config.logreg.eval_limit = dino_config.knn.eval_limit
+    config.logreg.features_dir = os.path.join(workdir, "features")
+    config.model.init_from = backbone
+    config.progress_bar = False
+    final = train_and_evaluate(config, workdir)
+    return {"l2": final["l2"], "top1": final["top1"]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/vitdistill/dino_fashion_mnist")
@@ -138,21 +159,26 @@ def main():
     tag = f"e{args.probe_epochs:g}_lr{'_'.join(f'{lr:g}' for lr in lrs)}_scale{'_'.join(f'{x:g}' for x in scale)}"
     probes = {"init": probe(init_dir, os.path.join(args.workdir, f"linear_init_{tag}")),
               "dino": probe(args.workdir, os.path.join(args.workdir, f"linear_dino_{tag}"))}
+    logistic = {"init": logistic_probe(init_dir, os.path.join(args.workdir, "logreg_init"), dino_config=config),
+                "dino": logistic_probe(args.workdir, os.path.join(args.workdir, "logreg_dino"), dino_config=config)}
     lr_columns = " | ".join(f"linear top-1 % (lr {lr:g})" for lr in lrs)
-    rows = [("raw pixels (784-d)", pixels, None),
-            ("micro ViT at initialisation (teacher CLS)", at_init, probes["init"]),
+    rows = [("raw pixels (784-d)", pixels, None, None),
+            ("micro ViT at initialisation (teacher CLS)", at_init, probes["init"], logistic["init"]),
             (f"micro ViT after DINO ({final['step']} steps, {seconds / 60:.1f} min)", final["knn_top1"],
-             probes["dino"])]
-    lines = [f"| features | k-NN top-1 % | {lr_columns} |", "|---" * (2 + len(lrs)) + "|"]
-    for name, knn_top1, linear in rows:
+             probes["dino"], logistic["dino"])]
+    lines = [f"| features | k-NN top-1 % | logistic regression top-1 % (l2 chosen) | {lr_columns} |",
+             "|---" * (3 + len(lrs)) + "|"]
+    for name, knn_top1, linear, logreg in rows:
         cells = [f"{100 * linear[lr]:.2f}" if linear else "-" for lr in lrs]
-        lines.append(f"| {name} | {100 * knn_top1:.2f} | " + " | ".join(cells) + " |")
+        logreg_cell = f"{100 * logreg['top1']:.2f} ({logreg['l2']:g})" if logreg else "-"
+        lines.append(f"| {name} | {100 * knn_top1:.2f} | {logreg_cell} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
         json.dump({"raw_pixels": pixels, "init": at_init, "dino": final, "seconds": seconds,
                    "linear_probe": {"epochs": args.probe_epochs, "batch_size": 256, "n_last_blocks": 4, "scale": scale,
                                     **{k: {f"{lr:g}": v for lr, v in p.items()} for k, p in probes.items()}},
+                   "logistic_regression": logistic,
                    "table": table}, f, indent=2)
 
 

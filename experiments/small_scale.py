@@ -5,7 +5,7 @@
 1. The DINO quick start (`configs/dino_quickstart.py`, digits): its k-NN table and its curves
    (`docs/figures/curves_dino_quickstart.png`).
 2. DeiT's distillation ablation on Fashion-MNIST (`experiments/deit_fashion_mnist.py`): the table.
-3. DINO on Fashion-MNIST (`experiments/dino_fashion_mnist.py --epochs=1.5`): k-NN and linear probe against
+3. DINO on Fashion-MNIST (`experiments/dino_fashion_mnist.py --epochs=1.5`): k-NN, logistic regression and SGD linear probe against
    the network at initialisation and raw pixels, and the run's curves (`docs/figures/curves_dino_fashion_mnist.png`).
 4. The attention maps (`experiments/attention_figures.py`): a converted DINO ViT-S/16 and the quick start's
    teacher (`docs/figures/attention_*.png`).

@@ -23,12 +23,13 @@ def _main(*args, timeout=600):
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_config_loads_and_names_a_known_model(path):
     config = config_flags.config_flags._LoadConfigModule("config", path).get_config()
-    assert config.method in ("deit", "dino", "linear", "knn")
+    assert config.method in ("deit", "dino", "linear", "knn", "logreg")
     assert config.model.name in models.MODELS
     if config.method == "deit" and config.distill.kind != "none":
         teacher = config.teacher.train.model.name if config.teacher.train else config.teacher.model
         assert teacher in models.MODELS
-    assert config.batch_size > 0 and (config.epochs > 0 or config.method == "knn")
+    evaluation_only = config.method in ("knn", "logreg") or os.path.basename(path) == "eval_deit.py"
+    assert config.batch_size > 0 and (config.epochs > 0 or evaluation_only)
     first = open(path).read().split('"""')[1]
     assert "python -m vitdistill.main --config=configs/" + os.path.basename(path) in first
 

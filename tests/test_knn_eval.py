@@ -4,7 +4,6 @@ read back by the next run."""
 import os
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
@@ -14,27 +13,14 @@ from vitdistill.data import deit_transforms, sources
 from vitdistill.evaluate.knn import knn_accuracies
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_linear import _colour_folder  # noqa: E402
+from test_linear import _on_colour_folder  # noqa: E402
 
 
 def test_knn_of_a_checkpoint_scores_every_k_and_rereads_saved_features(tmp_path, capsys):
-    from vitdistill.weights import save_variables
-
-    backbone = models.create("vit_micro_patch4_32", num_classes=0)
-    variables = jax.jit(lambda: backbone.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3))))()
-    save_variables(str(tmp_path / "backbone"), variables, model="vit_micro_patch4_32")
-    _colour_folder(tmp_path / "data")
     config = recipes.knn_eval("vit_micro_patch4_32")
-    config.model.init_from = str(tmp_path / "backbone")
-    config.data.source = "folder"
-    config.data.data_dir = str(tmp_path / "data")
-    config.data.eval_split = "val"
-    config.data.image_size = 16
-    config.data.crop_pct = 1.0
+    variables = _on_colour_folder(config, tmp_path, seed=1)
     config.knn.ks = (1, 5, 20, 200)  # 200 > the 128 training images: capped
     config.knn.features_dir = str(tmp_path / "features")
-    config.batch_size = 16
-    config.progress_bar = False
     final = methods.train_and_evaluate(config, str(tmp_path / "run"))
 
     def one_by_one(split):  # the same features without the pipeline: eval transform, backbone, image by image

@@ -100,28 +100,34 @@ def _colour_folder(root):
                 Image.fromarray(image).save(folder / f"{i}.png")
 
 
-def test_a_probe_of_a_checkpoint_on_an_image_folder_trains_one_head_per_learning_rate(tmp_path, capsys, monkeypatch):
+def _on_colour_folder(config, tmp_path, seed: int):
+    """Points an evaluation `config` at a random micro ViT saved under tmp_path/backbone and at the colour
+    folder (16-px images, kept at 16 px); returns the backbone's variables."""
     from vitdistill.weights import save_variables
 
-    monkeypatch.setenv("VITDISTILL_CURVES", "1")  # conftest turns the end-of-run curves off elsewhere
-
     backbone = models.create("vit_micro_patch4_32", num_classes=0)
-    variables = jax.jit(lambda: backbone.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))()
+    variables = jax.jit(lambda: backbone.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3))))()
     save_variables(str(tmp_path / "backbone"), variables, model="vit_micro_patch4_32")
     _colour_folder(tmp_path / "data")
-    config = recipes.linear()
+    config.model.name = "vit_micro_patch4_32"
+    config.model.init_from = str(tmp_path / "backbone")
     config.data.source = "folder"
     config.data.data_dir = str(tmp_path / "data")
     config.data.eval_split = "val"
     config.data.image_size = 16
     config.data.crop_pct = 1.0
-    config.model.name = "vit_micro_patch4_32"
-    config.model.init_from = str(tmp_path / "backbone")
+    config.batch_size = 16
+    config.progress_bar = False
+    return variables
+
+
+def test_a_probe_of_a_checkpoint_on_an_image_folder_trains_one_head_per_learning_rate(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VITDISTILL_CURVES", "1")  # conftest turns the end-of-run curves off elsewhere
+    config = recipes.linear()
+    _on_colour_folder(config, tmp_path, seed=0)
     config.linear.n_last_blocks = 2
     config.linear.lrs = (1e-4, 1.0)
-    config.batch_size = 16
     config.epochs = 4.0
-    config.progress_bar = False
     final = methods.train_and_evaluate(config, str(tmp_path / "probe"))
     out = capsys.readouterr().out
     assert "| 0.0001" in out and "| 1 " in out  # one row per learning rate

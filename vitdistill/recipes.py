@@ -206,18 +206,23 @@ def dino_boost(config: ConfigDict) -> ConfigDict:
     return config
 
 
+def _frozen_backbone(model: str) -> ConfigDict:
+    """`config.model` of an evaluation of a frozen ViT: float32 features, as eval_linear.py / eval_knn.py."""
+    return ConfigDict({
+        "name": model,                 # the backbone's architecture
+        "dtype": "float32",            # eval_linear.py and eval_knn.py run the frozen backbone in float32
+        "init_from": _opt(str),        # required: a DINO/DeiT workdir or a `python -m vitdistill.convert` output
+        "init_from_network": "auto",   # of a workdir: auto (DINO: teacher, else student) | student | teacher | ema
+    })
+
+
 def linear(model: str = "vit_small_patch16_224") -> ConfigDict:
     """DINO's linear evaluation (facebookresearch/dino eval_linear.py defaults): 100 epochs, batch 1024
     (128 x 8 GPUs), SGD momentum 0.9, lr 1e-3 x batch/256, weight decay 0, cosine per epoch; features the
     CLS of the last 4 blocks (the README's ViT-S/16 command; ViT-B: n_last_blocks 1 + avgpool_patchtokens)."""
     c = ConfigDict()
     c.method = "linear"
-    c.model = ConfigDict({
-        "name": model,                 # the backbone's architecture
-        "dtype": "float32",            # eval_linear.py runs the frozen backbone in float32
-        "init_from": _opt(str),        # required: a DINO/DeiT workdir or a `python -m vitdistill.convert` output
-        "init_from_network": "auto",   # of a workdir: auto (DINO: teacher, else student) | student | teacher | ema
-    })
+    c.model = _frozen_backbone(model)
     c.data = _data("tfds", name="imagenet2012")
     c.linear = ConfigDict({
         "n_last_blocks": 4,
@@ -229,17 +234,35 @@ def linear(model: str = "vit_small_patch16_224") -> ConfigDict:
     return _run(c, epochs=100.0, batch_size=1024)
 
 
+def logreg(model: str = "vit_small_patch16_224") -> ConfigDict:
+    """Logistic-regression probe (SimCLR's and CLIP's transfer protocol, `vitdistill/methods/logreg.py`):
+    eval_linear's features (CLS of the last 4 blocks) of the eval transform, computed once; l2 strength from a
+    log grid picked on a 10 % validation split of the training set (SimCLR: 1e-6 to 1e5; the rows past 1e-1
+    only underfit normalised ViT features), L-BFGS to a gradient norm of 1e-6 or 1000 iterations (CLIP's cap)."""
+    c = ConfigDict()
+    c.method = "logreg"
+    c.model = _frozen_backbone(model)
+    c.data = _data("tfds", name="imagenet2012")
+    c.logreg = ConfigDict({
+        "n_last_blocks": 4,
+        "avgpool_patchtokens": False,
+        "l2s": (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),  # l2 / 2 * ||W||^2 added to the mean cross-entropy
+        "val_fraction": 0.1,           # of the training set, held out (seeded by config.seed) to choose l2
+        "max_iter": 1000,
+        "tol": 1e-6,                   # on the gradient's norm
+        "train_limit": _opt(int),
+        "eval_limit": _opt(int),
+        "features_dir": _opt(str),     # write the features there as .npy; a later run reads them back
+    })
+    return _run(c, epochs=0.0, batch_size=256)
+
+
 def knn_eval(model: str = "vit_small_patch16_224") -> ConfigDict:
     """DINO's k-NN evaluation (facebookresearch/dino eval_knn.py defaults): k in 10, 20, 100, 200, T 0.07,
     float32 CLS features of resize 256 + centre crop 224 (crop_pct 0.875), the whole train split as the bank."""
     c = ConfigDict()
     c.method = "knn"
-    c.model = ConfigDict({
-        "name": model,                 # the backbone's architecture
-        "dtype": "float32",            # eval_knn.py extracts float32 features
-        "init_from": _opt(str),        # required: a DINO/DeiT workdir or a `python -m vitdistill.convert` output
-        "init_from_network": "auto",   # of a workdir: auto (DINO: teacher, else student) | student | teacher | ema
-    })
+    c.model = _frozen_backbone(model)
     c.data = _data("tfds", name="imagenet2012")
     c.knn = ConfigDict({
         "ks": (10, 20, 100, 200),

@@ -5,13 +5,18 @@ cannot be decoded stops the evaluation with a message naming the files of its ba
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import os
 from typing import Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tensorflow.io import gfile
+
+from vitdistill import models
 from vitdistill.data import pipeline
 from vitdistill.data.sources import Source
 from vitdistill.errors import BadImageError
@@ -80,3 +85,42 @@ def cls_features(backbone, *, image_size: int, crop_pct: float, global_batch: in
         return extract_features(features, (params,), source, transform, global_batch=global_batch, mesh=mesh)
 
     return extract
+
+
+FEATURE_FILES = ("train_features", "train_labels", "test_features", "test_labels")
+
+
+def cached_features(directory: Optional[str], compute: Callable[[], dict], *, what: str) -> dict:
+    """The arrays of FEATURE_FILES: read from `directory` (.npy files) when a run saved them there, else
+    `compute()`d and, with a `directory`, written there by process 0 for the next run."""
+    if directory and all(gfile.exists(os.path.join(directory, f"{name}.npy")) for name in FEATURE_FILES):
+        arrays = {}
+        for name in FEATURE_FILES:
+            with gfile.GFile(os.path.join(directory, f"{name}.npy"), "rb") as f:
+                arrays[name] = np.load(f)
+        if jax.process_index() == 0:
+            print(f"{what}: features read from {directory}", flush=True)
+        return arrays
+    arrays = compute()
+    if directory and jax.process_index() == 0:
+        gfile.makedirs(directory)
+        for name in FEATURE_FILES:
+            with gfile.GFile(os.path.join(directory, f"{name}.npy"), "wb") as f:
+                np.save(f, arrays[name])
+    return arrays
+
+
+def block_features(backbone, params, images, *, n_last_blocks: int, avgpool: bool):
+    """float32 [B, dim]: DINO eval_linear's features of a frozen ViT made with `num_classes=0`: the CLS token
+    of each of the last `n_last_blocks` blocks through the final norm, concatenated; with `avgpool`, the mean
+    of the last block's normed patch tokens interleaved with them (`get_intermediate_layers`)."""
+    _, state = backbone.apply({"params": params}, images, train=False, mutable=["intermediates"])
+    blocks = state["intermediates"]
+    norm_module = models.vit._layer_norm(dtype=backbone.dtype, param_dtype=backbone.param_dtype, name=None)
+    norm = functools.partial(norm_module.apply, {"params": params["norm"]})  # the backbone's final norm
+    last = [norm(blocks[f"blocks_{i}"]["tokens"][0]) for i in range(backbone.depth - n_last_blocks, backbone.depth)]
+    output = jnp.concatenate([x[:, 0] for x in last], axis=-1)
+    if avgpool:  # torch.cat((cls.unsqueeze(-1), mean.unsqueeze(-1)), -1).reshape(B, -1): interleaved
+        prefix = 2 if backbone.distilled else 1
+        output = jnp.stack([output, jnp.mean(last[-1][:, prefix:], axis=1)], axis=-1).reshape(output.shape[0], -1)
+    return output.astype(jnp.float32)

@@ -7,10 +7,10 @@ teacher), each run here the same way. Adding one: docs/DESIGN.md, "Adding a meth
 from __future__ import annotations
 
 from vitdistill.errors import ConfigError
-from vitdistill.methods import deit, dino, knn_eval, linear
+from vitdistill.methods import deit, dino, knn_eval, linear, logreg
 from vitdistill.train import loop
 
-METHODS = {"deit": deit, "dino": dino, "knn": knn_eval, "linear": linear}
+METHODS = {"deit": deit, "dino": dino, "knn": knn_eval, "linear": linear, "logreg": logreg}
 
 
 def get(name: str):

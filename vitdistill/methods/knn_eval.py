@@ -10,42 +10,15 @@ run instead of being computed again.
 """
 from __future__ import annotations
 
-import os
-
-import jax
 import jax.numpy as jnp
-import numpy as np
-from tensorflow.io import gfile
 
 from vitdistill import weights
-from vitdistill.data import deit_transforms, pipeline
+from vitdistill.data import deit_transforms
 from vitdistill.data.sources import get_source
 from vitdistill.errors import ConfigError
 from vitdistill.evaluate import batched, knn
 from vitdistill.train import loop, schedules, sharding
 from vitdistill.train.reporting import markdown_table
-from vitdistill.train.state import TrainState
-
-FEATURE_FILES = ("train_features", "train_labels", "test_features", "test_labels")
-
-
-def _saved(directory):
-    return directory and all(gfile.exists(os.path.join(directory, f"{name}.npy")) for name in FEATURE_FILES)
-
-
-def _read(directory) -> dict:
-    out = {}
-    for name in FEATURE_FILES:
-        with gfile.GFile(os.path.join(directory, f"{name}.npy"), "rb") as f:
-            out[name] = np.load(f)
-    return out
-
-
-def _write(directory, arrays: dict) -> None:
-    gfile.makedirs(directory)
-    for name, array in arrays.items():
-        with gfile.GFile(os.path.join(directory, f"{name}.npy"), "wb") as f:
-            np.save(f, array)
 
 
 def build_task(config, workdir: str) -> loop.Task:
@@ -64,17 +37,13 @@ def build_task(config, workdir: str) -> loop.Task:
 
     def evaluate(state, frozen) -> dict:
         del state  # nothing trains: the backbone is the frozen input, placed by the loop
-        if _saved(kcfg.features_dir):
-            arrays = _read(kcfg.features_dir)
-            if jax.process_index() == 0:
-                print(f"k-NN: features read from {kcfg.features_dir}", flush=True)
-        else:
+        def compute():
             train_features, train_labels = extract(frozen, bank)
             test_features, test_labels = extract(frozen, queries)
-            arrays = dict(train_features=train_features, train_labels=train_labels, test_features=test_features,
-                          test_labels=test_labels)
-            if kcfg.features_dir and jax.process_index() == 0:
-                _write(kcfg.features_dir, arrays)
+            return dict(train_features=train_features, train_labels=train_labels, test_features=test_features,
+                        test_labels=test_labels)
+
+        arrays = batched.cached_features(kcfg.features_dir, compute, what="k-NN")
         scores = knn.knn_accuracies(arrays["train_features"], arrays["train_labels"], arrays["test_features"],
                                     arrays["test_labels"], ks=tuple(int(k) for k in kcfg.ks),
                                     temperature=kcfg.temperature, num_classes=bank.num_classes)
@@ -92,17 +61,7 @@ def build_task(config, workdir: str) -> loop.Task:
                                           f"{data.source} {data.eval_split}: {len(bank.class_names or [])} classes, "
                                           f"{bank.num_examples} train / {queries.num_examples} test images")
 
-    def init(rng):
-        del rng
-        return TrainState(step=jnp.zeros((), jnp.int32), params={}, opt_state={})
-
-    return loop.Task(
-        name=f"knn:{config.model.name}",
-        data=pipeline.TrainData(bank, lambda image, seed: {"image": deit_transforms.eval_transform(
-            image, size=data.image_size, crop_pct=data.crop_pct)}),  # never read: nothing trains
-        init=init,
-        train_step=lambda state, batch, frozen: (state, {"loss": jnp.zeros(())}),
-        evaluate=evaluate,
-        length=schedules.run_length(config, bank.num_examples),
-        frozen=params,
-        summarize=summarize)
+    return loop.evaluation_task(
+        f"knn:{config.model.name}", source=bank, transform=lambda image: {"image": deit_transforms.eval_transform(
+            image, size=data.image_size, crop_pct=data.crop_pct)}, evaluate=evaluate,
+        length=schedules.run_length(config, bank.num_examples), frozen=params, summarize=summarize)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from tensorflow.io import gfile
 
-from vitdistill import models, weights
+from vitdistill import weights
 from vitdistill.data import deit_transforms, pipeline
 from vitdistill.data.sources import Source, get_source
 from vitdistill.errors import ConfigError
@@ -61,18 +61,7 @@ class LinearSetup:
         return 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / self.epochs))
 
 
-def features(backbone: nn.Module, params, images, *, n_last_blocks: int, avgpool: bool):
-    """float32 [B, dim]: DINO eval_linear's features of frozen ViT `params` (see the module docstring)."""
-    _, state = backbone.apply({"params": params}, images, train=False, mutable=["intermediates"])
-    blocks = state["intermediates"]
-    norm_module = models.vit._layer_norm(dtype=backbone.dtype, param_dtype=backbone.param_dtype, name=None)
-    norm = functools.partial(norm_module.apply, {"params": params["norm"]})  # the backbone's final norm
-    last = [norm(blocks[f"blocks_{i}"]["tokens"][0]) for i in range(backbone.depth - n_last_blocks, backbone.depth)]
-    output = jnp.concatenate([x[:, 0] for x in last], axis=-1)
-    if avgpool:  # torch.cat((cls.unsqueeze(-1), mean.unsqueeze(-1)), -1).reshape(B, -1): interleaved
-        prefix = 2 if backbone.distilled else 1
-        output = jnp.stack([output, jnp.mean(last[-1][:, prefix:], axis=1)], axis=-1).reshape(output.shape[0], -1)
-    return output.astype(jnp.float32)
+features = batched.block_features  # the module docstring's features
 
 
 def init_state(rng, *, setup: LinearSetup) -> LinearState:

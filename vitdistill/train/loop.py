@@ -12,6 +12,7 @@ import os
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 
 from vitdistill import paths
@@ -46,6 +47,21 @@ class Task:
     prepare_state: Optional[Callable[[Any], Any]] = None   # a fresh (not resumed) state -> state
     check_metrics: Optional[Callable[[int, dict], Optional[str]]] = None  # (step, host metrics) -> a warning
     summarize: Optional[Callable[[dict], str]] = None  # final metrics -> what process 0 prints at the end
+
+
+def evaluation_task(name: str, *, source, transform: Callable, evaluate: Callable, length: RunLength, frozen,
+                    summarize: Optional[Callable[[dict], str]] = None) -> Task:
+    """A task that trains nothing (k-NN, logistic regression): an empty state, a step that does nothing, and
+    everything in `evaluate(state, frozen)`; `source` and `transform` (image -> example) are never read."""
+    from vitdistill.train.state import TrainState
+
+    def init(rng):
+        del rng
+        return TrainState(step=jnp.zeros((), jnp.int32), params={}, opt_state={})
+
+    return Task(name=name, data=pipeline.TrainData(source, lambda image, seed: transform(image)), init=init,
+                train_step=lambda state, batch, frozen: (state, {"loss": jnp.zeros(())}), evaluate=evaluate,
+                length=length, frozen=frozen, summarize=summarize)
 
 
 def state_layout(task: Task, mesh, seed: int):
