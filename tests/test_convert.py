@@ -193,3 +193,42 @@ def test_cli_converts_dino_training_checkpoint(tmp_path):
         assert_close(model.apply({'params': backbone}, jnp.asarray(images.numpy().transpose(0, 2, 3, 1))), expected)
     assert set(variables['params']) == {'backbone', 'head'}
     assert 'weight_g' not in variables['params']['head']['last_layer']
+
+
+@needs_torch
+def test_a_truncated_or_foreign_file_is_named_in_one_line(tmp_path):
+    variables = jax.jit(create('deit_micro_patch4_32').init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    torch.save({'model': {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in torch_layout(variables).items()}},
+               tmp_path / 'whole.pth')
+    data = (tmp_path / 'whole.pth').read_bytes()
+    (tmp_path / 'truncated.pth').write_bytes(data[:len(data) // 2])
+    (tmp_path / 'notes.pth').write_bytes(b'these are my notes, not a checkpoint\n' * 20)
+    for name in ('truncated.pth', 'notes.pth'):
+        with pytest.raises(ValueError, match=rf'{name} \([\d,]+ bytes\) is not a readable PyTorch checkpoint: it is '
+                                             'truncated, or was not written by torch.save'):
+            from_torch(str(tmp_path / name), 'deit_micro_patch4_32')
+    result = subprocess.run([sys.executable, '-m', 'vitdistill.convert', f'--checkpoint={tmp_path / "truncated.pth"}',
+                             '--model=deit_micro_patch4_32', f'--output={tmp_path / "out"}'], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith('error: ') and 'not a readable PyTorch' in result.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+@needs_torch
+def test_a_checkpoint_of_another_model_names_the_models_it_fits():
+    distilled = jax.jit(create('deit_micro_distilled_patch4_32').init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match=r'(?s)does not fit deit_micro_patch4_32.*The checkpoint fits '
+                                         r'deit_micro_distilled_patch4_32: convert it with '
+                                         r'--model=deit_micro_distilled_patch4_32'):
+        from_torch(torch_layout(distilled), 'deit_micro_patch4_32')
+    # A DINO backbone (no classifier, no distillation token) converted as a distilled DeiT: the plain ViTs fit.
+    torch.manual_seed(0)
+    backbone = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=4, embed_dim=128, depth=4,
+                                                                num_heads=4, num_classes=0)
+    with pytest.raises(ValueError, match=r'(?s)missing     dist_token.*The checkpoint fits deit_micro_patch4_32, '
+                                         r'vit_micro_patch4_32'):
+        from_torch({'teacher': backbone.state_dict()}, 'deit_micro_distilled_patch4_32')
+    # ... and as the plain DeiT it converts as a backbone (no classifier to restore: fine-tuning adds one).
+    converted = from_torch({'teacher': backbone.state_dict()}, 'deit_micro_patch4_32')
+    assert 'head' not in converted['params'] and converted['params']['pos_embed'].shape == (1, 65, 128)

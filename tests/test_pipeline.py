@@ -194,6 +194,11 @@ def test_image_folder_reads_classes_and_names_a_corrupt_file(tmp_path):
     assert str(tmp_path / "train" / "dog" / "9.png") in suspects
     with pytest.raises(DataError, match="does not exist"):
         sources.image_folder(str(tmp_path), "val")
+    (tmp_path / "train" / "eel").mkdir()  # a class folder with no images (torchvision's ImageFolder refuses it)
+    (tmp_path / "train" / "eel" / "notes.txt").write_text("to do")
+    with pytest.raises(DataError, match=r"1 class folder\(s\) of .*train' hold no images .*: eel\. Remove them"):
+        sources.image_folder(str(tmp_path), "train")
+    assert sources.image_folder(str(tmp_path), "train", class_names=["cat", "dog", "eel"]).num_examples == 7
 
 
 def test_unknown_source_and_unprepared_tfds_say_what_to_do(tmp_path):

@@ -140,6 +140,30 @@ def test_non_finite_loss_stops_naming_the_step_and_saves_nothing_bad(tmp_path):
     assert not os.listdir(tmp_path / "checkpoints")
 
 
+def test_an_update_that_makes_the_weights_non_finite_is_never_saved(tmp_path):
+    """The loss of a step is computed before its update: with lr 1e39 (inf in float32) the loss is finite
+    but the weights after it are not. With a checkpoint every step, nothing non-finite may reach disk and
+    the last good checkpoint must stay as it was."""
+    config = _deit_config("none", steps=2)
+    config.checkpoint_every_steps = 1
+    config.log_every_steps = 1
+    methods.train_and_evaluate(config, str(tmp_path))
+    _, good = _restore_raw(str(tmp_path), 2)
+    config.max_steps = 4
+    config.optim.lr = config.optim.warmup_lr = 1e39  # step 3 is in epoch 0's warm-up (per-epoch schedule)
+    with pytest.raises(NonFiniteLossError, match=r"update at step 3 left \d+ non-finite arrays in the state") as err:
+        methods.train_and_evaluate(config, str(tmp_path))
+    assert "the last good checkpoint is step 2" in str(err.value) and "params" in str(err.value)
+    with ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints")) as manager:
+        assert max(manager.all_steps()) == 2
+        for step in manager.all_steps():
+            saved = manager.restore(step, args=ocp.args.StandardRestore())
+            assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved)
+                       if np.issubdtype(np.asarray(x).dtype, np.inexact)), step
+    _, still = _restore_raw(str(tmp_path), 2)
+    jax.tree.map(np.testing.assert_array_equal, still, good)
+
+
 def test_eval_only_run_of_a_saved_model_reproduces_its_accuracy(tmp_path):
     from vitdistill import weights
 
@@ -198,3 +222,31 @@ def test_a_given_teacher_checkpoint_is_used_instead_of_training_one(tmp_path):
     name, _, variables = teacher.load_teacher(config, str(tmp_path), num_classes=10)
     assert name == config.teacher.train.model.name and variables is not None
     assert not os.path.exists(os.path.join(tmp_path, "teacher"))  # nothing was trained
+
+
+def test_a_workdir_refuses_another_runs_config_before_writing_anything(tmp_path):
+    """A DeiT workdir resumed with a DINO config, with another model, or with a config whose state has other
+    shapes: each one message naming what differs, and config.json and the checkpoints untouched."""
+    from vitdistill.errors import UserError
+
+    config = _deit_config("none", steps=2)
+    methods.train_and_evaluate(config, str(tmp_path))
+    config_file = tmp_path / "config.json"
+    before = (config_file.read_bytes(), sorted(os.listdir(tmp_path / "checkpoints")))
+
+    dino = recipes.dino("vit_micro_patch4_32")
+    small_data.use_small_data(dino, "digits")
+    with pytest.raises(ConfigError, match=r"holds another run \(method 'deit' there, 'dino' here; model "
+                                          r"'deit_micro_patch4_32' there, 'vit_micro_patch4_32' here"):
+        methods.train_and_evaluate(dino, str(tmp_path))
+    other_model = _deit_config("hard", steps=4)  # the distilled micro DeiT
+    other_model.distill.kind = "none"
+    with pytest.raises(ConfigError, match="model 'deit_micro_patch4_32' there, 'deit_micro_distilled_patch4_32' here"):
+        methods.train_and_evaluate(other_model, str(tmp_path))
+    other_shapes = _deit_config("none", steps=4)
+    other_shapes.data.image_size = 32  # a 64-patch position embedding where the checkpoint has 16
+    with pytest.raises(CheckpointError, match=r"does not fit this config's model and optimiser: .*pos_embed: saved "
+                                              r"\(1, 17, 128\), this config \(1, 65, 128\)"):
+        methods.train_and_evaluate(other_shapes, str(tmp_path))
+    assert (config_file.read_bytes(), sorted(os.listdir(tmp_path / "checkpoints"))) == before
+    assert issubclass(CheckpointError, UserError)

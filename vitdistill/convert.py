@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from vitdistill.weights import save_variables
-from vitdistill.models import create, create_dino
+from vitdistill.models import MODELS, VisionTransformer, create, create_dino
 
 # torch leaf name -> (Flax collection, Flax leaf name). `weight` depends on the rank: a
 # norm's 1-D weight is its `scale`, a Linear/conv weight its `kernel`. Other leaves
@@ -93,12 +93,24 @@ def _torch_load(path: str):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         first_line = str(e).strip().splitlines()[0]
+        if "Unsupported global" not in str(e) and "GLOBAL" not in str(e):
+            raise ValueError(_unreadable(path, first_line)) from None
         raise ValueError(
             f"{path} holds pickled objects other than tensors, which vitdistill never unpickles (it could run "
             f"code): torch.load(weights_only=True) said: {first_line}. If you trust the file, re-save its weights "
             f"as a plain state dict of tensors, e.g. in Python: ckpt = torch.load('{path}', weights_only=False); "
             f"torch.save(ckpt['model'].state_dict() if hasattr(ckpt['model'], 'state_dict') else ckpt['model'], "
             f"'plain.pth')") from None
+    except (RuntimeError, EOFError, KeyError, IndexError, OSError) as e:  # a truncated zip, random bytes
+        raise ValueError(_unreadable(path, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}")
+                         ) from None
+
+
+def _unreadable(path: str, said: str) -> str:
+    size = os.path.getsize(path)
+    return (f"{path} ({size:,} bytes) is not a readable PyTorch checkpoint: it is truncated, or was not written by "
+            f"torch.save (torch.load said: {said[:200]}). Download or copy it again, and check its size against "
+            "the source's.")
 
 
 def _to_numpy(name: str, value) -> np.ndarray:
@@ -189,6 +201,7 @@ def from_torch(checkpoint: str | Mapping[str, Any], name: str, *, key: str | Non
     listing every missing, unexpected and mis-shaped parameter.
     """
     sd = state_dict(checkpoint, key=key)
+    user_overrides = dict(overrides)
     head_keys = [k for k in sd if k.startswith(DINO_HEAD_PREFIXES)]
     if with_head:
         if not head_keys:
@@ -204,15 +217,34 @@ def from_torch(checkpoint: str | Mapping[str, Any], name: str, *, key: str | Non
         if head_keys:
             logging.warning('skipping the DINO head (%d arrays); pass with_head=True to convert it', len(head_keys))
         sd = {k: v for k, v in sd.items() if k not in head_keys}
-        if 'num_classes' not in overrides and _classifier_classes(sd) is not None:
-            overrides['num_classes'] = _classifier_classes(sd)  # a fine-tuned checkpoint: its own class count
+        overrides = {**_class_count(sd, name), **overrides}
         module = create(name, **overrides)
 
     expected = jax.eval_shape(module.init, jax.random.key(0), _example_input(module))
     expected = flax.traverse_util.flatten_dict(expected)
     converted = {flax_path(k, v.ndim): (k, v) for k, v in sd.items()}
+    problems = _problems(converted, expected, name)
+    if problems:
+        raise ValueError(_misfit_message(sd, name, problems, with_head=with_head, user_overrides=user_overrides))
 
-    problems = {}  # torch key -> line
+    flat = {path: flax_layout(v).astype(expected[path].dtype) for path, (_, v) in converted.items()}
+    return flax.traverse_util.unflatten_dict(flat)
+
+
+def _class_count(sd, name: str) -> dict:
+    """`num_classes` for `create(name)`: the checkpoint's classifier's, or 0 (a backbone: DINO's, or any
+    checkpoint without a classifier; fine-tuning adds a fresh head) for a classifier model."""
+    classes = _classifier_classes(sd)
+    if classes is not None:
+        return {'num_classes': classes}
+    if MODELS.get(name) is not None and MODELS[name][0] is VisionTransformer:
+        return {'num_classes': 0}
+    return {}
+
+
+def _problems(converted, expected, name: str) -> dict:
+    """{torch key: one line} for every missing, unexpected and mis-shaped parameter."""
+    problems = {}
     for path in sorted(expected.keys() - converted.keys()):
         problems[torch_key(path)] = (f"  missing     {torch_key(path)} -> {'/'.join(path)} "
                                      f"{_shape(expected[path].shape)}")
@@ -224,19 +256,47 @@ def from_torch(checkpoint: str | Mapping[str, Any], name: str, *, key: str | Non
         if flax_layout(v).shape != expected[path].shape:
             problems[k] = (f"  mis-shaped  {k} {_shape(v.shape)} -> {'/'.join(path)} {_shape(flax_layout(v).shape)}, "
                            f"{name} expects {_shape(expected[path].shape)}")
-    if problems:
-        hint = ''
-        if all(k.startswith('head') for k in problems):
-            hint = "\n(only the classifier head differs: pass the checkpoint's num_classes to from_torch)"
-        elif list(problems) == ['pos_embed']:
-            hint = ("\n(only the position embedding differs: pass the checkpoint's img_size to from_torch; the "
-                    "model resamples it for other input sizes at run time)")
-        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-        raise ValueError(f"checkpoint does not fit {name}{' with its DINO head' if with_head else ''} ({count}):\n"
-                         + '\n'.join(problems.values()) + hint)
+    return problems
 
-    flat = {path: flax_layout(v).astype(expected[path].dtype) for path, (_, v) in converted.items()}
-    return flax.traverse_util.unflatten_dict(flat)
+
+def fitting_models(sd) -> list[str]:
+    """The model names whose parameters a backbone/classifier state dict fits exactly (shapes only)."""
+    converted = {flax_path(k, v.ndim): (k, v) for k, v in sd.items()}
+    fits = []
+    for candidate in MODELS:
+        try:
+            module = create(candidate, **_class_count(sd, candidate))
+            expected = flax.traverse_util.flatten_dict(
+                jax.eval_shape(module.init, jax.random.key(0), _example_input(module)))
+        except Exception:  # noqa: BLE001 - a model that cannot even be built for these weights does not fit
+            continue
+        if not _problems(converted, expected, candidate):
+            fits.append(candidate)
+    return fits
+
+
+SHOWN_PROBLEMS = 12
+
+
+def _misfit_message(sd, name: str, problems: dict, *, with_head: bool, user_overrides: dict) -> str:
+    count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+    lines = list(problems.values())
+    shown = lines[:SHOWN_PROBLEMS] + ([f"  ... and {len(lines) - SHOWN_PROBLEMS} more"]
+                                      if len(lines) > SHOWN_PROBLEMS else [])
+    hint = ''
+    backbone = {k.removeprefix('backbone.'): v for k, v in sd.items() if not k.startswith(DINO_HEAD_PREFIXES)}
+    fits = [] if user_overrides else [m for m in fitting_models(backbone) if m != name]
+    if fits:
+        hint = (f"\nThe checkpoint fits {', '.join(fits)}: convert it with --model={fits[0]}"
+                + (" (with --with_head for its DINO head)" if with_head else ""))
+    elif list(problems) == ['pos_embed']:
+        hint = ("\n(only the position embedding differs: the checkpoint was trained at another image size; "
+                "from_torch(..., img_size=N) builds the model at that size)")
+    elif not user_overrides:
+        hint = ("\nNo vitdistill model has these shapes; for a ViT of another width, depth or patch size add "
+                "it to vitdistill.models.MODELS")
+    return (f"checkpoint does not fit {name}{' with its DINO head' if with_head else ''} ({count}):\n"
+            + '\n'.join(shown) + hint)
 
 
 # ---------------------------------------------------------------------------

@@ -166,6 +166,7 @@ def image_folder(root: str, split: Optional[str] = None, *, class_names: Optiona
     if not paths.isdir(directory):
         raise DataError(f"Image folder {directory!r} does not exist. Expected {root}/<split>/<class>/*.jpg "
                         f"(split {split!r}); set --config.data.data_dir and the split names.")
+    discovered = not class_names
     class_names = class_names or sorted(d for d in paths.listdir(directory) if paths.isdir(os.path.join(directory, d)))
     if not class_names:
         raise DataError(f"{directory!r} has no class sub-folders; expected {directory}/<class>/*.jpg")
@@ -180,6 +181,11 @@ def image_folder(root: str, split: Optional[str] = None, *, class_names: Optiona
                 labels.append(label)
     if not files:
         raise DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {directory!r}/<class>/")
+    empty = [name for label, name in enumerate(class_names) if label not in set(labels)] if discovered else []
+    if empty:  # torchvision's ImageFolder refuses them too: a class no image can teach
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise DataError(f"{len(empty)} class folder(s) of {directory!r} hold no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                        f"{shown}. Remove them or add images; every sub-folder is a class.")
     paths_t = tf.constant(files)
     labels_t = tf.constant(np.asarray(labels, np.int32))
 

@@ -21,7 +21,7 @@ from vitdistill.errors import BadImageError, NonFiniteLossError, Preempted
 from vitdistill.train import sharding
 from vitdistill.train import preemption
 from vitdistill.train.preemption import StopRequests
-from vitdistill.train.reporting import Reporter, save_config
+from vitdistill.train.reporting import CONFIG_FILE, Reporter, save_config
 from vitdistill.train.schedules import RunLength
 from vitdistill.train.state_checkpoints import StateCheckpoints
 
@@ -104,6 +104,55 @@ def _finite_or_raise(step: int, metrics: dict, workdir: str, last_saved: Optiona
             "(--config.model.dtype=float32), or check the data for bad images/labels.")
 
 
+@jax.jit
+def _non_finite_leaves(state) -> dict:
+    """{path: True if that floating array holds a NaN or an infinity} over the state."""
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {jax.tree_util.keystr(path): ~jnp.all(jnp.isfinite(x)) for path, x in flat
+            if jnp.issubdtype(x.dtype, jnp.inexact)}
+
+
+def _state_finite_or_raise(step: int, state, workdir: str, last_saved: Optional[int]):
+    """Before a save: a state whose loss was finite may still hold non-finite values after its update (an
+    update of inf, an overflow in the optimiser's moments); such a state is never saved."""
+    bad = sorted(path for path, flag in sharding.to_host(_non_finite_leaves(state)).items() if flag)
+    if bad:
+        where = (f"the last good checkpoint is step {last_saved} in {workdir}/checkpoints (re-running the same "
+                 "command resumes from it)") if last_saved is not None else "no checkpoint was saved yet"
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise NonFiniteLossError(
+            f"The update at step {step} left {len(bad)} non-finite arrays in the state ({shown}); stopped "
+            f"without saving it ({where}). Lower --config.optim.lr, enable gradient clipping "
+            "(--config.optim.clip_grad), use float32 (--config.model.dtype=float32), or check the data.")
+
+
+def _check_same_run(config, workdir: str) -> str:
+    """Refuses, before anything in `workdir` is written, a config of another method or model than the run
+    whose config.json is there; returns that run's description ('' for a fresh workdir)."""
+    import json
+
+    from tensorflow.io import gfile
+
+    from vitdistill.errors import ConfigError
+
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not gfile.exists(path):
+        return ""
+    try:
+        with gfile.GFile(path) as f:
+            saved = json.load(f)
+    except (ValueError, OSError):
+        return ""  # unreadable (a run killed while writing it): the checkpoints' shapes still decide
+    mine = {"method": config.get("method"), "model": config.get("model", {}).get("name")}
+    theirs = {"method": saved.get("method"), "model": (saved.get("model") or {}).get("name")}
+    differ = [f"{key} {theirs[key]!r} there, {mine[key]!r} here" for key in mine
+              if theirs[key] is not None and mine[key] is not None and theirs[key] != mine[key]]
+    if differ:
+        raise ConfigError(f"--workdir={workdir} holds another run ({'; '.join(differ)}; its config is {path}). "
+                          "Resume it with its own config, or give this run another --workdir.")
+    return f"written by a {theirs['method']} run of {theirs['model']}"
+
+
 def _initial_state(task: Task, config, checkpoints: StateCheckpoints, state_shardings, abstract):
     """The latest checkpoint's state, or a fresh one (with pretrained weights if the task loads any)."""
     if checkpoints.latest_step() is not None:
@@ -130,9 +179,11 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
     source = task.data.source
     total_steps = task.length.total_steps
     pipeline.check_batch_size(config.batch_size, jax.device_count(), source.num_examples, source.name)
-    save_config(config, workdir)
+    saved_run = _check_same_run(config, workdir)
     abstract, state_shardings = state_layout(task, mesh, config.seed)
     checkpoints = StateCheckpoints(workdir, every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints)
+    checkpoints.check_fits(abstract, saved_run=saved_run)
+    save_config(config, workdir)  # only once the workdir is known to hold this run (or nothing)
     state, resumed = _initial_state(task, config, checkpoints, state_shardings, abstract)
     step = int(jax.device_get(state.step))
     frozen = place_frozen(task, mesh)
@@ -170,6 +221,7 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
                 reporter.advance(step)
             if is_last or step % checkpoints.every_steps == 0:
                 _finite_or_raise(step, sharding.to_host(metrics), workdir, last_saved)
+                _state_finite_or_raise(step, state, workdir, last_saved)
                 if checkpoints.maybe_save(step, state, force=is_last):
                     last_saved = step
             if task.eval_every_steps and step % task.eval_every_steps == 0 and not is_last:
@@ -207,6 +259,8 @@ def _plot_curves(workdir: str, config) -> None:
 def _save_before_stopping(checkpoints: StateCheckpoints, step: int, state, metrics, last_saved) -> Optional[int]:
     """Saves `state` at `step` unless it is saved already or its last loss was not finite; the last saved step."""
     if metrics is not None and step > (last_saved or 0) and math.isfinite(float(sharding.to_host(metrics)["loss"])):
+        if any(sharding.to_host(_non_finite_leaves(state)).values()):
+            return last_saved  # stopping anyway: keep the last good checkpoint
         checkpoints.maybe_save(step, state, force=True)
         return step
     return last_saved

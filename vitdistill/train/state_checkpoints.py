@@ -51,6 +51,32 @@ class StateCheckpoints:
                 f"The checkpoint at step {step} in {self.directory} does not fit this config's model and optimiser "
                 f"({e}). Either use the config that wrote it, or start afresh in another --workdir.") from e
 
+    def check_fits(self, abstract_state, *, saved_run: str = "") -> None:
+        """Raises CheckpointError naming the arrays whose shape or presence differ, if the latest checkpoint
+        cannot restore into `abstract_state`; reads metadata only. `saved_run` describes the run that wrote it."""
+        step = self.latest_step()
+        if step is None:
+            return
+        saved = self.manager.item_metadata(step)
+        saved = getattr(saved, "tree", saved)
+        if not isinstance(saved, dict):
+            return
+        target = flax.serialization.to_state_dict(abstract_state)
+        for name in _empty_extra_fields(saved, abstract_state):
+            saved = {k: v for k, v in saved.items() if k != name}
+        want = _shapes(target)
+        have = _shapes(saved)
+        problems = [f"{path}: saved {have[path]}, this config {want[path]}" for path in sorted(set(want) & set(have))
+                    if have[path] != want[path]]
+        problems += [f"{path}: not in the checkpoint" for path in sorted(set(want) - set(have))]
+        problems += [f"{path}: only in the checkpoint" for path in sorted(set(have) - set(want))]
+        if problems:
+            shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+            raise CheckpointError(
+                f"{self.directory} (step {step}{', ' + saved_run if saved_run else ''}) does not fit this config's "
+                f"model and optimiser: {shown}. Resume with the config that wrote it, or start afresh in another "
+                "--workdir.")
+
     def maybe_save(self, step: int, state, *, force: bool = False) -> bool:
         if not force and step % self.every_steps:
             return False
@@ -64,6 +90,16 @@ class StateCheckpoints:
         """Waits for asynchronous saves to land (nothing is lost at exit)."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _shapes(tree) -> dict:
+    """{'a/b/c': shape} of every array leaf of a nested dict (metadata or abstract arrays)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        shape = getattr(leaf, "shape", None)
+        if shape is not None:
+            out["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = tuple(shape)
+    return out
 
 
 def _empty_extra_fields(saved_metadata, abstract_state) -> list:
