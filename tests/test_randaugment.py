@@ -22,20 +22,20 @@ OP_CASES = {
     "solarize_26": (ra.solarize, "solarize", 26, 0.0),
     "solarize_128": (ra.solarize, "solarize", 128, 0.0),
     "solarize_add_99": (ra.solarize_add, "solarize_add", 99, 0.0),
-    "color_0.19": (ra.color, "color", 0.19, 0.7),
-    "color_1.81": (ra.color, "color", 1.81, 0.7),
-    "contrast_0.19": (ra.contrast, "contrast", 0.19, 0.7),
-    "contrast_1.81": (ra.contrast, "contrast", 1.81, 0.7),
-    "brightness_0.19": (ra.brightness, "brightness", 0.19, 0.7),
-    "brightness_1.81": (ra.brightness, "brightness", 1.81, 0.7),
-    "sharpness_0.19": (ra.sharpness, "sharpness", 0.19, 0.7),
-    "sharpness_1.81": (ra.sharpness, "sharpness", 1.81, 0.7),
-    "rotate_27": (ra.rotate, "rotate", 27.0, 0.7),
-    "rotate_-13.5": (ra.rotate, "rotate", -13.5, 0.7),
-    "shear_x_0.27": (ra.shear_x, "shear_x", 0.27, 0.7),
-    "shear_y_-0.27": (ra.shear_y, "shear_y", -0.27, 0.7),
-    "translate_x_rel_0.405": (ra.translate_x_rel, "translate_x_rel", 0.405, 0.7),
-    "translate_y_rel_-0.1234": (ra.translate_y_rel, "translate_y_rel", -0.1234, 0.7),
+    "color_0.19": (ra.color, "color", 0.19, 0.0),
+    "color_1.81": (ra.color, "color", 1.81, 0.0),
+    "contrast_0.19": (ra.contrast, "contrast", 0.19, 0.0),
+    "contrast_1.81": (ra.contrast, "contrast", 1.81, 0.0),
+    "brightness_0.19": (ra.brightness, "brightness", 0.19, 0.0),
+    "brightness_1.81": (ra.brightness, "brightness", 1.81, 0.0),
+    "sharpness_0.19": (ra.sharpness, "sharpness", 0.19, 0.0),
+    "sharpness_1.81": (ra.sharpness, "sharpness", 1.81, 0.0),
+    "rotate_27": (ra.rotate, "rotate", 27.0, 0.01),
+    "rotate_-13.5": (ra.rotate, "rotate", -13.5, 0.01),
+    "shear_x_0.27": (ra.shear_x, "shear_x", 0.27, 0.01),
+    "shear_y_-0.27": (ra.shear_y, "shear_y", -0.27, 0.01),
+    "translate_x_rel_0.405": (ra.translate_x_rel, "translate_x_rel", 0.405, 0.01),
+    "translate_y_rel_-0.1234": (ra.translate_y_rel, "translate_y_rel", -0.1234, 0.01),
 }
 GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x_rel", "translate_y_rel")
 
@@ -78,8 +78,11 @@ def test_op_matches_timm_eagerly_and_in_tf_data(case):
         got = eager(_our_op(fn, arg), x)
         difference = np.abs(got - want)
         assert difference.mean() <= tolerance + 1e-6, f"{case} on {name}: mean |diff| {difference.mean():.3f}"
-        assert difference.max() <= (0 if tolerance == 0 else 1.5), f"{case} on {name}: max |diff| {difference.max()}"
-        np.testing.assert_allclose(in_tf_data(_our_op(fn, arg), x), got, atol=1e-2)  # graph vs eager rounding
+        # Photometric ops: PIL's uint8 levels exactly. Warps: PIL interpolates in double, we in float32, so a
+        # level within float32 rounding of an integer can truncate to its neighbour (at most 0.3 % of values here).
+        assert difference.max() <= (0 if tolerance == 0 else 1.0), f"{case} on {name}: max |diff| {difference.max()}"
+        graph = np.abs(in_tf_data(_our_op(fn, arg), x) - got)  # graph vs eager: float32 rounding, then truncation
+        assert graph.max() <= (1e-2 if tolerance == 0 else 1.0) and graph.mean() <= max(tolerance, 1e-4), case
         change = max(change, np.abs(want - x).mean())
     assert change > 1.0, f"{case} barely changes the test images: a weak test"
 
@@ -96,9 +99,9 @@ def test_geometric_ops_bilinear_match_timm_bilinear(case):
         got = eager(lambda x: fn(x, arg, interpolation="bilinear"), image.astype(np.float32))
         difference = np.abs(got - want)
         assert difference.mean() <= tolerance, f"{case} on {name}: mean |diff| {difference.mean():.3f}"
-        assert difference.max() <= 1.5, f"{case} on {name}: max |diff| {difference.max()}"
-        np.testing.assert_allclose(in_tf_data(lambda x: fn(x, arg, interpolation="bilinear"), image.astype(np.float32)),
-                                   got, atol=1e-2)
+        assert difference.max() <= 1.0, f"{case} on {name}: max |diff| {difference.max()}"
+        graph = np.abs(in_tf_data(lambda x: fn(x, arg, interpolation="bilinear"), image.astype(np.float32)) - got)
+        assert graph.max() <= 1.0 and graph.mean() <= tolerance, case
         if name != "dim china" and not case.startswith("translate"):  # whole-pixel shifts are the same either way
             other = np.abs(got - _timm_op(timm_name, arg, pil, "BICUBIC")).mean()
             assert other > tolerance, f"{case} on {name}: PIL's bilinear and bicubic differ by only {other:.3f}"
@@ -144,7 +147,11 @@ def test_apply_op_matches_timm_augment_op(magnitude, sign, monkeypatch):
         want = np.asarray(auto_augment.AugmentOp(name, prob=1.0, magnitude=magnitude, hparams=hparams)(
             Image.fromarray(image))).astype(np.float32)
         got = eager(lambda x, i=index: ra.apply_op(x, i, magnitude, sign), image.astype(np.float32))
-        assert np.abs(got - want).mean() <= 0.7, f"{name}: mean |diff| {np.abs(got - want).mean():.3f}"
+        difference = np.abs(got - want)
+        if name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"):
+            assert difference.mean() <= 0.01 and difference.max() <= 1.0, f"{name}: mean |diff| {difference.mean():.3f}"
+        else:
+            assert difference.max() == 0, f"{name}: max |diff| {difference.max()}"
 
 
 def test_posterize_to_zero_bits_is_black():
@@ -204,3 +211,22 @@ def test_rand_augment_applies_its_sampled_ops():
             if apply:
                 want = ra.apply_op(want, op, magnitude, sign)
         np.testing.assert_allclose(ra.rand_augment(image, seed), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("first,second", [(("brightness", 1.81), ("posterize", 1)), (("color", 0.19), ("solarize", 128)),
+                                          (("sharpness", 0.19), ("equalize", None)),
+                                          (("contrast", 1.81), ("auto_contrast", None))])
+def test_chained_ops_see_pils_uint8_levels(first, second):
+    """RandAugment applies two ops; PIL stores uint8 between them. An op that kept fractions would send
+    levels like 127.6 (PIL: 127) to Posterize(1 bit) as 128 and flip them from 0 to 128."""
+    from PIL import Image
+
+    auto_augment = pytest.importorskip("timm.data.auto_augment")
+    for name in IMAGES:
+        image = sample_image(name)
+        pil = Image.fromarray(image)
+        ours = tf.constant(image, tf.float32)
+        for op, arg in (first, second):
+            pil = getattr(auto_augment, op)(pil, *(() if arg is None else (arg,)))
+            ours = getattr(ra, op)(ours, *(() if arg is None else (arg,)))
+        np.testing.assert_array_equal(ours.numpy(), np.asarray(pil).astype(np.float32), err_msg=f"{first}, {second}")

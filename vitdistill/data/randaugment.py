@@ -1,9 +1,12 @@
 """timm's RandAugment `rand-m9-mstd0.5-inc1` (DeiT's `--aa`) in TensorFlow, one image at a time.
 
 Each op mirrors the PIL operation timm calls (`timm/data/auto_augment.py`) on float32 RGB images
-in 0..255 units, so that `tf.data` can run it in graph mode. Images stay float between ops (PIL
-rounds to uint8 after each); the ops PIL defines by a 256-entry lookup table (AutoContrast,
-Equalize, Posterize) first round to integer levels, as PIL sees them. Geometric ops reproduce
+in 0..255 units, so that `tf.data` can run it in graph mode, and returns the uint8 levels PIL
+stores (as float32): the ImageEnhance blends (libImaging/Blend.c) and the affine warps
+(Geometry.c) truncate towards zero and clip, grayscale is PIL's integer `L` ((19595 R + 38470 G
++ 7471 B + 2^15) >> 16), the SMOOTH filter of Sharpness rounds. So the next op, like PIL's, sees
+integer levels (Solarize's threshold 128 included). The ops PIL defines by a 256-entry lookup
+table (AutoContrast, Equalize, Posterize) round their input to integer levels. Geometric ops reproduce
 PIL's affine warp (`Image.transform`, libImaging/Geometry.c), edge rule included, bicubic by
 default as timm under DeiT's `interpolation='bicubic'` (PIL's cubic convolution with a = -1, the
 result clipped to 0..255) or bilinear.
@@ -27,7 +30,6 @@ OP_NAMES = (
 MAX_LEVEL = 10.0  # timm's _LEVEL_DENOM: magnitudes are clipped to [0, 10] and divided by it
 TRANSLATE_PCT = 0.45  # timm's default `translate_pct` for TranslateXRel/YRel
 
-_LUMA = (0.299, 0.587, 0.114)  # PIL's convert("L") weights (ITU-R 601-2)
 
 
 def _clip(image):
@@ -46,13 +48,20 @@ def _apply_lut(levels, lut):
 
 
 def luma(image):
-    """PIL's grayscale `L` of an RGB image, unrounded, shape [H, W, 1]."""
-    return tf.tensordot(image, tf.constant(_LUMA, image.dtype), axes=[[-1], [0]])[..., None]
+    """PIL's grayscale `L` of an RGB image (`convert("L")`: the integer ITU-R 601-2 weights, rounded), as
+    float32 levels of shape [H, W, 1]."""
+    r, g, b = tf.unstack(tf.cast(_levels(image), tf.int32), axis=-1)
+    return tf.cast(tf.bitwise.right_shift(r * 19595 + g * 38470 + b * 7471 + 0x8000, 16), tf.float32)[..., None]
+
+
+def _uint8(image):
+    """PIL's store of a float result into uint8 (Blend.c, Geometry.c): clipped to 0..255, truncated."""
+    return tf.floor(_clip(image))
 
 
 def _blend(degenerate, image, factor):
     """PIL's `Image.blend(degenerate, image, factor)`, the core of every ImageEnhance op."""
-    return _clip(degenerate + tf.cast(factor, tf.float32) * (image - degenerate))
+    return _uint8(degenerate + tf.cast(factor, tf.float32) * (image - degenerate))
 
 
 # ----- photometric ops (PIL ImageOps / ImageEnhance) ------------------------------------------
@@ -119,7 +128,7 @@ def color(image, factor):
 
 
 def contrast(image, factor):
-    """ImageEnhance.Contrast: blend with the grayscale image's mean, rounded to a level as PIL does."""
+    """ImageEnhance.Contrast: blend with the mean of the grayscale levels, rounded to a level as PIL does."""
     mean = tf.floor(tf.reduce_mean(luma(image)) + 0.5)
     return _blend(mean, image, factor)
 
@@ -134,6 +143,7 @@ def sharpness(image, factor):
     kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
     kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
     smooth = tf.nn.depthwise_conv2d(image[None], kernel, strides=[1, 1, 1, 1], padding="VALID")[0]
+    smooth = tf.floor(_clip(smooth) + 0.5)  # Filter.c rounds its 8-bit result
     border = [[1, 1], [1, 1], [0, 0]]
     interior = tf.pad(tf.ones_like(smooth[..., :1]), border)
     degenerate = interior * tf.pad(smooth, border) + (1.0 - interior) * image
@@ -143,6 +153,7 @@ def sharpness(image, factor):
 # ----- geometric ops (PIL Image.transform, AFFINE) ------------------------------------------
 
 INTERPOLATIONS = ("bicubic", "bilinear")
+WARP_NUDGE = 1e-3  # levels; see _affine
 
 
 def _check_interpolation(interpolation):
@@ -202,7 +213,9 @@ def _affine(image, matrix, fill, interpolation="bicubic"):
         warped = tf.raw_ops.ImageProjectiveTransformV3(
             images=image[None], transforms=tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])[None],
             output_shape=shape[:2], fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")[0]
-    filled = tf.where(inside[..., None], warped, tf.constant(fill, tf.float32))
+    # A level that is an integer in PIL's double arithmetic (a flat region: weights summing to 1) can come out
+    # a hair below it in float32; the nudge keeps it from truncating to the level below.
+    filled = tf.where(inside[..., None], _uint8(warped + WARP_NUDGE), tf.constant(fill, tf.float32))
     return tf.ensure_shape(filled, image.shape)
 
 
