@@ -196,7 +196,10 @@ def test_rand_augment_eager_matches_tf_data_and_seeds_matter():
     assert graph.min() >= 0.0 and graph.max() <= 255.0
     assert len({g.tobytes() for g in graph}) > 8
     for k in range(4):
-        np.testing.assert_allclose(eager(ra.rand_augment, image, seeds[k]), graph[k], atol=1e-3)
+        # Graph and eager float32 may differ in the last bit; truncation to uint8 levels can turn that into one
+        # level on a warp's few near-integer values.
+        difference = np.abs(eager(ra.rand_augment, image, seeds[k]) - graph[k])
+        assert difference.max() <= 1.0 and np.mean(difference > 1e-3) <= 0.005, k
     np.testing.assert_array_equal(ra.rand_augment(image, seeds[0], prob=0.0), image)
     np.testing.assert_array_equal(ra.rand_augment(image, seeds[0], num_ops=0), image)
 
