@@ -93,11 +93,15 @@ def jit_train_step(task: Task, mesh, state_shardings, frozen):
                    donate_argnums=(0,))
 
 
+def _last_good(workdir: str, last_saved: Optional[int]) -> str:
+    return (f"the last good checkpoint is step {last_saved} in {workdir}/checkpoints (re-running the same "
+            "command resumes from it)") if last_saved is not None else "no checkpoint was saved yet"
+
+
 def _finite_or_raise(step: int, metrics: dict, workdir: str, last_saved: Optional[int]):
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
-        where = (f"the last good checkpoint is step {last_saved} in {workdir}/checkpoints (re-running the same "
-                 "command resumes from it)") if last_saved is not None else "no checkpoint was saved yet"
+        where = _last_good(workdir, last_saved)
         raise NonFiniteLossError(
             f"Loss is {loss} at step {step}; stopped without saving that state ({where}). Lower "
             "--config.optim.lr, enable gradient clipping (--config.optim.clip_grad), use float32 "
@@ -117,8 +121,7 @@ def _state_finite_or_raise(step: int, state, workdir: str, last_saved: Optional[
     update of inf, an overflow in the optimiser's moments); such a state is never saved."""
     bad = sorted(path for path, flag in sharding.to_host(_non_finite_leaves(state)).items() if flag)
     if bad:
-        where = (f"the last good checkpoint is step {last_saved} in {workdir}/checkpoints (re-running the same "
-                 "command resumes from it)") if last_saved is not None else "no checkpoint was saved yet"
+        where = _last_good(workdir, last_saved)
         shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
         raise NonFiniteLossError(
             f"The update at step {step} left {len(bad)} non-finite arrays in the state ({shown}); stopped "
