@@ -77,12 +77,14 @@ def resized_crop(image, box, size, *, method="bicubic"):
     """Crop `box` = (top, left, height, width) and resize to size x size as PIL does.
 
     `antialias=True` widens the kernel when shrinking, like PIL's resize; TF's bicubic is Keys'
-    a = -0.5, PIL's too. Values are clipped to 0..255, as PIL's uint8 output is.
+    a = -0.5, PIL's too. The result is rounded to uint8 levels, as PIL's resampler stores it, so that the
+    ops after the crop see what they see in torchvision.
     """
     top, left, crop_h, crop_w = box
     crop = tf.slice(tf.cast(image, tf.float32), tf.stack([top, left, 0]), tf.stack([crop_h, crop_w, -1]))
     resized = tf.image.resize(crop, [size, size], method=method, antialias=True)
-    return tf.ensure_shape(tf.clip_by_value(resized, 0.0, 255.0), [size, size, image.shape[-1]])
+    levels = tf.floor(tf.clip_by_value(resized, 0.0, 255.0) + 0.5)  # Resample.c rounds halves up
+    return tf.ensure_shape(levels, [size, size, image.shape[-1]])
 
 
 def random_resized_crop(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), method="bicubic"):

@@ -2,7 +2,9 @@
 
 Every view: random resized crop (bicubic), horizontal flip, colour jitter with probability 0.8,
 grayscale with probability 0.2, Gaussian blur, solarisation (second global view only), normalise.
-The photometric ops follow torchvision's PIL code paths (ImageEnhance), in float32 0..255 units.
+The photometric ops follow torchvision's PIL code paths level for level: ImageEnhance, 8-bit HSV for the
+hue, BoxBlur.c for the blur; each takes and returns uint8 levels held in float32, as PIL hands uint8
+images from one op to the next.
 """
 import math
 
@@ -17,9 +19,74 @@ def grayscale(image):
     return tf.tile(randaugment.luma(image), [1, 1, 3])
 
 
+def _c_round(x):
+    """C's round() of non-negative values: halves go up (tf.round sends them to the even neighbour)."""
+    down = tf.floor(x)
+    return tf.where(x - down >= 0.5, down + 1.0, down)
+
+
+def rgb_to_hsv_levels(image):
+    """PIL's `convert("HSV")` (Convert.c rgb2hsv_row) of RGB levels -> int32 (H, S, V), each 0..255.
+
+    In float32, as PIL's variables are, except the steps where PIL's float64 constants change a level
+    (`2.0 + rc - bc` and the hue's wrap, `fmod(h / 6.0 + 1.0, 1.0)`); checked equal to PIL on all 2^24
+    colours.
+    """
+    f32 = tf.float32
+    r, g, b = tf.unstack(randaugment._levels(image), axis=-1)
+    maxc = tf.maximum(r, tf.maximum(g, b))
+    minc = tf.minimum(r, tf.minimum(g, b))
+    grey = tf.equal(maxc, minc)
+    spread = tf.cast(tf.where(grey, 1, maxc - minc), f32)
+    saturation = spread / tf.cast(tf.maximum(maxc, 1), f32)
+    rc, gc, bc = (tf.cast(maxc - c, f32) / spread for c in (r, g, b))
+    f64 = tf.float64
+    hue = tf.where(tf.equal(r, maxc), tf.cast(bc - gc, f64),
+                   tf.where(tf.equal(g, maxc), 2.0 + tf.cast(rc, f64) - tf.cast(bc, f64),
+                            4.0 + tf.cast(gc, f64) - tf.cast(rc, f64)))
+    hue = tf.cast(hue, f32)  # PIL's float h
+    hue = tf.cast(tf.math.floormod(tf.cast(hue, f64) / 6.0 + 1.0, 1.0), f32)  # fmod of a positive value
+
+    def level(x):
+        return tf.where(grey, 0, tf.clip_by_value(tf.cast(tf.floor(x * 255.0), tf.int32), 0, 255))
+
+    return level(hue), level(saturation), maxc
+
+
+def hsv_levels_to_rgb(h, s, v):
+    """PIL's `convert("RGB")` of an HSV image (Convert.c hsv2rgb): int32 levels -> float32 RGB levels [..., 3].
+
+    In float32; checked equal to PIL on all 2^24 HSV triples.
+    """
+    f32 = tf.float32
+    turn = tf.cast(h, f32) * 6.0 / 255.0
+    sector = tf.floor(turn)
+    frac = turn - sector
+    fs = tf.cast(s, f32) / 255.0
+    value = tf.cast(v, f32)
+
+    def level(x):
+        return tf.clip_by_value(_c_round(value * x), 0.0, 255.0)
+
+    p, q, t = level(1.0 - fs), level(1.0 - fs * frac), level(1.0 - fs * (1.0 - frac))
+    sector = tf.cast(sector, tf.int32) % 6
+    channels = [value, value, value]
+    for k, row in enumerate([(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value),
+                             (value, p, q)]):
+        channels = [tf.where(tf.equal(sector, k), new, old) for new, old in zip(row, channels)]
+    rgb = tf.stack(channels, axis=-1)
+    return tf.where(tf.equal(s, 0)[..., None], value[..., None], rgb)
+
+
 def adjust_hue(image, delta):
-    """Rotate the hue by `delta` of a full turn (torchvision adjust_hue; PIL does it on 8-bit HSV)."""
-    return tf.clip_by_value(tf.image.adjust_hue(image / 255.0, delta) * 255.0, 0.0, 255.0)
+    """torchvision's adjust_hue on a PIL image: to 8-bit HSV, H += int(delta * 255) modulo 256, back to RGB.
+
+    `delta` is a fraction of a full turn in [-0.5, 0.5]; the shift truncates towards zero, as
+    `np.int32(hue_factor * 255)` does.
+    """
+    h, s, v = rgb_to_hsv_levels(image)
+    shift = tf.cast(tf.cast(delta, tf.float64) * 255.0, tf.int32)  # truncates towards zero
+    return hsv_levels_to_rgb(tf.math.floormod(h + shift, 256), s, v)
 
 
 def solarize(image, threshold=128):
@@ -27,28 +94,54 @@ def solarize(image, threshold=128):
     return randaugment.solarize(image, threshold)
 
 
-def gaussian_blur(image, sigma, *, max_sigma=2.0):
-    """A Gaussian blur of standard deviation `sigma`, edges replicated.
+BLUR_PASSES = 3  # PIL's GaussianBlur: three box blurs per axis
 
-    DINO calls PIL's GaussianBlur(radius=sigma), which approximates this Gaussian with three box
-    blurs; here the kernel is the sampled Gaussian truncated at radius ceil(3 * sigma), inside a
-    static window of radius ceil(3 * max_sigma) so that the graph has fixed shapes.
+
+def pil_box_radius(sigma, passes=BLUR_PASSES):
+    """The (fractional) box radius PIL's GaussianBlur uses for a Gaussian of standard deviation `sigma`
+    (BoxBlur.c `_gaussian_blur_radius`, after Gwosdek et al. 2011), in PIL's float32 and float64 steps."""
+    f32, f64 = tf.float32, tf.float64
+    sigma = tf.cast(sigma, f32)
+    sigma2 = sigma * sigma / float(passes)
+    length = tf.cast(tf.sqrt(12.0 * tf.cast(sigma2, f64) + 1.0), f32)
+    whole = tf.cast(tf.floor((tf.cast(length, f64) - 1.0) / 2.0), f32)
+    frac = (2.0 * whole + 1.0) * (whole * (whole + 1.0) - 3.0 * sigma2)
+    frac /= 6.0 * (sigma2 - (whole + 1.0) * (whole + 1.0))
+    return whole + frac
+
+
+def gaussian_blur(image, sigma, *, max_sigma=2.0):
+    """PIL's `ImageFilter.GaussianBlur(radius=sigma)`, as DINO calls it, level for level.
+
+    PIL (BoxBlur.c) approximates the Gaussian with three box blurs of fractional radius along the rows,
+    then three down the columns, each rounded to uint8: a pass weighs the 2r+1 pixels of its window
+    ww = floor(2^24 / (2 radius + 1)) each and the two just beyond it fw = (2^24 - (2r+1) ww) / 2, edge
+    pixels repeated, and stores (sum + 2^23) >> 24. Each weight is split as high * 2^12 + low so that both
+    partial sums are exact in float32. `max_sigma` bounds `sigma`, so that the graph has fixed shapes.
     """
-    window = math.ceil(3 * max_sigma)
-    sigma = tf.cast(sigma, tf.float32)
-    taps = tf.range(-window, window + 1, dtype=tf.float32)
-    weights = tf.exp(-0.5 * tf.square(taps / sigma)) * tf.cast(tf.abs(taps) <= tf.math.ceil(3 * sigma), tf.float32)
-    weights /= tf.reduce_sum(weights)
-    channels = 3  # RGB, as everywhere in this package
-    shape = tf.shape(image)
-    rows = tf.clip_by_value(tf.range(-window, shape[0] + window), 0, shape[0] - 1)
-    cols = tf.clip_by_value(tf.range(-window, shape[1] + window), 0, shape[1] - 1)
-    padded = tf.gather(tf.gather(image, rows, axis=0), cols, axis=1)[None]
-    vertical = tf.tile(weights[:, None, None, None], [1, 1, channels, 1])
-    horizontal = tf.tile(weights[None, :, None, None], [1, 1, channels, 1])
-    blurred = tf.nn.depthwise_conv2d(padded, vertical, strides=[1, 1, 1, 1], padding="VALID")
-    blurred = tf.nn.depthwise_conv2d(blurred, horizontal, strides=[1, 1, 1, 1], padding="VALID")
-    return tf.ensure_shape(blurred[0], image.shape)
+    radius = pil_box_radius(sigma)
+    # r = int(radius) is at most the box length's integer half, floor((sqrt(12 sigma^2 / passes + 1) - 1) / 2)
+    reach = math.floor((math.sqrt(12 * max_sigma ** 2 / BLUR_PASSES + 1) - 1) / 2) + 2
+    whole = tf.cast(radius, tf.int32)  # C's (int) of a positive float
+    ww = tf.cast(tf.floor(tf.constant(2.0 ** 24, tf.float32) / (radius * 2.0 + 1.0)), tf.int32)
+    fw = (2 ** 24 - (2 * whole + 1) * ww) // 2
+    distance = tf.range(reach + 1)
+    weight = tf.where(distance <= whole, ww, tf.where(distance == whole + 1, fw, 0))  # by distance from x
+    high = tf.unstack(tf.cast(weight // 4096, tf.float32))
+    low = tf.unstack(tf.cast(weight % 4096, tf.float32))
+    levels = tf.cast(randaugment._levels(image), tf.float32)
+    shape = tf.shape(levels)
+    for axis in (1, 0):  # PIL blurs the rows first, then the transposed image
+        size = shape[axis]
+        edges_repeated = tf.clip_by_value(tf.range(-reach, size + reach), 0, size - 1)
+        for _ in range(BLUR_PASSES):
+            padded = tf.gather(levels, edges_repeated, axis=axis)
+            shifted = [padded[:, k:k + size] if axis == 1 else padded[k:k + size] for k in range(2 * reach + 1)]
+            pairs = [shifted[reach]] + [shifted[reach - k] + shifted[reach + k] for k in range(1, reach + 1)]
+            hi = tf.add_n([w * p for w, p in zip(high, pairs)])  # < 2^12 * 510 * (reach + 1) < 2^24: exact
+            lo = tf.add_n([w * p for w, p in zip(low, pairs)])
+            levels = tf.floor((hi + tf.floor((lo + 2.0 ** 23) / 4096.0)) / 4096.0)  # (sum + 2^23) >> 24
+    return tf.ensure_shape(levels, image.shape)
 
 
 def sample_color_jitter_params(seed, *, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
