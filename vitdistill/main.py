@@ -48,7 +48,7 @@ def main(argv):
     logging.info("JAX process %d/%d, local devices %s, %d devices in all", jax.process_index(),
                  jax.process_count(), jax.local_devices(), jax.device_count())
 
-    from vitdistill.errors import Preempted, UserError
+    from vitdistill.errors import CheckpointSaveError, Preempted, UserError
     from vitdistill.methods import train_and_evaluate
 
     try:
@@ -60,7 +60,10 @@ def main(argv):
     except UserError as e:
         if FLAGS.debug:
             raise
-        print(f"vitdistill: {e}", file=sys.stderr)
+        print(f"vitdistill: {e}", file=sys.stderr, flush=True)
+        if isinstance(e, CheckpointSaveError):  # orbax's writer threads die noisily, or hang, at a normal exit
+            sys.stdout.flush()
+            os._exit(2)
         sys.exit(2)
 
 
@@ -101,9 +104,30 @@ def _first_user_error(error):
     return found
 
 
+def _missing_config_file(argv) -> str:
+    """Names a --config file that does not exist, with the shipped configs ('' if it exists or none is given)."""
+    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if config_arg is None:
+        return ""
+    path = config_arg.partition(":")[0]
+    if os.path.isfile(path):
+        return ""
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    shipped = sorted(f for f in os.listdir(here) if f.endswith(".py")) if os.path.isdir(here) else []
+    listing = f"; the shipped configs are in {here}: {', '.join(shipped)}" if shipped else ""
+    return f"No config file {path!r} (from --config={config_arg}){listing}"
+
+
 def _parse_flags(argv):
+    missing = _missing_config_file(argv)
+    if missing:
+        print(f"vitdistill: {missing}", file=sys.stderr)
+        sys.exit(2)
     try:
         return FLAGS(argv)
+    except flags.IllegalFlagValueError as e:  # e.g. --config.batch_size=abc
+        print(f"vitdistill: {e}; give the key a value of its type (see the config file)", file=sys.stderr)
+        sys.exit(2)
     except (AttributeError, KeyError) as e:
         message = _unknown_override(argv) or f"Bad --config override: {e}"
         print(f"vitdistill: {message}", file=sys.stderr)

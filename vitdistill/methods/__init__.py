@@ -20,10 +20,44 @@ def get(name: str):
     return METHODS[name]
 
 
+def planned_runs(config, workdir: str) -> list:
+    """[(config, workdir), ...]: the runs `train_and_evaluate` makes, prerequisites first."""
+    prerequisites = getattr(get(config.method), "prerequisites", None)
+    runs = []
+    for prerequisite in (prerequisites(config, workdir) if prerequisites else []):
+        runs += planned_runs(*prerequisite)
+    return runs + [(config, workdir)]
+
+
+def check(config) -> None:
+    """Every check that needs no compute, for one run: the settings all methods share, then the method's own
+    (`check(config)`: its config, and its data source's size and classes). Raises the first problem found as
+    a `UserError` that names the value and the fix."""
+    batch = config.batch_size
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ConfigError(f"config.batch_size={batch!r}: it must be a positive number of images (the global "
+                          "batch, over all devices and hosts), e.g. --config.batch_size=64")
+    import jax
+
+    devices = jax.device_count()
+    if batch % devices:
+        raise ConfigError(f"config.batch_size={batch} is not divisible by the {devices} devices; use a multiple of "
+                          f"{devices}, e.g. --config.batch_size={max(devices, batch // devices * devices)}")
+    method_check = getattr(get(config.method), "check", None)
+    if method_check is not None:
+        method_check(config)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Runs `config` in `workdir` after its prerequisite runs; re-running resumes. Returns the final metrics."""
-    method = get(config.method)
-    prerequisites = getattr(method, "prerequisites", None)
-    for prerequisite_config, prerequisite_workdir in (prerequisites(config, workdir) if prerequisites else []):
-        train_and_evaluate(prerequisite_config, prerequisite_workdir)
-    return loop.run(method.build_task(config, workdir), config, workdir)
+    """Runs `config` in `workdir` after its prerequisite runs; re-running resumes. Returns the final metrics.
+
+    Every run is checked (`check`) before the first one starts, so that a bad student setting is reported
+    before its teacher trains for minutes.
+    """
+    runs = planned_runs(config, workdir)
+    for run_config, _ in runs:
+        check(run_config)
+    result = {}
+    for run_config, run_workdir in runs:
+        result = loop.run(get(run_config.method).build_task(run_config, run_workdir), run_config, run_workdir)
+    return result

@@ -125,6 +125,21 @@ def mixing_groups(config) -> int:
     return groups
 
 
+def check(config) -> None:
+    """What a DeiT run needs, checked before any compute: its distillation and mixup settings, a training
+    split that holds a batch, and a head that covers every label."""
+    check_distillation(config)
+    mixing_groups(config)
+    data = config.data
+    source = get_source(data, data.train_split, limit=data.train_limit)
+    pipeline.check_batch_size(config.batch_size, jax.device_count(), source.num_examples, source.name)
+    head = config.model.num_classes
+    if head and head < source.num_classes:
+        raise ConfigError(f"config.model.num_classes={head} is smaller than the {source.num_classes} classes of "
+                          f"{source.name}: labels outside the head could never be predicted (and top-1 would be "
+                          f"wrong); use --config.model.num_classes={source.num_classes}, or 0 to take the data's")
+
+
 def make_setup(config, *, num_classes: int, length: schedules.RunLength,
                teacher: Optional[nn.Module] = None) -> DeitSetup:
     """The DeiT step's modules and settings for `config`; `teacher` is the frozen teacher's module."""

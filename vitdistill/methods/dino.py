@@ -24,6 +24,7 @@ from tensorflow.io import gfile
 from vitdistill import losses, models, weights
 from vitdistill.data import multicrop, pipeline
 from vitdistill.data.sources import get_source
+from vitdistill.errors import ConfigError
 from vitdistill.evaluate import batched, knn
 from vitdistill.train import loop, optim, schedules, sharding
 from vitdistill.train.reporting import markdown_table
@@ -254,6 +255,26 @@ def summary_table(final: dict, *, config, workdir: str) -> str:
 # ---------------------------------------------------------------------------
 # What the loop runs.
 # ---------------------------------------------------------------------------
+
+
+def check(config) -> None:
+    """What a DINO run needs, checked before any compute: crops the model can cut into patches, local crops
+    no larger than the global ones, and a training split that holds a batch."""
+    crops = config.multicrop
+    patch = config.model.patch_size or models.MODELS.get(config.model.name, (None, {}))[1].get("patch_size")
+    for key in ("global_size", "local_size"):
+        size = crops[key]
+        if size < 1 or (patch and size % patch):
+            raise ConfigError(f"config.multicrop.{key}={size} is not a whole number of {config.model.name}'s "
+                              f"{patch}-pixel patches; use a multiple of {patch}, e.g. "
+                              f"--config.multicrop.{key}={max(patch, size // patch * patch)}")
+    if crops.local_size > crops.global_size:
+        raise ConfigError(f"config.multicrop.local_size={crops.local_size} is larger than global_size="
+                          f"{crops.global_size}: DINO's local crops are the small views (96 against 224); swap "
+                          "them or lower local_size")
+    data = config.data
+    source = get_source(data, data.train_split, limit=data.train_limit)
+    pipeline.check_batch_size(config.batch_size, jax.device_count(), source.num_examples, source.name)
 
 
 def build_task(config, workdir: str) -> loop.Task:
