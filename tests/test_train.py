@@ -250,3 +250,66 @@ def test_a_workdir_refuses_another_runs_config_before_writing_anything(tmp_path)
         methods.train_and_evaluate(other_shapes, str(tmp_path))
     assert (config_file.read_bytes(), sorted(os.listdir(tmp_path / "checkpoints"))) == before
     assert issubclass(CheckpointError, UserError)
+
+
+@pytest.mark.parametrize("when", ["during the write", "when saving"])
+def test_a_failed_save_stops_the_run_at_once_naming_the_cause_and_the_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                                          when):
+    """A full disk (the error orbax's writer raises for ENOSPC) at step 3's checkpoint: the run stops with one
+    CheckpointSaveError, trains at most one step past the failed save, and step 2's checkpoint stays intact.
+    "during the write": the asynchronous write fails in the background (seen at the next step boundary);
+    "when saving": the save call itself fails."""
+    from vitdistill.errors import CheckpointSaveError
+    from vitdistill.train import state_checkpoints
+
+    config = _deit_config("none", steps=6)
+    config.checkpoint_every_steps = 1
+    config.log_every_steps = 1
+    full = ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x/_sharding\": No space left on device "
+                      "[os_error_code='28']")
+    real_save = ocp.CheckpointManager.save
+    failing = {"armed": False}
+
+    def save(self, step, *args, **kwargs):
+        if step == 3:
+            if when == "when saving":
+                raise full
+            failing["armed"] = True
+        return real_save(self, step, *args, **kwargs)
+
+    def check_for_errors(self):
+        if failing["armed"]:
+            raise full
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    monkeypatch.setattr(ocp.CheckpointManager, "check_for_errors", check_for_errors)
+    with pytest.raises(CheckpointSaveError) as err:
+        methods.train_and_evaluate(config, str(tmp_path))
+    message = str(err.value)
+    assert message.startswith(f"Could not write the checkpoint of step 3 to {tmp_path}/checkpoints: "
+                              "RESOURCE_EXHAUSTED") and "No space left on device" in message
+    assert "The last good checkpoint is step 2" in message and "Free space" in message and "--workdir" in message
+    assert max(m["step"] for m in _metrics(str(tmp_path))) <= 3  # stopped at the next step boundary
+    assert state_checkpoints._finished_steps(os.path.join(tmp_path, "checkpoints"))[-1] <= 3
+    monkeypatch.undo()
+    step, saved = _restore_raw(str(tmp_path), 2)
+    assert step == 2 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(saved)
+                             if np.issubdtype(np.asarray(x).dtype, np.inexact))
+
+
+def test_a_workdir_that_cannot_be_written_is_one_message_before_any_compute(tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    from vitdistill.errors import CheckpointSaveError
+
+    def read_only(path, mode="r"):
+        if "w" in mode:
+            raise tf.errors.PermissionDeniedError(None, None, f"{path}; Read-only file system")
+        return real(path, mode)
+
+    real = tf.io.gfile.GFile
+    monkeypatch.setattr(tf.io.gfile, "GFile", read_only)
+    with pytest.raises(CheckpointSaveError, match=r"Cannot write .*config\.json: .*Read-only file system\. Nothing "
+                                                  r"was trained\. Make the workdir writable"):
+        methods.train_and_evaluate(_deit_config("none"), str(tmp_path / "run"))
+    assert not os.listdir(tmp_path / "run" / "checkpoints") and not os.path.exists(tmp_path / "run" / "metrics.jsonl")

@@ -21,6 +21,11 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint is missing, unreadable, or does not fit the model; the message names what differs."""
 
 
+class CheckpointSaveError(UserError, OSError):
+    """A checkpoint could not be written (a full disk, a read-only or vanished directory): the run stopped at
+    once; the message names the directory, the cause and the last good checkpoint."""
+
+
 class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN or infinite; training stopped before saving the bad state."""
 

@@ -214,6 +214,7 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
                     process_index=jax.process_index(), process_count=jax.process_count(),
                     num_shards=mesh.devices.size, repeats=task.data.repeats).as_numpy_iterator()
                 reporter.throughput(step)
+            checkpoints.check()  # a failed asynchronous save stops the run here, before it trains on
             batch = sharding.to_global(_next_batch(batches, task.data, step, config), mesh)
             state, metrics = step_fn(state, batch, frozen)
             step += 1

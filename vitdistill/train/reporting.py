@@ -11,6 +11,8 @@ from typing import Optional
 import jax
 import numpy as np
 
+from vitdistill.errors import CheckpointSaveError
+
 CONFIG_FILE = "config.json"  # the resolved config, inside a workdir
 
 
@@ -118,9 +120,16 @@ def save_config(config, workdir: str):
         return
     import tensorflow as tf
 
-    tf.io.gfile.makedirs(workdir)
-    with tf.io.gfile.GFile(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    path = os.path.join(workdir, CONFIG_FILE)
+    try:
+        tf.io.gfile.makedirs(workdir)
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    except (OSError, tf.errors.OpError) as e:  # a read-only or full workdir, before anything was trained
+        message = getattr(e, "message", None) or str(e)
+        raise CheckpointSaveError(f"Cannot write {path}: {message.strip().splitlines()[0]}. Nothing was trained. "
+                                  "Make the workdir writable (or free space on its disk), or pass another "
+                                  "--workdir.") from e
 
 
 def markdown_table(rows, title: str = "") -> str:

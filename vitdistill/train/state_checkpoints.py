@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from vitdistill.errors import CheckpointError
+from vitdistill.errors import CheckpointError, CheckpointSaveError
 
 CHECKPOINTS_DIR = "checkpoints"  # inside a workdir
 _ITEM = "default"  # orbax's name for the single item of each step
@@ -28,8 +28,11 @@ class StateCheckpoints:
         self.every_steps = max(1, int(every_steps))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
+        _quiet_orbax_errors()
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers=ocp.StandardCheckpointHandler())
+        self._saving: Optional[int] = None  # the step of the save last started
+        self._failed: Optional[CheckpointSaveError] = None
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -82,14 +85,85 @@ class StateCheckpoints:
             return False
         if step in self.manager.all_steps():
             return False
-        self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        self.check()
+        try:
+            self.manager.wait_until_finished()  # the previous save, whose failure is its own
+        except Exception as e:  # noqa: BLE001
+            self._fail(e, self._saving)
+        try:
+            self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        except Exception as e:  # noqa: BLE001 - the previous asynchronous save's error, or this one's
+            self._fail(e, step)
+        self._saving = step
         logging.info("checkpoint: saving step %d to %s", step, self.directory)
         return True
 
+    def check(self) -> None:
+        """Raises CheckpointSaveError if an asynchronous save has failed (asked at every step boundary, so that
+        a run never trains on past a checkpoint it could not write)."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            self._fail(e, self._saving)
+
+    def _fail(self, error: Exception, step: Optional[int]):
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        good = _finished_steps(self.directory)
+        last = (f"The last good checkpoint is step {good[-1]} in {self.directory} (re-running resumes from it)"
+                if good else "No checkpoint was saved before it")
+        self._failed = CheckpointSaveError(
+            f"Could not write the checkpoint of step {step} to {self.directory}: {cause}. The run stopped there. "
+            f"{last}. Free space on that disk or make the directory writable, then re-run the same command; or "
+            "copy the workdir to another disk and re-run with --workdir pointing there.")
+        raise self._failed from error
+
     def close(self):
-        """Waits for asynchronous saves to land (nothing is lost at exit)."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for asynchronous saves to land (nothing is lost at exit); a failed one raises CheckpointSaveError,
+        unless the run already stopped for one."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            if self._failed is None:
+                self._fail(e, self._saving)
+        finally:
+            try:
+                self.manager.close()
+            except Exception as e:  # noqa: BLE001 - the failure is reported already
+                logging.warning("closing the checkpoint manager of %s: %s", self.directory, e)
+
+
+def _finished_steps(directory: str) -> list:
+    """The steps whose checkpoint was finished (orbax renames a step's directory to its number at the end)."""
+    import tensorflow as tf
+
+    try:
+        return sorted(int(name.rstrip("/")) for name in tf.io.gfile.listdir(directory) if name.rstrip("/").isdigit())
+    except Exception:  # noqa: BLE001 - a vanished directory holds none
+        return []
+
+
+def _quiet_orbax_errors() -> None:
+    """Orbax logs each failed background write with its traceback (hundreds of lines for a full disk); the
+    failure reaches the run as one CheckpointSaveError instead, so those records are dropped."""
+    import logging as std_logging
+
+    absl_logger = std_logging.getLogger("absl")
+    if not any(getattr(f, "vitdistill", False) for f in absl_logger.filters):
+        def drop_orbax(record):
+            return not (record.levelno >= std_logging.ERROR and "orbax" in record.pathname)
+        drop_orbax.vitdistill = True
+        absl_logger.addFilter(drop_orbax)
+        std_logging.getLogger("asyncio").addFilter(lambda record: "orbax" not in record.getMessage())
+        import threading
+
+        previous = threading.excepthook
+
+        def quiet_closed_loops(args):  # orbax's writer threads after a failed save: "Event loop is closed"
+            if not (isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(args.exc_value)):
+                previous(args)
+        threading.excepthook = quiet_closed_loops
 
 
 def _shapes(tree) -> dict:
