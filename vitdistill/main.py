@@ -125,8 +125,12 @@ def _parse_flags(argv):
         sys.exit(2)
     try:
         return FLAGS(argv)
-    except flags.IllegalFlagValueError as e:  # e.g. --config.batch_size=abc
-        print(f"vitdistill: {e}; give the key a value of its type (see the config file)", file=sys.stderr)
+    except flags.IllegalFlagValueError as e:  # e.g. --config.batch_size=abc, or a config file's own UserError
+        user_error = _first_user_error(e)
+        if "--debug" in argv and user_error is not None:
+            raise
+        message = user_error or f"{e}; give the key a value of its type (see the config file)"
+        print(f"vitdistill: {message}", file=sys.stderr)
         sys.exit(2)
     except (AttributeError, KeyError) as e:
         message = _unknown_override(argv) or f"Bad --config override: {e}"
