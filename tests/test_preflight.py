@@ -17,23 +17,22 @@ def nano_models(monkeypatch):
         monkeypatch.setitem(models.MODELS, name, entry)
 
 
-def _deit(**overrides):
-    config = legacy_workdirs.deit_config(max_steps=3)
+def _changed(config, overrides):
     for key, value in overrides.items():
+        *parents, leaf = key.split(".")
         node = config
-        *path, last = key.split(".")
-        for part in path:
+        for part in parents:
             node = node[part]
-        node[last] = value
+        node[leaf] = value
     return config
+
+
+def _deit(**overrides):
+    return _changed(legacy_workdirs.deit_config(max_steps=3), overrides)
 
 
 def _dino(**overrides):
-    config = legacy_workdirs.dino_config(max_steps=3)
-    for key, value in overrides.items():
-        section, field = key.split(".")
-        config[section][field] = value
-    return config
+    return _changed(legacy_workdirs.dino_config(max_steps=3), overrides)
 
 
 CASES = {

@@ -67,9 +67,14 @@ def main(argv):
         sys.exit(2)
 
 
+def _config_arg(argv):
+    """The value of --config=PATH[:ARG] in `argv`, or None."""
+    return next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+
+
 def _unknown_override(argv) -> str:
     """Names an override that is not a config key, with the valid keys where it failed ('' if none)."""
-    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    config_arg = _config_arg(argv)
     if config_arg is None:
         return ""
     path, _, arg = config_arg.partition(":")
@@ -106,7 +111,7 @@ def _first_user_error(error):
 
 def _missing_config_file(argv) -> str:
     """Names a --config file that does not exist, with the shipped configs ('' if it exists or none is given)."""
-    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    config_arg = _config_arg(argv)
     if config_arg is None:
         return ""
     path = config_arg.partition(":")[0]

@@ -19,7 +19,7 @@ from typing import Callable
 
 import tensorflow as tf
 
-from vitdistill.data.sources import Source
+from vitdistill.data.sources import Source, get_source
 from vitdistill.errors import ConfigError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -212,11 +212,27 @@ def eval_batch_examples(source: Source, batch_index: int, global_batch: int, pro
     return [source.describe(i) for i in range(first, last)][:limit]
 
 
-def check_batch_size(global_batch: int, num_devices: int, num_examples: int, what: str) -> None:
+def check_batch_divides(global_batch, num_devices: int) -> None:
+    """`config.batch_size` is a positive number of images that the devices share evenly."""
+    if not isinstance(global_batch, int) or isinstance(global_batch, bool) or global_batch < 1:
+        raise ConfigError(f"config.batch_size={global_batch!r}: it must be a positive number of images (the global "
+                          "batch, over all devices and hosts), e.g. --config.batch_size=64")
     if global_batch % num_devices:
-        raise ConfigError(f"batch_size {global_batch} is not divisible by the {num_devices} devices; "
-                         f"use a multiple of {num_devices} (--config.batch_size=...)")
+        raise ConfigError(f"config.batch_size={global_batch} is not divisible by the {num_devices} devices; use a "
+                          f"multiple of {num_devices}, e.g. "
+                          f"--config.batch_size={max(num_devices, global_batch // num_devices * num_devices)}")
+
+
+def check_batch_size(global_batch: int, num_devices: int, num_examples: int, what: str) -> None:
+    check_batch_divides(global_batch, num_devices)
     if global_batch > num_examples:
         raise ConfigError(f"batch_size {global_batch} is larger than the {num_examples} examples of {what}; "
                          f"lower --config.batch_size")
 
+
+def check_training_split(config, num_devices: int) -> Source:
+    """The training split of `config.data`, checked to hold one batch of `config.batch_size`."""
+    data = config.data
+    source = get_source(data, data.train_split, limit=data.train_limit)
+    check_batch_size(config.batch_size, num_devices, source.num_examples, source.name)
+    return source

@@ -33,16 +33,11 @@ def check(config) -> None:
     """Every check that needs no compute, for one run: the settings all methods share, then the method's own
     (`check(config)`: its config, and its data source's size and classes). Raises the first problem found as
     a `UserError` that names the value and the fix."""
-    batch = config.batch_size
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-        raise ConfigError(f"config.batch_size={batch!r}: it must be a positive number of images (the global "
-                          "batch, over all devices and hosts), e.g. --config.batch_size=64")
     import jax
 
-    devices = jax.device_count()
-    if batch % devices:
-        raise ConfigError(f"config.batch_size={batch} is not divisible by the {devices} devices; use a multiple of "
-                          f"{devices}, e.g. --config.batch_size={max(devices, batch // devices * devices)}")
+    from vitdistill.data import pipeline
+
+    pipeline.check_batch_divides(config.batch_size, jax.device_count())
     method_check = getattr(get(config.method), "check", None)
     if method_check is not None:
         method_check(config)

@@ -130,9 +130,7 @@ def check(config) -> None:
     split that holds a batch, and a head that covers every label."""
     check_distillation(config)
     mixing_groups(config)
-    data = config.data
-    source = get_source(data, data.train_split, limit=data.train_limit)
-    pipeline.check_batch_size(config.batch_size, jax.device_count(), source.num_examples, source.name)
+    source = pipeline.check_training_split(config, jax.device_count())
     head = config.model.num_classes
     if head and head < source.num_classes:
         raise ConfigError(f"config.model.num_classes={head} is smaller than the {source.num_classes} classes of "

@@ -272,9 +272,7 @@ def check(config) -> None:
         raise ConfigError(f"config.multicrop.local_size={crops.local_size} is larger than global_size="
                           f"{crops.global_size}: DINO's local crops are the small views (96 against 224); swap "
                           "them or lower local_size")
-    data = config.data
-    source = get_source(data, data.train_split, limit=data.train_limit)
-    pipeline.check_batch_size(config.batch_size, jax.device_count(), source.num_examples, source.name)
+    pipeline.check_training_split(config, jax.device_count())
 
 
 def build_task(config, workdir: str) -> loop.Task:
