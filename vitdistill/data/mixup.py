@@ -78,15 +78,27 @@ def mix_batch(params, images, targets):
     return mixed, lam * targets + (1.0 - lam) * targets[::-1]
 
 
+def group_mix_params(rng, image_size, *, groups=1, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=1.0):
+    """`sample_mix_params` for each of `groups` groups of a batch: each leaf with a leading [groups] axis.
+
+    One group draws from `rng` itself; more draw from `jax.random.split(rng, groups)`, one key each.
+    """
+    sample = lambda key: sample_mix_params(key, image_size, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+                                           switch_prob=switch_prob, prob=prob)
+    if groups == 1:
+        return jax.tree.map(lambda x: jnp.asarray(x)[None], sample(rng))
+    return jax.vmap(sample)(jax.random.split(rng, groups))
+
+
 def mixup_cutmix(rng, images, labels, *, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
                  prob=1.0, label_smoothing=0.1, groups=1):
     """Mix a batch of NHWC `images` and class ids `labels` -> (images, soft targets [B, num_classes]).
 
     The batch is `groups` contiguous groups (on a mesh, one per device: each device's rows), each mixed as
-    timm's Mixup mixes one GPU's batch under DeiT's DistributedDataParallel: its own lam, mode and box, each
-    image with its group's reversed order. `groups=1`: one draw over the whole batch. Both alphas 0: no
-    mixing, targets are the smoothed one-hot labels. Each group must be even (timm's requirement: an odd
-    batch would mix its middle image with itself).
+    timm's Mixup mixes one GPU's batch under DeiT's DistributedDataParallel: its own lam, mode and box
+    (`group_mix_params`), each image with its group's reversed order. `groups=1`: one draw over the whole
+    batch. Both alphas 0: no mixing, targets are the smoothed one-hot labels. Each group must be even
+    (timm's requirement: an odd batch would mix its middle image with itself).
     """
     batch, height, width = images.shape[:3]
     if batch % groups or (batch // groups) % 2:
@@ -95,14 +107,8 @@ def mixup_cutmix(rng, images, labels, *, num_classes, mixup_alpha=0.8, cutmix_al
     targets = smooth_one_hot(labels, num_classes, label_smoothing)
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return images, targets
-
-    def mix_one(key, group_images, group_targets):
-        params = sample_mix_params(key, (height, width), mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-                                   switch_prob=switch_prob, prob=prob)
-        return mix_batch(params, group_images, group_targets)
-
-    if groups == 1:
-        return mix_one(rng, images, targets)
+    params = group_mix_params(rng, (height, width), groups=groups, mixup_alpha=mixup_alpha,
+                              cutmix_alpha=cutmix_alpha, switch_prob=switch_prob, prob=prob)
     per_group = lambda x: x.reshape((groups, batch // groups) + x.shape[1:])
-    mixed, mixed_targets = jax.vmap(mix_one)(jax.random.split(rng, groups), per_group(images), per_group(targets))
+    mixed, mixed_targets = jax.vmap(mix_batch)(params, per_group(images), per_group(targets))
     return mixed.reshape(images.shape), mixed_targets.reshape(targets.shape)

@@ -182,10 +182,16 @@ def mixed_targets(rng, images, labels, *, num_classes: int, mixing: Mixing):
     return images, labels
 
 
+def step_rngs(setup: DeitSetup, step):
+    """(mixup/cutmix key, drop path key) of the update at `step`: a function of the seed and the step alone,
+    so a resumed run draws what the uninterrupted one drew."""
+    mix_rng, drop_rng = jax.random.split(jax.random.fold_in(jax.random.key(setup.seed + 1), step))
+    return mix_rng, drop_rng
+
+
 def train_step(state: DeitState, batch: dict, teacher_variables, *, setup: DeitSetup):
     """One DeiT update: (state, {'image', 'label'}, the teacher's variables or {}) -> (state, metrics)."""
-    rng = jax.random.fold_in(jax.random.key(setup.seed + 1), state.step)
-    mix_rng, drop_rng = jax.random.split(rng)
+    mix_rng, drop_rng = step_rngs(setup, state.step)
     images, targets = mixed_targets(mix_rng, batch["image"], batch["label"], num_classes=setup.num_classes,
                                     mixing=setup.mixing)
     teacher_logits = None

@@ -134,6 +134,11 @@ def teacher_outputs(state: DinoState, global_crops: list, *, setup: DinoSetup) -
     return jax.lax.stop_gradient(out.astype(jnp.float32))
 
 
+def step_rng(setup: DinoSetup, step):
+    """The drop path key of the update at `step`: a function of the seed and the step alone (exact resume)."""
+    return jax.random.fold_in(jax.random.key(setup.seed + 1), step)
+
+
 def train_step(state: DinoState, batch: dict, frozen=None, *, setup: DinoSetup):
     """One DINO update: (state, {view name: crops}) -> (state, metrics). `frozen` is unused (no teacher input)."""
     del frozen
@@ -141,7 +146,7 @@ def train_step(state: DinoState, batch: dict, frozen=None, *, setup: DinoSetup):
     global_crops = crops[:multicrop.NUM_GLOBAL_VIEWS]
     temp = setup.teacher_temp(state.step // setup.steps_per_epoch)
     teacher_out = teacher_outputs(state, global_crops, setup=setup)
-    rng = jax.random.fold_in(jax.random.key(setup.seed + 1), state.step)
+    rng = step_rng(setup, state.step)
 
     def loss_fn(params):
         if setup.use_bn_in_head:

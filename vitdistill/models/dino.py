@@ -33,9 +33,9 @@ class DinoHead(nn.Module):
         index = 0
         for _ in range(2):
             x = nn.Dense(self.hidden_dim, name=f'mlp_{index}', **dense)(x)
-            if self.use_bn:  # PyTorch BatchNorm1d: eps 1e-5, momentum 0.1
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                                 param_dtype=self.param_dtype, name=f'mlp_{index + 1}')(x)
+            if self.use_bn:
+                x = TorchBatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=f'mlp_{index + 1}')(
+                    x, train=train)
             x = nn.gelu(x, approximate=False)
             index += 3 if self.use_bn else 2
         x = nn.Dense(self.bottleneck_dim, name=f'mlp_{index}', **dense)(x)
@@ -43,6 +43,39 @@ class DinoHead(nn.Module):
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize
         return WeightNormLinear(self.out_dim, self.norm_last_layer, self.dtype, self.param_dtype,
                                 name='last_layer')(x)
+
+
+class TorchBatchNorm(nn.Module):
+    """PyTorch's BatchNorm1d (eps 1e-5, momentum 0.1) over the rows of [N, C]: training normalises with the
+    batch's biased variance and moves the running variance towards the unbiased one, N / (N - 1) times
+    larger (Flax's BatchNorm keeps the biased one). Under jit over a mesh the statistics are the global
+    batch's, as SyncBatchNorm's. Variables as Flax's: params `scale`, `bias`; batch_stats `mean`, `var`."""
+
+    epsilon: float = 1e-5
+    momentum: float = 0.1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        features = x.shape[-1]
+        scale = self.param('scale', nn.initializers.ones, (features,), self.param_dtype)
+        bias = self.param('bias', nn.initializers.zeros, (features,), self.param_dtype)
+        running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32))
+        running_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32))
+        if train:
+            rows = x.astype(jnp.float32).reshape(-1, features)
+            mean = rows.mean(axis=0)
+            var = jnp.square(rows - mean).mean(axis=0)
+            if not self.is_initializing():
+                n = rows.shape[0]
+                running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
+                running_var.value = ((1 - self.momentum) * running_var.value
+                                     + self.momentum * var * (n / max(n - 1, 1)))
+        else:
+            mean, var = running_mean.value, running_var.value
+        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
 class WeightNormLinear(nn.Module):
