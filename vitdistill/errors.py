@@ -34,6 +34,15 @@ class Preempted(Exception):
     """A run stopped on SIGTERM or Ctrl-C at a step boundary, after saving its state: not an error (the entry
     points exit 0); re-running the same command resumes."""
 
+    exit_status = 0
+
     def __init__(self, message: str, step: int):
         super().__init__(message)
         self.step = step
+
+
+class StoppedAtOnce(Preempted):
+    """A second Ctrl-C: the run stopped without waiting for the step boundary, keeping what was saved (the
+    entry points exit 130, a shell's status for an interrupted command)."""
+
+    exit_status = 130

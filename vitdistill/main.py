@@ -30,6 +30,17 @@ def main(argv):
     from vitdistill.train import preemption
 
     preemption.install_early()  # SIGTERM / Ctrl-C from now on stop the run at a step boundary, with a checkpoint
+    try:
+        _main(argv, preemption)
+    except KeyboardInterrupt:  # a second Ctrl-C outside a training step (starting up, building the run, evaluating)
+        if FLAGS.debug:
+            raise
+        print("vitdistill: stopped at once by a second Ctrl-C, outside a training step; every checkpoint already "
+              f"written in {FLAGS.workdir} stays. Re-run the same command to resume.", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def _main(argv, preemption):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:
@@ -56,7 +67,7 @@ def main(argv):
     except Preempted as e:  # SIGTERM / Ctrl-C: the state is saved; the scheduler's requeue resumes it
         if jax.process_index() == 0:
             print(f"vitdistill: {e}", file=sys.stderr, flush=True)
-        sys.exit(0)
+        sys.exit(e.exit_status)
     except UserError as e:
         if FLAGS.debug:
             raise

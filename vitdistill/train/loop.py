@@ -17,7 +17,7 @@ from absl import logging
 
 from vitdistill import paths
 from vitdistill.data import pipeline
-from vitdistill.errors import BadImageError, NonFiniteLossError, Preempted
+from vitdistill.errors import BadImageError, NonFiniteLossError, Preempted, StoppedAtOnce
 from vitdistill.train import sharding
 from vitdistill.train import preemption
 from vitdistill.train.preemption import StopRequests
@@ -204,10 +204,8 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
         while step < total_steps:
             if stops.should_stop(step):
                 last_saved = _save_before_stopping(checkpoints, step, state, metrics, last_saved)
-                where = (f"step {last_saved} is saved in {workdir}/checkpoints" if last_saved is not None
-                         else "nothing was trained yet, so nothing was saved")
-                raise Preempted(f"{task.name}: stopped by {stops.reason} at step {step}/{total_steps}; {where}. "
-                                "Re-run the same command to resume.", step)
+                raise Preempted(f"{task.name}: stopped by {stops.reason} at step {step}/{total_steps}; "
+                                f"{_where_saved(last_saved, workdir)}. Re-run the same command to resume.", step)
             if batches is None:  # built only once the first step is known to run
                 batches = pipeline.train_dataset(
                     source, task.data.transform, seed=config.seed, global_batch=config.batch_size, start_step=step,
@@ -233,11 +231,14 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
         final = {**task.evaluate(state, frozen), "step": step}
         reporter.write(step, final, split="eval")
     except KeyboardInterrupt:  # a second Ctrl-C: save what is finished if it can be, then stop at once
-        try:
-            _save_before_stopping(checkpoints, step, state, metrics, last_saved)
-        except Exception as e:  # the state may be mid-update (donated): keep the last regular checkpoint
+        try:  # the state's own step: the interrupt may have come between the update and `step += 1`
+            last_saved = _save_before_stopping(checkpoints, int(jax.device_get(state.step)), state, metrics,
+                                               last_saved)
+        except Exception as e:  # noqa: BLE001 - mid-update (donated) state: keep the last regular checkpoint
             logging.warning("no checkpoint at step %d after a second Ctrl-C (%s); the last saved one stays", step, e)
-        raise
+        raise StoppedAtOnce(f"{task.name}: stopped at once by a second Ctrl-C at step {step}/{total_steps}; "
+                            f"{_where_saved(last_saved, workdir)}. Re-run the same command to resume.",
+                            step) from None
     finally:
         checkpoints.close()  # waits for asynchronous saves: nothing started is lost, whatever happened
         reporter.close()
@@ -258,6 +259,11 @@ def _plot_curves(workdir: str, config) -> None:
         plot.plot(workdir, out_dim=config.get("model", {}).get("out_dim"))
     except Exception as e:  # noqa: BLE001 - no matplotlib backend, a read-only workdir...: say so, go on
         logging.warning("no training curves for %s: %s", workdir, e)
+
+
+def _where_saved(last_saved: Optional[int], workdir: str) -> str:
+    return (f"step {last_saved} is saved in {workdir}/checkpoints" if last_saved is not None
+            else "nothing was trained yet, so nothing was saved")
 
 
 def _save_before_stopping(checkpoints: StateCheckpoints, step: int, state, metrics, last_saved) -> Optional[int]:

@@ -1,0 +1,193 @@
+"""SIGTERM and Ctrl-C, whenever they arrive, end a run with one line and lose nothing.
+
+A nano DINO run (tests/nano_main.py) is started as a process and signalled at moments placed on the
+timeline of an uninterrupted run measured first in the same test: while it starts up (the libraries,
+the data, the models, the tf.data pipeline being traced, the step being compiled), while it trains,
+while it evaluates at the end. Each interrupted run must end in one of the outcomes a user can rely on:
+
+- stopped at a step boundary: exit 0, one `vitdistill:` line naming the signal and the step, no
+  traceback, and (once a step was trained) that step saved;
+- finished: the signal came after the last step's checkpoint (the final evaluation and summary go on);
+- killed by the default handler: only before vitdistill's handlers exist, with nothing written.
+
+Then the same command re-run without a signal must end exactly as the uninterrupted run: the same final
+loss, bit for bit, and the same k-NN. The default suite interrupts one workdir three times (while compiling, while
+training, twice Ctrl-C while starting); the slow test signals 20 moments drawn at random over the whole run.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+STEPS = 8
+COMMAND = [sys.executable, "-u", os.path.join(TESTS, "nano_main.py"), "--config=tests/nano_config.py:dino",
+           f"--config.max_steps={STEPS}", "--config.checkpoint_every_steps=3"]
+
+
+class Run:
+    """One process of COMMAND, its output lines with the time (s since the start) at which each came."""
+
+    def __init__(self, workdir, cache):
+        """`cache`: the persistent compilation cache's directory. A run signalled while it compiles gets an
+        empty one, as the uninterrupted run had, so that its timeline is the one measured."""
+        self.checkpoints_before = _checkpoint_steps(workdir)
+        self.start = time.monotonic()
+        self.process = subprocess.Popen(COMMAND + [f"--workdir={workdir}", f"--jax_cache_dir={cache}"],
+                                        cwd=os.path.dirname(TESTS),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines = {"stdout": [], "stderr": []}
+        self.readers = [threading.Thread(target=self._read, args=(stream, name), daemon=True)
+                        for name, stream in (("stdout", self.process.stdout), ("stderr", self.process.stderr))]
+        for reader in self.readers:
+            reader.start()
+
+    def _read(self, stream, name):
+        for line in stream:
+            self.lines[name].append((time.monotonic() - self.start, line.rstrip("\n")))
+
+    def signal_when(self, ready, delay, signum, *, then=None):
+        """Waits until `ready()` (polled every 20 ms), `delay` s more, then sends `signum` (and `then` =
+        (seconds, signum) after that). Returns the time it was sent (s since the start)."""
+        while not ready() and self.process.poll() is None:
+            time.sleep(0.02)
+        time.sleep(delay)
+        sent = time.monotonic() - self.start
+        self.process.send_signal(signum)
+        if then is not None:
+            time.sleep(then[0])
+            self.process.send_signal(then[1])
+        return sent
+
+    def wait(self, timeout=600):
+        rc = self.process.wait(timeout=timeout)
+        for reader in self.readers:
+            reader.join(timeout=30)
+        return rc
+
+    def text(self, name="stderr"):
+        return "\n".join(line for _, line in self.lines[name])
+
+    def first(self, needle):
+        """When the first output line containing `needle` came (s), or None."""
+        times = [t for name in self.lines for t, line in self.lines[name] if needle in line]
+        return min(times) if times else None
+
+
+def _final(workdir):
+    """(the loss logged at the last step, the final k-NN top-1) from metrics.jsonl."""
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    loss = [r["loss"] for r in rows if r.get("step") == STEPS and "loss" in r]
+    knn = [r["knn_top1"] for r in rows if r.get("step") == STEPS and "knn_top1" in r]
+    return loss[-1], knn[-1]
+
+
+def _checkpoint_steps(workdir):
+    directory = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+
+
+def _has_config(workdir):
+    """The run's config.json, (re)written by this run: the training loop has started (libraries, data and
+    models are built; the state, the tf.data pipeline and the step are next)."""
+    path, since = os.path.join(workdir, "config.json"), time.time()
+    return lambda: os.path.exists(path) and os.path.getmtime(path) >= since - 1e-3
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run: its final figures and its timeline (s from the start: config.json written,
+    first and last step logged, exit)."""
+    workdir, cache = str(tmp_path_factory.mktemp("uninterrupted")), str(tmp_path_factory.mktemp("jax_cache"))
+    run = Run(workdir, cache)
+    config_written = run.signal_when(_has_config(workdir), 0.0, 0)  # signal 0: nothing sent, just the time
+    assert run.wait() == 0, run.text()[-3000:]
+    timeline = dict(config_written=config_written, first_step=run.first("step 1/"),
+                    last_step=run.first(f"step {STEPS}/"), end=time.monotonic() - run.start)
+    print("uninterrupted run:", {k: round(v, 2) for k, v in timeline.items()})
+    return dict(final=_final(workdir), timeline=timeline, cache=cache)
+
+
+def interrupted(run, workdir, sent, signum=signal.SIGTERM, *, at_once=False) -> str:
+    """Checks how a signalled run ended: 'stopped' (one line, the step saved), 'finished' or 'killed'."""
+    before = run.checkpoints_before
+    rc = run.wait()
+    out, err = run.text("stdout"), run.text("stderr")
+    ours = [line for line in err.splitlines() if line.startswith("vitdistill:")]
+    assert "Traceback" not in out + err, f"signal at {sent:.2f} s: a traceback\n{err[-3000:]}"
+    saved = _checkpoint_steps(workdir)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    trained = [int(r["step"]) for r in map(json.loads, open(metrics)) if "loss" in r] if os.path.exists(metrics) else []
+    if rc == -signum:
+        outcome = "killed"  # vitdistill's handlers were not installed yet: nothing may have changed
+        assert saved == before and (before or not trained), (sent, before, saved, trained)
+    elif ours:
+        outcome = "stopped"
+        assert rc == (130 if at_once else 0), f"signal at {sent:.2f} s: exit {rc}\n{err[-3000:]}"
+        assert len(ours) == 1, ours
+        assert ("stopped at once by a second Ctrl-C" if at_once else
+                f"stopped by {'SIGTERM' if signum == signal.SIGTERM else 'Ctrl-C (SIGINT)'} at step") in ours[0], ours
+        assert "Re-run the same command to resume" in ours[0], ours
+        if not at_once and trained:  # stopped at the boundary after its last logged step, and saved it
+            assert saved and saved[-1] >= max(trained), (sent, saved, trained)
+    else:
+        outcome = "finished"
+        assert rc == 0 and saved and saved[-1] == STEPS, f"signal at {sent:.2f} s: exit {rc}\n{err[-3000:]}"
+    print(f"signal {signal.Signals(signum).name} at {sent:.2f} s: {outcome}, checkpoints {saved}, "
+          f"steps logged {trained}")
+    return outcome
+
+
+def resumed_ends_as_uninterrupted(workdir, reference, what):
+    run = Run(workdir, reference["cache"])
+    assert run.wait() == 0, run.text()[-3000:]
+    assert "Traceback" not in run.text() + run.text("stdout")
+    loss, knn = _final(workdir)
+    want_loss, want_knn = reference["final"]
+    assert loss == want_loss and knn == want_knn, (f"{what}: the resumed run ends at loss {loss!r}, k-NN {knn!r}; "
+                                                  f"uninterrupted {want_loss!r}, {want_knn!r}")
+
+
+def test_signals_while_compiling_training_and_starting_are_never_lost(tmp_path, reference):
+    """One workdir, interrupted three times, then finished: SIGTERM while the first step is being prepared
+    (tf.data traced, the step compiled), SIGTERM while training, then Ctrl-C twice while the run starts up
+    (the second stops it at once: exit 130). Each run ends in one line, saves what it trained, and the last
+    re-run ends bit for bit as the uninterrupted run."""
+    workdir, t = str(tmp_path), reference["timeline"]
+    run = Run(workdir, str(tmp_path / "empty_jax_cache"))
+    sent = run.signal_when(_has_config(workdir), 0.5 * (t["first_step"] - t["config_written"]), signal.SIGTERM)
+    assert interrupted(run, workdir, sent) == "stopped"
+    before = _checkpoint_steps(workdir)
+    assert before and before[-1] <= 1, before  # nothing but (at most) the step the signal came during
+
+    run = Run(workdir, reference["cache"])  # the steps compiled by the uninterrupted run: faster, same numbers
+    logged = lambda: any(f"step {before[-1] + 2}/" in line for _, line in run.lines["stdout"] + run.lines["stderr"])
+    sent = run.signal_when(logged, 0.0, signal.SIGTERM)
+    assert interrupted(run, workdir, sent) == "stopped"
+    assert before[-1] + 2 <= _checkpoint_steps(workdir)[-1] < STEPS, _checkpoint_steps(workdir)
+
+    run = Run(workdir, reference["cache"])
+    sent = run.signal_when(_has_config(workdir), 0.0, signal.SIGINT, then=(0.3, signal.SIGINT))
+    assert interrupted(run, workdir, sent, signal.SIGINT, at_once=True) == "stopped"
+    resumed_ends_as_uninterrupted(workdir, reference, "after three interruptions")
+
+
+@pytest.mark.slow
+def test_sigterm_at_20_random_moments(tmp_path, reference):
+    """20 moments uniform over the uninterrupted run's whole duration, each in a fresh workdir that is then
+    resumed to the end (about 40 minutes on 2 cores). VITDISTILL_SIGNAL_SEED picks the moments."""
+    rng = np.random.default_rng(int(os.environ.get("VITDISTILL_SIGNAL_SEED", "0")))
+    outcomes = {}
+    for i, seconds in enumerate(np.sort(rng.uniform(0.0, reference["timeline"]["end"], 20))):
+        workdir = str(tmp_path / f"at_{i}")
+        run = Run(workdir, str(tmp_path / f"empty_jax_cache_{i}"))
+        sent = run.signal_when(lambda: True, float(seconds), signal.SIGTERM)
+        outcomes[round(sent, 2)] = interrupted(run, workdir, sent)
+        resumed_ends_as_uninterrupted(workdir, reference, f"SIGTERM at {sent:.2f} s")
+    print(outcomes)
