@@ -213,6 +213,54 @@ def test_a_corrupt_image_stops_training_naming_the_file(tmp_path):
         methods.train_and_evaluate(config, str(tmp_path / "eval"))
 
 
+def test_a_scan_lists_every_bad_image_at_once_and_skipping_trains_without_them(tmp_path, capsys):
+    import tensorflow as tf
+
+    from vitdistill.errors import DataError
+
+    for label, name in enumerate(("cat", "dog")):
+        folder = tmp_path / "data" / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(4):
+            (folder / f"{i}.png").write_bytes(tf.io.encode_png(np.full((20, 20, 3), 50 + 100 * label, np.uint8)).numpy())
+    jpeg = tf.io.encode_jpeg(np.random.RandomState(0).randint(0, 255, (20, 20, 3)).astype(np.uint8)).numpy()
+    bad = {"cat/half.jpg": jpeg[:len(jpeg) // 2],              # a download cut short
+           "dog/empty.jpg": b"",                               # a zero-byte file
+           "dog/text.png": b"<html>404 Not Found</html>"}      # not an image at all
+    for name, data in bad.items():
+        (tmp_path / "data" / "train" / name).write_bytes(data)
+    config = _deit_config("none", steps=2)
+    config.data.source = "folder"
+    config.data.data_dir = str(tmp_path / "data")
+    config.data.eval_split = "train"
+    config.data.eval_limit = None
+    config.batch_size = 4
+    config.data.scan_images = True
+    with pytest.raises(DataError) as err:  # all three in one message, before anything is built or trained
+        methods.train_and_evaluate(config, str(tmp_path / "scanned"))
+    message = str(err.value)
+    assert "3 of the 11 images" in message and "skip_bad_images=True" in message, message
+    for name in bad:
+        assert str(tmp_path / "data" / "train" / name) in message, (name, message)
+    assert not os.path.exists(tmp_path / "scanned")
+
+    config.data.scan_images = False
+    config.data.skip_bad_images = True
+    capsys.readouterr()
+    result = methods.train_and_evaluate(config, str(tmp_path / "skipped"))
+    assert result["step"] == 2 and result["count"] == 8  # the 8 good images, evaluated
+    out = capsys.readouterr()
+    assert "3 of the 11 images" in out.out + out.err and "left out" in out.out + out.err
+    listed = (tmp_path / "skipped" / "skipped_images.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in listed) == sorted(str(tmp_path / "data" / "train" / n) for n in bad)
+    assert "skipped_images.txt" in out.out  # named again once the run ends
+
+    digits = _deit_config("none", steps=2)
+    digits.data.skip_bad_images = True
+    with pytest.raises(DataError, match="applies to image folders"):
+        methods.train_and_evaluate(digits, str(tmp_path / "digits"))
+
+
 def test_a_given_teacher_checkpoint_is_used_instead_of_training_one(tmp_path):
     from vitdistill.methods import deit, teacher
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import re
 import struct
 from typing import Callable, Optional
 
@@ -43,6 +44,7 @@ class Source:
     describe: Callable[[int], str] = lambda i: f"example {i}"
     class_names: Optional[list] = None
     note: str = ""  # what a user should know before training on it (a sequential source's approximate resume)
+    skipped: tuple = ()  # (path, reason) of the images left out as undecodable (`data.skip_bad_images`)
 
     @property
     def random_access(self) -> bool:
@@ -156,11 +158,13 @@ def decode_image(data, jpeg: str = "accurate") -> "tf.Tensor":
 
 
 def image_folder(root: str, split: Optional[str] = None, *, class_names: Optional[list] = None,
-                 jpeg: str = "accurate") -> Source:
+                 jpeg: str = "accurate", scan: bool = False, skip_bad: bool = False) -> Source:
     """Images in `root/<split>/<class>/*.{jpg,png,...}` (or `root/<class>/...` with no split).
 
     Classes are the sorted sub-folder names of the split (pass `class_names` to share
-    the training split's list with the evaluation split).
+    the training split's list with the evaluation split). `scan`: every image is decoded first and the
+    bad ones are refused together, by name. `skip_bad`: the scan's bad images are left out instead (the
+    source's `skipped` and `note` list them).
     """
     directory = os.path.join(root, split) if split else root
     if not paths.isdir(directory):
@@ -186,6 +190,23 @@ def image_folder(root: str, split: Optional[str] = None, *, class_names: Optiona
         shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
         raise DataError(f"{len(empty)} class folder(s) of {directory!r} hold no images ({', '.join(IMAGE_EXTENSIONS)}): "
                         f"{shown}. Remove them or add images; every sub-folder is a class.")
+    skipped = ()
+    if scan or skip_bad:
+        bad = scan_images(tuple(files), jpeg)
+        if bad and not skip_bad:
+            raise DataError(_bad_images_message(directory, bad, len(files)) + " Remove or replace them, or train "
+                            "without them with --config.data.skip_bad_images=True.")
+        if bad:
+            dropped = {path for path, _ in bad}
+            kept = [(f, label) for f, label in zip(files, labels) if f not in dropped]
+            if not kept:
+                raise DataError(_bad_images_message(directory, bad, len(files)) + " No image of it decodes.")
+            files, labels = map(list, zip(*kept))
+            skipped = tuple(bad)
+            emptied = [name for label, name in enumerate(class_names) if label not in set(labels)] if discovered else []
+            if emptied:
+                raise DataError(_bad_images_message(directory, bad, len(files) + len(bad)) + f" Without them the "
+                                f"class folder(s) {', '.join(emptied[:5])} hold no image; fix or remove those.")
     paths_t = tf.constant(files)
     labels_t = tf.constant(np.asarray(labels, np.int32))
 
@@ -193,8 +214,45 @@ def image_folder(root: str, split: Optional[str] = None, *, class_names: Optiona
         image = decode_image(tf.io.read_file(tf.gather(paths_t, index)), jpeg)
         return {"image": image, "label": tf.gather(labels_t, index)}
 
+    note = (_bad_images_message(directory, skipped, len(files) + len(skipped),
+                                "do not decode and are left out (data.skip_bad_images)") if skipped else "")
     return Source(f"folder:{directory}", len(files), len(class_names), load=load, describe=lambda i: files[i],
-                  class_names=list(class_names))
+                  class_names=list(class_names), note=note, skipped=skipped)
+
+
+def _bad_images_message(directory: str, bad, total: int, what: str = "do not decode") -> str:
+    shown = "; ".join(f"{path} ({reason})" for path, reason in bad[:20])
+    more = f"; and {len(bad) - 20} more" if len(bad) > 20 else ""
+    return f"{len(bad)} of the {total} images of {directory!r} {what}: {shown}{more}."
+
+
+_SCANS: dict = {}  # (files, jpeg) -> the bad ones: the pre-flight and the run build the same split once each
+
+
+def scan_images(files: tuple, jpeg: str = "accurate") -> list:
+    """[(path, reason)] of the files in `files` that the pipeline's decoder refuses (unreadable, truncated,
+    not an image), in their order. Every file is read and decoded once, in parallel; then each bad one once
+    more, eagerly, for its reason."""
+    key = (files, jpeg)
+    if key not in _SCANS:
+        def decodes(index):  # the decoded shape is returned so that no optimisation can prune the decoding
+            return index, tf.shape(decode_image(tf.io.read_file(tf.gather(files_t, index)), jpeg))
+
+        files_t = tf.constant(list(files))
+        good = tf.data.Dataset.range(len(files)).map(decodes, num_parallel_calls=tf.data.AUTOTUNE,
+                                                     deterministic=False).ignore_errors()
+        good = set(int(i) for i, _ in good.as_numpy_iterator())
+        bad = []
+        for index in sorted(set(range(len(files))) - good):
+            try:
+                decode_image(tf.io.read_file(files[index]), jpeg)
+                reason = "failed to decode in the scan"
+            except (tf.errors.OpError, ValueError) as e:
+                reason = getattr(e, "message", str(e)).strip().splitlines()[0]
+                reason = re.sub(r"\s*\[Op:.*$", "", re.sub(r"\{\{[^}]*\}\}\s*", "", reason))  # TF's op names
+            bad.append((files[index], reason))
+        _SCANS[key] = bad
+    return _SCANS[key]
 
 
 def tfds_source(name: str, split: str, data_dir: Optional[str] = None, *, manual_dir: Optional[str] = None,
@@ -321,6 +379,11 @@ def get_source(data_config, split: str, *, limit: Optional[int] = None, class_na
 def _get_source(data_config, split: str, class_names) -> Source:
     kind = data_config.source
     jpeg = check_jpeg_decoding(data_config.get("jpeg_decoding", "accurate"))
+    scan, skip_bad = bool(data_config.get("scan_images")), bool(data_config.get("skip_bad_images"))
+    if (scan or skip_bad) and kind != "folder":
+        key = "scan_images" if scan else "skip_bad_images"
+        raise DataError(f"config.data.{key}=True applies to image folders (config.data.source='folder'), not to "
+                        f"{kind!r}, whose images are decoded from arrays or a prepared dataset; unset it")
     if kind == "digits":
         return digits(split)
     if kind == "fashion_mnist":
@@ -328,7 +391,8 @@ def _get_source(data_config, split: str, class_names) -> Source:
     if kind == "folder":
         if not data_config.get("data_dir"):
             raise DataError("config.data.source='folder' needs --config.data.data_dir=ROOT (ROOT/<split>/<class>/*.jpg)")
-        return image_folder(data_config.data_dir, split, class_names=class_names, jpeg=jpeg)
+        return image_folder(data_config.data_dir, split, class_names=class_names, jpeg=jpeg, scan=scan,
+                            skip_bad=skip_bad)
     if kind == "sample_images":
         return sample_images(jpeg=jpeg)
     if kind == "tfds":

@@ -197,6 +197,7 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
         reporter.message(f"{task.name}: resuming at step {step}/{total_steps} from {workdir}")
     if source.note:
         reporter.message(f"{task.name}: warning: {source.note}")
+    skipped_list = _write_skipped(source, workdir)
     last_saved = step if resumed else None
     metrics = None
     batches = None
@@ -248,7 +249,23 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
         summary = task.summarize(final)  # on every process: a summary may evaluate, which is collective
         if jax.process_index() == 0:
             print(summary, flush=True)
+    if skipped_list and jax.process_index() == 0:
+        print(f"{task.name}: {len(source.skipped)} image(s) of {source.name} that do not decode were left out "
+              f"(data.skip_bad_images); they are listed in {skipped_list}", flush=True)
     return final
+
+
+def _write_skipped(source, workdir: str) -> Optional[str]:
+    """`workdir/skipped_images.txt`, one 'path<TAB>reason' line per image the source left out; its path."""
+    if not source.skipped:
+        return None
+    from tensorflow.io import gfile
+
+    path = os.path.join(workdir, "skipped_images.txt")
+    if jax.process_index() == 0:
+        with gfile.GFile(path, "w") as f:
+            f.write("".join(f"{file}\t{reason}\n" for file, reason in source.skipped))
+    return path
 
 
 def _plot_curves(workdir: str, config) -> None:
@@ -299,5 +316,7 @@ def _next_batch(batches, data: pipeline.TrainData, step: int, config) -> dict:
             raise BadImageError(
                 f"Could not decode an image of {data.source.name} for step {step}: {e.message.splitlines()[0]}"
                 f". It is one of: {suspects}. Remove or replace the corrupt file(s) and re-run the same command "
-                "to resume.") from e
+                "to resume." + (" --config.data.scan_images=True lists every bad image of the folder before "
+                                "training; --config.data.skip_bad_images=True trains without them."
+                                if data.source.name.startswith("folder:") else "")) from e
         raise
