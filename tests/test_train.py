@@ -164,6 +164,60 @@ def test_an_update_that_makes_the_weights_non_finite_is_never_saved(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, still, good)
 
 
+def _poison(monkeypatch, bad_steps):
+    """DeiT's step made to return a NaN loss and NaN weights when the state's step is in `bad_steps`."""
+    import jax.numpy as jnp
+
+    from vitdistill.methods import deit
+
+    original = deit.train_step
+
+    def poisoned(state, batch, frozen, *, setup):
+        new_state, metrics = original(state, batch, frozen, setup=setup)
+        bad = jnp.isin(state.step, jnp.asarray(bad_steps))
+        nan = jnp.where(bad, jnp.nan, 1.0)
+        return (new_state.replace(params=jax.tree.map(lambda p: p * nan, new_state.params)),
+                {**metrics, "loss": metrics["loss"] * nan})
+
+    monkeypatch.setattr(deit, "train_step", poisoned)
+
+
+def test_skipping_non_finite_steps_keeps_the_state_counts_them_and_stops_after_n_in_a_row(tmp_path, monkeypatch,
+                                                                                          capsys):
+    config = _deit_config("none", steps=5)
+    config.checkpoint_every_steps = 1
+    config.keep_checkpoints = 10
+    config.log_every_steps = 1
+    config.skip_nonfinite_steps = 2
+    _poison(monkeypatch, [1, 3])  # the 2nd and 4th updates
+    result = methods.train_and_evaluate(config, str(tmp_path / "skips"))
+    assert result["step"] == 5
+    out = capsys.readouterr()
+    said = out.out + out.err
+    assert "step 2: non-finite loss or update, skipped (1 in a row, 1 in all" in said, said
+    assert "step 4: non-finite loss or update, skipped (1 in a row, 2 in all" in said, said
+    saved = {step: _restore_raw(str(tmp_path / "skips"), step)[1]["params"] for step in range(1, 6)}
+    for step, params in saved.items():
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params)), step
+    jax.tree.map(np.testing.assert_array_equal, saved[2], saved[1])  # the skipped update left the weights alone
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(saved[3]), jax.tree.leaves(saved[2])))
+    rows = [m for m in _metrics(str(tmp_path / "skips")) if m["split"] == "train"]
+    assert [r["step"] for r in rows] == [1, 3, 5] and rows[-1]["skipped_total"] == 2  # no NaN written
+
+    config.skip_nonfinite_steps = 3
+    _poison(monkeypatch, list(range(1, 100)))
+    with pytest.raises(NonFiniteLossError, match=r"3 steps in a row had a non-finite loss or update and were "
+                                                 r"skipped .*skip_nonfinite_steps=3; 3 skipped in all, seen at step 4"
+                       ) as err:
+        methods.train_and_evaluate(config, str(tmp_path / "stops"))
+    assert "the last good checkpoint is step 3" in str(err.value)  # steps 2-4 skipped: step 3 holds step 1's weights
+    jax.tree.map(np.testing.assert_array_equal, _restore_raw(str(tmp_path / "stops"), 3)[1]["params"],
+                 _restore_raw(str(tmp_path / "stops"), 1)[1]["params"])
+    config.skip_nonfinite_steps = -1
+    with pytest.raises(ConfigError, match="skip_nonfinite_steps=-1"):
+        methods.train_and_evaluate(config, str(tmp_path / "negative"))
+
+
 def test_eval_only_run_of_a_saved_model_reproduces_its_accuracy(tmp_path):
     from vitdistill import weights
 

@@ -49,6 +49,7 @@ def _run(config: ConfigDict, *, epochs: float, batch_size: int) -> ConfigDict:
     config.log_every_steps = 100
     config.eval_every_epochs = 1.0
     config.checkpoint_every_steps = 1000
+    config.skip_nonfinite_steps = 0    # 0: stop at a non-finite loss; N: skip such updates, stop after N in a row
     config.keep_checkpoints = 3
     config.progress_bar = True
     config.mesh = ConfigDict({"data": -1, "fsdp": 1})  # axis sizes; -1: the remaining devices (train/sharding.py)

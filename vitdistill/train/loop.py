@@ -83,14 +83,40 @@ def place_frozen(task: Task, mesh):
     return sharding.place_sharded(task.frozen, mesh)
 
 
-def jit_train_step(task: Task, mesh, state_shardings, frozen):
+def jit_train_step(task: Task, mesh, state_shardings, frozen, *, skip_nonfinite: bool = False):
     """The task's step as the loop runs it: explicit shardings (the frozen inputs' as placed), the state
-    donated."""
+    donated. `skip_nonfinite`: `skipping_nonfinite(task.train_step)`, with its counters as a fourth
+    argument and a third result."""
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
-    return jax.jit(task.train_step,
-                   in_shardings=(state_shardings, sharding.batch_sharded(mesh), frozen_shardings),
-                   out_shardings=(state_shardings, sharding.replicated(mesh)),
-                   donate_argnums=(0,))
+    ins = (state_shardings, sharding.batch_sharded(mesh), frozen_shardings)
+    outs = (state_shardings, sharding.replicated(mesh))
+    if skip_nonfinite:
+        return jax.jit(skipping_nonfinite(task.train_step), in_shardings=ins + (sharding.replicated(mesh),),
+                       out_shardings=outs + (sharding.replicated(mesh),), donate_argnums=(0, 3))
+    return jax.jit(task.train_step, in_shardings=ins, out_shardings=outs, donate_argnums=(0,))
+
+
+def skip_counters() -> dict:
+    """The counters `skipping_nonfinite` carries: skipped in a row now, the longest such run, in all."""
+    return {"in_a_row": jnp.zeros((), jnp.int32), "longest": jnp.zeros((), jnp.int32), "total": jnp.zeros((), jnp.int32)}
+
+
+def skipping_nonfinite(train_step):
+    """A step that keeps the state it was given when the update is not finite (a NaN or infinite loss, or a
+    non-finite array in the new state), only counting the step on: (state, batch, frozen, counters) ->
+    (state, metrics, counters). The metrics gain `skipped` (this step) and the counters."""
+
+    def step(state, batch, frozen, counters):
+        new_state, metrics = train_step(state, batch, frozen)
+        leaves = [x for x in jax.tree.leaves(new_state) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        ok = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+        kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state).replace(step=new_state.step)
+        in_a_row = jnp.where(ok, 0, counters["in_a_row"] + 1)
+        counters = {"in_a_row": in_a_row, "longest": jnp.maximum(counters["longest"], in_a_row),
+                    "total": counters["total"] + (~ok).astype(jnp.int32)}
+        return kept, {**metrics, "skipped": ~ok, **{f"skipped_{k}": v for k, v in counters.items()}}, counters
+
+    return step
 
 
 def _last_good(workdir: str, last_saved: Optional[int]) -> str:
@@ -98,7 +124,19 @@ def _last_good(workdir: str, last_saved: Optional[int]) -> str:
             "command resumes from it)") if last_saved is not None else "no checkpoint was saved yet"
 
 
-def _finite_or_raise(step: int, metrics: dict, workdir: str, last_saved: Optional[int]):
+def _finite_or_raise(step: int, metrics: dict, workdir: str, last_saved: Optional[int], skip_limit: int = 0):
+    """Stops on a non-finite loss; with skipping (`skip_limit` > 0) only once `skip_limit` steps in a row
+    were skipped (their updates were not applied, so the state stays good)."""
+    if skip_limit:
+        longest = int(metrics["skipped_longest"])
+        if longest >= skip_limit:
+            raise NonFiniteLossError(
+                f"{longest} steps in a row had a non-finite loss or update and were skipped (the limit is "
+                f"--config.skip_nonfinite_steps={skip_limit}; {int(metrics['skipped_total'])} skipped in all, seen "
+                f"at step {step}); stopped ({_last_good(workdir, last_saved)}). Lower --config.optim.lr, enable "
+                "gradient clipping (--config.optim.clip_grad), use float32 (--config.model.dtype=float32), or "
+                "check the data for bad images/labels.")
+        return
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
         where = _last_good(workdir, last_saved)
@@ -190,7 +228,14 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
     state, resumed = _initial_state(task, config, checkpoints, state_shardings, abstract)
     step = int(jax.device_get(state.step))
     frozen = place_frozen(task, mesh)
-    step_fn = jit_train_step(task, mesh, state_shardings, frozen)
+    skip_limit = int(config.get("skip_nonfinite_steps") or 0)
+    if skip_limit < 0:
+        from vitdistill.errors import ConfigError
+
+        raise ConfigError(f"config.skip_nonfinite_steps={skip_limit}; use 0 (stop at the first non-finite loss) or "
+                          "N >= 1 (skip such steps, stop after N in a row)")
+    step_fn = jit_train_step(task, mesh, state_shardings, frozen, skip_nonfinite=bool(skip_limit))
+    counters = sharding.place_sharded(skip_counters(), mesh) if skip_limit else None
     reporter = Reporter(workdir, total_steps=total_steps, start_step=step, global_batch=config.batch_size,
                         progress_bar=config.progress_bar, name=task.name)
     if resumed:
@@ -215,15 +260,18 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
                 reporter.throughput(step)
             checkpoints.check()  # a failed asynchronous save stops the run here, before it trains on
             batch = sharding.to_global(_next_batch(batches, task.data, step, config), mesh)
-            state, metrics = step_fn(state, batch, frozen)
+            if skip_limit:
+                state, metrics, counters = step_fn(state, batch, frozen, counters)
+            else:
+                state, metrics = step_fn(state, batch, frozen)
             step += 1
             is_last = step == total_steps
             if step % config.log_every_steps == 0 or is_last:
-                _log(task, reporter, step, sharding.to_host(metrics), workdir, last_saved)
+                _log(task, reporter, step, sharding.to_host(metrics), workdir, last_saved, skip_limit)
             else:
                 reporter.advance(step)
             if is_last or step % checkpoints.every_steps == 0:
-                _finite_or_raise(step, sharding.to_host(metrics), workdir, last_saved)
+                _finite_or_raise(step, sharding.to_host(metrics), workdir, last_saved, skip_limit)
                 _state_finite_or_raise(step, state, workdir, last_saved)
                 if checkpoints.maybe_save(step, state, force=is_last):
                     last_saved = step
@@ -293,9 +341,15 @@ def _save_before_stopping(checkpoints: StateCheckpoints, step: int, state, metri
     return last_saved
 
 
-def _log(task: Task, reporter: Reporter, step: int, host: dict, workdir: str, last_saved):
-    """Checks the loss, then writes the step's metrics with throughput and epoch, and any task warning."""
-    _finite_or_raise(step, host, workdir, last_saved)
+def _log(task: Task, reporter: Reporter, step: int, host: dict, workdir: str, last_saved, skip_limit: int = 0):
+    """Checks the loss, then writes the step's metrics with throughput and epoch, and any task warning. A
+    skipped step (`skip_nonfinite_steps`) is said in a line instead, its non-finite figures not written."""
+    _finite_or_raise(step, host, workdir, last_saved, skip_limit)
+    if skip_limit and bool(host.pop("skipped")):
+        reporter.message(f"{task.name}: step {step}: non-finite loss or update, skipped ({int(host['skipped_in_a_row'])} "
+                         f"in a row, {int(host['skipped_total'])} in all; the limit is {skip_limit} in a row)")
+        reporter.advance(step)
+        return
     host.update(reporter.throughput(step))
     host["epoch"] = step / task.length.steps_per_epoch
     reporter.write(step, host)
