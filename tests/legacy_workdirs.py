@@ -23,6 +23,17 @@ NANO_MODELS = {
 }
 
 
+def with_overrides(config, overrides: dict):
+    """`config` with each dotted key of `overrides` ('optim.lr': 0.1) set to its value."""
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
 def deit_config(max_steps: int = SAVED_AT):
     """A distilled nano DeiT (hard distillation, mixup/cutmix, model EMA) whose nano ResNet teacher trains first."""
     config = recipes.deit("deit_nano_distilled_patch4_16", distilled=True)

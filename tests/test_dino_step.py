@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import legacy_workdirs
+
 from vitdistill import recipes, small_data
 from vitdistill.data.multicrop import view_names
 from vitdistill.methods import dino
@@ -24,13 +26,7 @@ def _config(**changes):
     config.multicrop.local_size = 8
     config.multicrop.num_local = 2
     config.optim.warmup_epochs = 2.0
-    for key, value in changes.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return legacy_workdirs.with_overrides(config, changes)
 
 
 def _batch(config, seed=0):

@@ -17,22 +17,12 @@ def nano_models(monkeypatch):
         monkeypatch.setitem(models.MODELS, name, entry)
 
 
-def _changed(config, overrides):
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
-
-
 def _deit(**overrides):
-    return _changed(legacy_workdirs.deit_config(max_steps=3), overrides)
+    return legacy_workdirs.with_overrides(legacy_workdirs.deit_config(max_steps=3), overrides)
 
 
 def _dino(**overrides):
-    return _changed(legacy_workdirs.dino_config(max_steps=3), overrides)
+    return legacy_workdirs.with_overrides(legacy_workdirs.dino_config(max_steps=3), overrides)
 
 
 CASES = {

@@ -185,7 +185,7 @@ def image_folder(root: str, split: Optional[str] = None, *, class_names: Optiona
                 labels.append(label)
     if not files:
         raise DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {directory!r}/<class>/")
-    empty = [name for label, name in enumerate(class_names) if label not in set(labels)] if discovered else []
+    empty = _empty_classes(class_names, labels) if discovered else []
     if empty:  # torchvision's ImageFolder refuses them too: a class no image can teach
         shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
         raise DataError(f"{len(empty)} class folder(s) of {directory!r} hold no images ({', '.join(IMAGE_EXTENSIONS)}): "
@@ -203,7 +203,7 @@ def image_folder(root: str, split: Optional[str] = None, *, class_names: Optiona
                 raise DataError(_bad_images_message(directory, bad, len(files)) + " No image of it decodes.")
             files, labels = map(list, zip(*kept))
             skipped = tuple(bad)
-            emptied = [name for label, name in enumerate(class_names) if label not in set(labels)] if discovered else []
+            emptied = _empty_classes(class_names, labels) if discovered else []
             if emptied:
                 raise DataError(_bad_images_message(directory, bad, len(files) + len(bad)) + f" Without them the "
                                 f"class folder(s) {', '.join(emptied[:5])} hold no image; fix or remove those.")
@@ -218,6 +218,12 @@ def image_folder(root: str, split: Optional[str] = None, *, class_names: Optiona
                                 "do not decode and are left out (data.skip_bad_images)") if skipped else "")
     return Source(f"folder:{directory}", len(files), len(class_names), load=load, describe=lambda i: files[i],
                   class_names=list(class_names), note=note, skipped=skipped)
+
+
+def _empty_classes(class_names, labels) -> list:
+    """The names of the classes no label refers to (the label set built once, not once per class)."""
+    present = set(labels)
+    return [name for label, name in enumerate(class_names) if label not in present]
 
 
 def _bad_images_message(directory: str, bad, total: int, what: str = "do not decode") -> str:
