@@ -56,3 +56,16 @@ def unnormalize(image):
     from vitdistill.data import IMAGENET_MEAN, IMAGENET_STD
 
     return np.asarray(image) * 255.0 * np.array(IMAGENET_STD) + 255.0 * np.array(IMAGENET_MEAN)
+
+
+def pil_resize_reference(image, size, resample="bicubic"):
+    """Pillow's `Image.resize(size=(width, height))` as Pillow up to 12 runs it (torchvision's resize in
+    DeiT's and DINO's time): the horizontal pass, stored as uint8, then the vertical pass. Built from two
+    one-axis Pillow resizes, each a single Resample.c pass in every Pillow version; Pillow 13 may run
+    the vertical pass first when the height shrinks much more than the width (python-pillow/Pillow#9549)."""
+    from PIL import Image
+
+    filters = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
+    width, height = size
+    return picture.resize((width, picture.height), filters[resample]).resize((width, height), filters[resample])

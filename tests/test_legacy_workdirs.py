@@ -36,8 +36,8 @@ def _the_fixtures_code(monkeypatch):
     checking everything else: mixup draws per device (the test's config sets one group), the CutMix box
     follows timm 0.3.2 (the fixtures' code used later timm's, a pixel longer on odd sides), weights start
     from timm's trunc_normal_(std=.02) (the fixtures' code used Flax's truncated_normal(0.02), truncated at
-    2 standard deviations), and the random resized crop is rounded to uint8 levels as PIL stores it (the
-    fixtures' code kept TF's float resize)."""
+    2 standard deviations), and every resize is PIL's, in uint8 levels (the fixtures' code kept TF's float
+    resize, unrounded)."""
     import functools
 
     import flax.linen as nn
@@ -46,13 +46,12 @@ def _the_fixtures_code(monkeypatch):
     from vitdistill.data import deit_transforms, mixup
     from vitdistill.models import dino, vit
 
-    def unrounded_crop(image, box, size, *, method="bicubic"):
-        top, left, crop_h, crop_w = box
-        crop = tf.slice(tf.cast(image, tf.float32), tf.stack([top, left, 0]), tf.stack([crop_h, crop_w, -1]))
-        resized = tf.image.resize(crop, [size, size], method=method, antialias=True)
-        return tf.ensure_shape(tf.clip_by_value(resized, 0.0, 255.0), [size, size, image.shape[-1]])
+    def unrounded_resize(image, size, *, method="bicubic", resize="pil"):
+        del resize
+        resized = tf.image.resize(tf.cast(image, tf.float32), size, method=method, antialias=True)
+        return tf.clip_by_value(resized, 0.0, 255.0)
 
-    monkeypatch.setattr(deit_transforms, "resized_crop", unrounded_crop)
+    monkeypatch.setattr(deit_transforms, "resize_levels", unrounded_resize)
     monkeypatch.setattr(mixup, "cutmix_box", functools.partial(mixup.cutmix_box, rule="timm_1.0"))
     flax_init = nn.initializers.truncated_normal(stddev=0.02)
     monkeypatch.setattr(vit, "trunc_normal_02", flax_init)

@@ -25,6 +25,7 @@ def _data(source: str, *, name: str = "", image_size: int = 224) -> ConfigDict:
         "eval_limit": _opt(int),
         "image_size": image_size,
         "crop_pct": 0.875,             # eval: resize to image_size / crop_pct, centre crop image_size
+        "resize": "pil",               # pil: PIL's Image.resize bit for bit (torchvision's) | tf: tf.image.resize
         "jpeg_decoding": "accurate",   # accurate: PIL's (torchvision's) pixels exactly | fast: TF's fast IDCT
         "scan_images": False,          # folder: decode every image before training; list every bad one at once
         "skip_bad_images": False,      # folder: scan, then train without the bad images (listed at start and end)

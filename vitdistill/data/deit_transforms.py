@@ -11,6 +11,7 @@ import math
 import tensorflow as tf
 
 from vitdistill.data import IMAGENET_MEAN, IMAGENET_STD
+from vitdistill.data.pil_resize import pil_resize
 from vitdistill.data.randaugment import rand_augment as _rand_augment
 
 
@@ -73,25 +74,53 @@ def sample_crop_box(seed, height, width, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 /
     return top, left, crop_h, crop_w
 
 
-def resized_crop(image, box, size, *, method="bicubic"):
-    """Crop `box` = (top, left, height, width) and resize to size x size as PIL does.
+RESIZES = ("pil", "tf")
 
-    `antialias=True` widens the kernel when shrinking, like PIL's resize; TF's bicubic is Keys'
-    a = -0.5, PIL's too. The result is rounded to uint8 levels, as PIL's resampler stores it, so that the
-    ops after the crop see what they see in torchvision.
+
+def resize_of(data_config) -> str:
+    """`config.data.resize`, checked: 'pil' (the default; also for configs saved before the key existed) or 'tf'."""
+    value = data_config.get("resize", "pil")
+    if value not in RESIZES:
+        from vitdistill.errors import ConfigError
+
+        raise ConfigError(f"config.data.resize={value!r}; use 'pil' (PIL's resize bit for bit, the default) or "
+                          "'tf' (tf.image.resize: faster, levels within 8 of PIL's)")
+    return value
+
+
+def resize_levels(image, size, *, method="bicubic", resize="pil"):
+    """Resize a [H, W, C] image of 0..255 levels to `size` = (height, width) -> float32 levels.
+
+    resize='pil': PIL's `Image.resize` bit for bit (`pil_resize`), as torchvision resizes PIL images
+    in the official code; 'tf': `tf.image.resize(antialias=True)`, the same kernels in floats with no
+    rounding between passes (levels within 8 of PIL's, mean 0.3), rounded to levels at the end.
+    """
+    if resize == "pil":
+        return pil_resize(image, size, method)
+    if resize != "tf":
+        raise ValueError(f"resize={resize!r} is not one of {RESIZES}")
+    resized = tf.image.resize(tf.cast(image, tf.float32), size, method=method, antialias=True)
+    return tf.floor(tf.clip_by_value(resized, 0.0, 255.0) + 0.5)  # Resample.c rounds halves up
+
+
+def resized_crop(image, box, size, *, method="bicubic", resize="pil"):
+    """Crop `box` = (top, left, height, width) and resize to size x size as PIL does (see `resize`).
+
+    The result is in uint8 levels, as PIL's resampler stores it, so that the ops after the crop see
+    what they see in torchvision.
     """
     top, left, crop_h, crop_w = box
-    crop = tf.slice(tf.cast(image, tf.float32), tf.stack([top, left, 0]), tf.stack([crop_h, crop_w, -1]))
-    resized = tf.image.resize(crop, [size, size], method=method, antialias=True)
-    levels = tf.floor(tf.clip_by_value(resized, 0.0, 255.0) + 0.5)  # Resample.c rounds halves up
-    return tf.ensure_shape(levels, [size, size, image.shape[-1]])
+    crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([crop_h, crop_w, -1]))
+    resized = resize_levels(crop, [size, size], method=method, resize=resize)
+    return tf.ensure_shape(resized, [size, size, image.shape[-1]])
 
 
-def random_resized_crop(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), method="bicubic"):
+def random_resized_crop(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), method="bicubic",
+                        resize="pil"):
     """torchvision RandomResizedCrop(size, scale, ratio, interpolation) -> float32 [size, size, C]."""
     shape = tf.shape(image)
     box = sample_crop_box(seed, shape[0], shape[1], scale=scale, ratio=ratio)
-    return resized_crop(image, box, size, method=method)
+    return resized_crop(image, box, size, method=method, resize=resize)
 
 
 def horizontal_flip(image, seed, p=0.5):
@@ -140,14 +169,15 @@ def random_erasing(image_normalised, seed, p=0.25, scale=(0.02, 1 / 3), ratio=(0
 
 def deit_train_transform(image_uint8, seed, *, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                          interpolation="bicubic", hflip=0.5, rand_augment=True, ra_num_ops=2,
-                         ra_magnitude=9.0, ra_magnitude_std=0.5, ra_prob=0.5, erase_prob=0.25):
+                         ra_magnitude=9.0, ra_magnitude_std=0.5, ra_prob=0.5, erase_prob=0.25, resize="pil"):
     """DeiT's training augmentation of one image -> float32 [size, size, 3], normalised.
 
     Keywords are named like `config.augment`; `hflip=0`, `rand_augment=False` (or None) and
     `erase_prob=0` switch those steps off.
     """
     crop_seed, flip_seed, ra_seed, erase_seed = split_seed(seed, 4)
-    image = random_resized_crop(image_uint8, crop_seed, size, scale=scale, ratio=ratio, method=interpolation)
+    image = random_resized_crop(image_uint8, crop_seed, size, scale=scale, ratio=ratio, method=interpolation,
+                                resize=resize)
     if hflip > 0:
         image = horizontal_flip(image, flip_seed, p=hflip)
     if rand_augment:
@@ -159,16 +189,16 @@ def deit_train_transform(image_uint8, seed, *, size=224, scale=(0.08, 1.0), rati
     return image
 
 
-def resize_shorter_side(image, shorter, *, method="bicubic"):
-    """torchvision Resize(shorter): the shorter side becomes `shorter`, the longer int(shorter * long / short)."""
+def resize_shorter_side(image, shorter, *, method="bicubic", resize="pil"):
+    """torchvision Resize(shorter): the shorter side becomes `shorter`, the longer int(shorter * long / short);
+    levels as PIL's (see `resize_levels`)."""
     shape = tf.shape(image)
     h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
     short = tf.minimum(h, w)
     new_h = tf.where(h <= w, tf.constant(shorter, tf.float64), tf.floor(shorter * h / short))
     new_w = tf.where(w <= h, tf.constant(shorter, tf.float64), tf.floor(shorter * w / short))
     new_size = tf.cast(tf.stack([new_h, new_w]), tf.int32)
-    resized = tf.image.resize(tf.cast(image, tf.float32), new_size, method=method, antialias=True)
-    return tf.clip_by_value(resized, 0.0, 255.0)
+    return resize_levels(image, new_size, method=method, resize=resize)
 
 
 def center_crop(image, size):
@@ -180,9 +210,9 @@ def center_crop(image, size):
     return tf.ensure_shape(crop, [size, size, image.shape[-1]])
 
 
-def eval_transform(image_uint8, *, size=224, crop_pct=0.875, interpolation="bicubic"):
+def eval_transform(image_uint8, *, size=224, crop_pct=0.875, interpolation="bicubic", resize="pil"):
     """DeiT/timm evaluation: resize the shorter side to int(size / crop_pct), centre crop, normalise."""
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct={crop_pct} must be in (0, 1]: the resized image has to cover the crop")
-    image = resize_shorter_side(image_uint8, int(size / crop_pct), method=interpolation)
+    image = resize_shorter_side(image_uint8, int(size / crop_pct), method=interpolation, resize=resize)
     return normalize(center_crop(image, size))

@@ -189,7 +189,7 @@ def _maybe(apply, fn, image):
 
 def augment_view(image_uint8, seed, *, size, scale, hflip=0.5, jitter_prob=0.8, brightness=0.4, contrast=0.4,
                  saturation=0.2, hue=0.1, grayscale_prob=0.2, blur_prob=0.5, blur_sigma=(0.1, 2.0),
-                 solarize_prob=0.0, interpolation="bicubic"):
+                 solarize_prob=0.0, interpolation="bicubic", resize="pil"):
     """One DINO view -> (normalised float32 [size, size, 3], the choices made, for tests and debugging)."""
     crop_seed, flip_seed, jitter_seed, jitter_params_seed, gray_seed, blur_seed, sigma_seed, solarize_seed = (
         split_seed(seed, 8))
@@ -204,7 +204,7 @@ def augment_view(image_uint8, seed, *, size, scale, hflip=0.5, jitter_prob=0.8, 
     }
     sigma = tf.random.stateless_uniform([], sigma_seed, blur_sigma[0], blur_sigma[1])
 
-    image = resized_crop(image_uint8, box, size, method=interpolation)
+    image = resized_crop(image_uint8, box, size, method=interpolation, resize=resize)
     image = _maybe(applied["flip"], lambda x: x[:, ::-1], image)
     image = _maybe(applied["color_jitter"], lambda x: color_jitter(
         x, jitter_params_seed, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue), image)
@@ -226,7 +226,7 @@ def multicrop_views(image_uint8, seed, *, global_size=224, local_size=96, global
                     local_scale=(0.05, 0.4), num_local=8, hflip=0.5, jitter_prob=0.8, brightness=0.4,
                     contrast=0.4, saturation=0.2, hue=0.1, grayscale_prob=0.2, global_blur_probs=(1.0, 0.1),
                     local_blur_prob=0.5, blur_sigma=(0.1, 2.0), global_solarize_probs=(0.0, 0.2),
-                    local_solarize_prob=0.0, interpolation="bicubic", return_params=False):
+                    local_solarize_prob=0.0, interpolation="bicubic", resize="pil", return_params=False):
     """DINO's views of one image: {'global_0', 'global_1', 'local_0', ..., 'local_{num_local-1}'}.
 
     `global_*_probs` hold one probability per global view. With `return_params`, returns
@@ -238,7 +238,7 @@ def multicrop_views(image_uint8, seed, *, global_size=224, local_size=96, global
                              "views")
     shared = dict(hflip=hflip, jitter_prob=jitter_prob, brightness=brightness, contrast=contrast,
                   saturation=saturation, hue=hue, grayscale_prob=grayscale_prob, blur_sigma=blur_sigma,
-                  interpolation=interpolation)
+                  interpolation=interpolation, resize=resize)
     names = view_names(num_local)
     view_seeds = split_seed(seed, len(names))
     views, params = {}, {}

@@ -35,9 +35,11 @@ def check(config) -> None:
     a `UserError` that names the value and the fix."""
     import jax
 
-    from vitdistill.data import pipeline
+    from vitdistill.data import deit_transforms, pipeline
 
     pipeline.check_batch_divides(config.batch_size, jax.device_count())
+    if "data" in config:
+        deit_transforms.resize_of(config.data)
     method_check = getattr(get(config.method), "check", None)
     if method_check is not None:
         method_check(config)

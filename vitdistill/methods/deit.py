@@ -232,13 +232,14 @@ def train_transform(config):
     augment = functools.partial(
         deit_transforms.deit_train_transform, size=config.data.image_size, scale=tuple(aug.scale),
         ratio=tuple(aug.ratio), hflip=aug.hflip, rand_augment=aug.rand_augment, ra_num_ops=aug.ra_num_ops,
-        ra_magnitude=aug.ra_magnitude, ra_magnitude_std=aug.ra_magnitude_std, erase_prob=aug.erase_prob)
+        ra_magnitude=aug.ra_magnitude, ra_magnitude_std=aug.ra_magnitude_std, erase_prob=aug.erase_prob,
+        resize=deit_transforms.resize_of(config.data))
     return lambda image, seed: {"image": augment(image, seed)}
 
 
 def eval_transform(config):
-    size, crop_pct = config.data.image_size, config.data.crop_pct
-    return lambda image: {"image": deit_transforms.eval_transform(image, size=size, crop_pct=crop_pct)}
+    size, crop_pct, resize = config.data.image_size, config.data.crop_pct, deit_transforms.resize_of(config.data)
+    return lambda image: {"image": deit_transforms.eval_transform(image, size=size, crop_pct=crop_pct, resize=resize)}
 
 
 def classifier_counts(params, batch_stats, batch, *, model):

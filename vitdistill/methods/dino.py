@@ -22,7 +22,7 @@ import optax
 from tensorflow.io import gfile
 
 from vitdistill import losses, models, weights
-from vitdistill.data import multicrop, pipeline
+from vitdistill.data import deit_transforms, multicrop, pipeline
 from vitdistill.data.sources import get_source
 from vitdistill.errors import ConfigError
 from vitdistill.evaluate import batched, knn
@@ -201,7 +201,8 @@ def train_transform(config):
     mc = config.multicrop
     return functools.partial(multicrop.multicrop_views, global_size=mc.global_size, local_size=mc.local_size,
                              global_scale=tuple(mc.global_scale), local_scale=tuple(mc.local_scale),
-                             num_local=mc.num_local, blur_sigma=tuple(mc.blur_sigma))
+                             num_local=mc.num_local, blur_sigma=tuple(mc.blur_sigma),
+                             resize=deit_transforms.resize_of(config.data))
 
 
 def knn_evaluator(config, mesh) -> Callable[..., dict]:
@@ -215,7 +216,7 @@ def knn_evaluator(config, mesh) -> Callable[..., dict]:
     bank = get_source(data, data.train_split, limit=kcfg.train_limit)
     queries = get_source(data, data.eval_split, limit=kcfg.eval_limit, class_names=bank.class_names)
     extract = batched.cls_features(backbone, image_size=mc.global_size, crop_pct=data.crop_pct,
-                                   global_batch=config.batch_size, mesh=mesh)
+                                   global_batch=config.batch_size, mesh=mesh, resize=deit_transforms.resize_of(data))
 
     def evaluate(state: DinoState, frozen=None) -> dict:
         del frozen  # DINO has none

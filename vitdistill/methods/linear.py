@@ -98,10 +98,11 @@ def train_step(state: LinearState, batch: dict, backbone_params, *, setup: Linea
 
 def train_transform(config):
     size, scale = config.data.image_size, tuple(config.linear.scale)
+    resize = deit_transforms.resize_of(config.data)
 
     def transform(image, seed):
         crop_seed, flip_seed = deit_transforms.split_seed(seed, 2)
-        image = deit_transforms.random_resized_crop(image, crop_seed, size, scale=scale)
+        image = deit_transforms.random_resized_crop(image, crop_seed, size, scale=scale, resize=resize)
         return {"image": deit_transforms.normalize(deit_transforms.horizontal_flip(image, flip_seed))}
 
     return transform
@@ -109,7 +110,8 @@ def train_transform(config):
 
 def eval_transform(config):
     return lambda image: {"image": deit_transforms.eval_transform(image, size=config.data.image_size,
-                                                                  crop_pct=config.data.crop_pct)}
+                                                                  crop_pct=config.data.crop_pct,
+                                                                  resize=deit_transforms.resize_of(config.data))}
 
 
 def head_counts(params, backbone_params, batch, *, setup: LinearSetup):
