@@ -34,6 +34,8 @@ class Reporter:
         self._bar = None
         self._tb = None
         self._jsonl = None
+        self._workdir = workdir
+        self._failed: Optional[CheckpointSaveError] = None
         if self.is_writer:
             import tensorflow as tf
 
@@ -77,16 +79,29 @@ class Reporter:
     def write(self, step: int, metrics: dict, split: str = "train"):
         if not self.is_writer:
             return
-        values = {k: _scalar(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": int(step), "split": split, **values}, allow_nan=True) + "\n")
-        self._jsonl.flush()
         import tensorflow as tf
 
-        with self._tb.as_default(step=int(step)):
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    tf.summary.scalar(f"{split}/{k}", v)
-        self._tb.flush()
+        values = {k: _scalar(v) for k, v in metrics.items()}
+        try:
+            self._jsonl.write(json.dumps({"step": int(step), "split": split, **values}, allow_nan=True) + "\n")
+            self._jsonl.flush()
+            with self._tb.as_default(step=int(step)):
+                for k, v in values.items():
+                    if isinstance(v, (int, float)) and math.isfinite(v):
+                        tf.summary.scalar(f"{split}/{k}", v)
+            self._tb.flush()
+        except (OSError, tf.errors.OpError) as e:  # a full disk, a read-only or vanished workdir
+            self._fail(step, e)
+
+    def _fail(self, step: int, error: Exception):
+        message = (getattr(error, "message", None) or str(error) or type(error).__name__).strip().splitlines()[0]
+        self._failed = CheckpointSaveError(
+            f"Could not write the metrics of step {step} to {self._workdir} (metrics.jsonl, tensorboard/): "
+            f"{message}. The run stopped there; the checkpoints already written stay in "
+            f"{os.path.join(self._workdir, 'checkpoints')} and re-running the same command resumes from the last "
+            "one. Free space on that disk or make the workdir writable, or copy the workdir elsewhere and re-run "
+            "with --workdir pointing there.")
+        raise self._failed from error
 
     def message(self, text: str):
         """A line that does not break the progress bar."""
@@ -98,12 +113,20 @@ class Reporter:
             print(text, flush=True)
 
     def close(self):
+        """Closes the bar and the writers; a write that fails here (a full disk) is one CheckpointSaveError,
+        and none once a write has already failed (that error is the run's)."""
+        import tensorflow as tf
+
         if self._bar is not None:
             self._bar.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
+        for writer in (self._jsonl, self._tb):
+            if writer is None:
+                continue
+            try:
+                writer.close()
+            except (OSError, tf.errors.OpError) as e:
+                if self._failed is None:
+                    self._fail(self._last_step, e)
 
 
 def _duration(seconds: float) -> str:
