@@ -216,3 +216,11 @@ def eval_transform(image_uint8, *, size=224, crop_pct=0.875, interpolation="bicu
         raise ValueError(f"crop_pct={crop_pct} must be in (0, 1]: the resized image has to cover the crop")
     image = resize_shorter_side(image_uint8, int(size / crop_pct), method=interpolation, resize=resize)
     return normalize(center_crop(image, size))
+
+
+def eval_transform_of(data_config, size=None):
+    """The eval transform of `config.data` as a tf.data map function, `image -> {'image': ...}`: resize by
+    `data.crop_pct` (with `data.resize`), centre crop `size` (default `data.image_size`), normalise."""
+    size = data_config.image_size if size is None else size
+    crop_pct, resize = data_config.crop_pct, resize_of(data_config)
+    return lambda image: {"image": eval_transform(image, size=size, crop_pct=crop_pct, resize=resize)}

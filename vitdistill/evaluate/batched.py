@@ -68,14 +68,10 @@ def extract_features(feature_fn: Callable, state_args: tuple, source: Source, tr
     return np.concatenate(feats)[keep], np.concatenate(labels)[keep]
 
 
-def cls_features(backbone, *, image_size: int, crop_pct: float, global_batch: int, mesh, resize: str = "pil") -> Callable:
+def cls_features(backbone, *, transform: Callable, global_batch: int, mesh) -> Callable:
     """`(params, source) -> (features, labels)`: float32 CLS features (after the final norm) of a ViT made
-    with `num_classes=0`, on the eval transform (resize by `crop_pct`, centre crop `image_size`), as DINO's
+    with `num_classes=0`, on `transform` (the eval transform, `deit_transforms.eval_transform_of`), as DINO's
     k-NN extracts them; DINO's evaluation during training and the k-NN method both use it."""
-    from vitdistill.data import deit_transforms
-
-    def transform(image):
-        return {"image": deit_transforms.eval_transform(image, size=image_size, crop_pct=crop_pct, resize=resize)}
 
     @jax.jit
     def features(params, batch):

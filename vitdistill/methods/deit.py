@@ -238,8 +238,7 @@ def train_transform(config):
 
 
 def eval_transform(config):
-    size, crop_pct, resize = config.data.image_size, config.data.crop_pct, deit_transforms.resize_of(config.data)
-    return lambda image: {"image": deit_transforms.eval_transform(image, size=size, crop_pct=crop_pct, resize=resize)}
+    return deit_transforms.eval_transform_of(config.data)
 
 
 def classifier_counts(params, batch_stats, batch, *, model):

@@ -215,8 +215,8 @@ def knn_evaluator(config, mesh) -> Callable[..., dict]:
     backbone = models.create(config.model.name, num_classes=0, dtype=jnp.float32, **size)
     bank = get_source(data, data.train_split, limit=kcfg.train_limit)
     queries = get_source(data, data.eval_split, limit=kcfg.eval_limit, class_names=bank.class_names)
-    extract = batched.cls_features(backbone, image_size=mc.global_size, crop_pct=data.crop_pct,
-                                   global_batch=config.batch_size, mesh=mesh, resize=deit_transforms.resize_of(data))
+    extract = batched.cls_features(backbone, transform=deit_transforms.eval_transform_of(data, size=mc.global_size),
+                                   global_batch=config.batch_size, mesh=mesh)
 
     def evaluate(state: DinoState, frozen=None) -> dict:
         del frozen  # DINO has none

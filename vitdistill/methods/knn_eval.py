@@ -32,9 +32,8 @@ def build_task(config, workdir: str) -> loop.Task:
     bank = get_source(data, data.train_split, limit=kcfg.train_limit)
     queries = get_source(data, data.eval_split, limit=kcfg.eval_limit, class_names=bank.class_names)
     mesh = sharding.make_mesh(config.get("mesh"))
-    resize = deit_transforms.resize_of(data)
-    extract = batched.cls_features(backbone, image_size=data.image_size, crop_pct=data.crop_pct,
-                                   global_batch=config.batch_size, mesh=mesh, resize=resize)
+    transform = deit_transforms.eval_transform_of(data)
+    extract = batched.cls_features(backbone, transform=transform, global_batch=config.batch_size, mesh=mesh)
 
     def evaluate(state, frozen) -> dict:
         del state  # nothing trains: the backbone is the frozen input, placed by the loop
@@ -63,6 +62,5 @@ def build_task(config, workdir: str) -> loop.Task:
                                           f"{bank.num_examples} train / {queries.num_examples} test images")
 
     return loop.evaluation_task(
-        f"knn:{config.model.name}", source=bank, transform=lambda image: {"image": deit_transforms.eval_transform(
-            image, size=data.image_size, crop_pct=data.crop_pct, resize=resize)}, evaluate=evaluate,
+        f"knn:{config.model.name}", source=bank, transform=transform, evaluate=evaluate,
         length=schedules.run_length(config, bank.num_examples), frozen=params, summarize=summarize)

@@ -109,9 +109,7 @@ def train_transform(config):
 
 
 def eval_transform(config):
-    return lambda image: {"image": deit_transforms.eval_transform(image, size=config.data.image_size,
-                                                                  crop_pct=config.data.crop_pct,
-                                                                  resize=deit_transforms.resize_of(config.data))}
+    return deit_transforms.eval_transform_of(config.data)
 
 
 def head_counts(params, backbone_params, batch, *, setup: LinearSetup):

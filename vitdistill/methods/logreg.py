@@ -53,10 +53,7 @@ def build_task(config, workdir: str) -> loop.Task:
     test = get_source(data, data.eval_split, limit=lcfg.eval_limit, class_names=train.class_names)
     mesh = sharding.make_mesh(config.get("mesh"))
 
-    def transform(image):
-        return {"image": deit_transforms.eval_transform(image, size=data.image_size, crop_pct=data.crop_pct,
-                                                        resize=deit_transforms.resize_of(data))}
-
+    transform = deit_transforms.eval_transform_of(data)
     feature_fn = jax.jit(lambda p, batch: batched.block_features(
         backbone, p, batch["image"], n_last_blocks=int(lcfg.n_last_blocks), avgpool=bool(lcfg.avgpool_patchtokens)))
     extract = functools.partial(batched.extract_features, feature_fn, transform=transform,
