@@ -58,15 +58,14 @@ def _coefficients(in_size, out_size, method):
     xmin = tf.maximum(tf.cast(center - support + 0.5, tf.int32), 0)
     xmax = tf.minimum(tf.cast(center + support + 0.5, tf.int32), in_size) - xmin
     taps = tf.range(ksize)
-    offsets = tf.cast(taps[None, :] + xmin[:, None], tf.float64)
-    weights = kernel((offsets - center[:, None] + 0.5) * (1.0 / filterscale))  # Resample.c's `ss`
+    positions = taps[None, :] + xmin[:, None]  # [out, K] input pixels
+    weights = kernel((tf.cast(positions, tf.float64) - center[:, None] + 0.5) * (1.0 / filterscale))  # Resample.c's `ss`
     weights = tf.where(taps[None, :] < xmax[:, None], weights, tf.zeros_like(weights))
     total = tf.reduce_sum(weights, axis=1, keepdims=True)
     weights = tf.where(total != 0.0, weights / tf.where(total != 0.0, total, 1.0), weights)
     fixed = weights * float(1 << PRECISION_BITS)
     fixed = tf.cast(tf.where(fixed < 0.0, fixed - 0.5, fixed + 0.5), tf.int32)  # truncation after +-0.5
-    index = tf.minimum(taps[None, :] + xmin[:, None], in_size - 1)
-    return index, fixed
+    return tf.minimum(positions, in_size - 1), fixed  # past a window's end: any pixel, weight 0
 
 
 def _rows_pass(image, out_size, method):
@@ -89,7 +88,8 @@ def pil_resize(image, size, method="bicubic"):
     if method not in FILTERS:
         raise ValueError(f"pil_resize: method={method!r} is not one of {sorted(FILTERS)}")
     height, width = size[0], size[1]  # ints, or a [2] tensor
-    levels = tf.cast(tf.round(tf.cast(image, tf.float32)), tf.int32)
+    image = tf.convert_to_tensor(image)
+    levels = tf.cast(image if image.dtype.is_integer else tf.round(image), tf.int32)
     # PIL skips a pass whose size is unchanged; with these kernels that pass is the identity anyway.
     columns = _rows_pass(tf.transpose(levels, [1, 0, 2]), width, method)  # horizontal pass, into uint8 levels
     levels = _rows_pass(tf.transpose(columns, [1, 0, 2]), height, method)  # then the vertical one
