@@ -1,6 +1,13 @@
 """Errors a user can act on: the entry points print their message, not a traceback."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (TF's `.message` where it has one), for a one-line report;
+    the exception's type name when the message is empty."""
+    text = (getattr(error, "message", None) or str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class UserError(Exception):
     """Something about the input (config, data, checkpoint) that the user must change."""
 

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from vitdistill import paths
-from vitdistill.errors import DataError
+from vitdistill.errors import DataError, first_line
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -254,7 +254,7 @@ def scan_images(files: tuple, jpeg: str = "accurate") -> list:
                 decode_image(tf.io.read_file(files[index]), jpeg)
                 reason = "failed to decode in the scan"
             except (tf.errors.OpError, ValueError) as e:
-                reason = getattr(e, "message", str(e)).strip().splitlines()[0]
+                reason = first_line(e)
                 reason = re.sub(r"\s*\[Op:.*$", "", re.sub(r"\{\{[^}]*\}\}\s*", "", reason))  # TF's op names
             bad.append((files[index], reason))
         _SCANS[key] = bad

@@ -11,7 +11,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from vitdistill.errors import CheckpointSaveError
+from vitdistill.errors import CheckpointSaveError, first_line
 
 CONFIG_FILE = "config.json"  # the resolved config, inside a workdir
 
@@ -94,7 +94,7 @@ class Reporter:
             self._fail(step, e)
 
     def _fail(self, step: int, error: Exception):
-        message = (getattr(error, "message", None) or str(error) or type(error).__name__).strip().splitlines()[0]
+        message = first_line(error)
         self._failed = CheckpointSaveError(
             f"Could not write the metrics of step {step} to {self._workdir} (metrics.jsonl, tensorboard/): "
             f"{message}. The run stopped there; the checkpoints already written stay in "
@@ -149,8 +149,7 @@ def save_config(config, workdir: str):
         with tf.io.gfile.GFile(path, "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     except (OSError, tf.errors.OpError) as e:  # a read-only or full workdir, before anything was trained
-        message = getattr(e, "message", None) or str(e)
-        raise CheckpointSaveError(f"Cannot write {path}: {message.strip().splitlines()[0]}. Nothing was trained. "
+        raise CheckpointSaveError(f"Cannot write {path}: {first_line(e)}. Nothing was trained. "
                                   "Make the workdir writable (or free space on its disk), or pass another "
                                   "--workdir.") from e
 

@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from vitdistill.errors import CheckpointError, CheckpointSaveError
+from vitdistill.errors import CheckpointError, CheckpointSaveError, first_line
 
 CHECKPOINTS_DIR = "checkpoints"  # inside a workdir
 _ITEM = "default"  # orbax's name for the single item of each step
@@ -109,7 +109,7 @@ class StateCheckpoints:
             self._fail(e, self._saving)
 
     def _fail(self, error: Exception, step: Optional[int]):
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        cause = first_line(error)
         good = _finished_steps(self.directory)
         last = (f"The last good checkpoint is step {good[-1]} in {self.directory} (re-running resumes from it)"
                 if good else "No checkpoint was saved before it")
