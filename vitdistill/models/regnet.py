@@ -37,6 +37,43 @@ def conv_init(groups: int):
     return init
 
 
+class GroupedConv(nn.Module):
+    """A k×k convolution without bias in `groups` groups, with nn.Conv's parameter (`kernel`,
+    [k, k, in / groups, out], so checkpoints and conversion are unchanged).
+
+    `split` computes it as one dense convolution per group and concatenates the outputs: XLA:CPU runs a
+    `feature_group_count` convolution 5-10x slower than the same work split this way (RegNetY-16GF's
+    3x3 convolutions at batch 4: 113-256 ms against 13-39 ms; PyTorch 9-45 ms). `None` picks `split` on
+    the CPU and one grouped convolution elsewhere (cuDNN and TPUs run those well).
+    """
+
+    features: int
+    kernel: int
+    stride: int
+    groups: int
+    kernel_init: Any
+    split: bool | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        in_features = x.shape[-1]
+        kernel = self.param('kernel', self.kernel_init,
+                            (self.kernel, self.kernel, in_features // self.groups, self.features), self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        conv = partial(jax.lax.conv_general_dilated, window_strides=(self.stride, self.stride),
+                       padding=[(self.kernel // 2, self.kernel // 2)] * 2,
+                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        split = jax.default_backend() == 'cpu' if self.split is None else self.split
+        if self.groups == 1 or not split:
+            return conv(x, kernel, feature_group_count=self.groups)
+        size_in, size_out = in_features // self.groups, self.features // self.groups
+        return jnp.concatenate([conv(x[..., g * size_in:(g + 1) * size_in],
+                                     kernel[..., g * size_out:(g + 1) * size_out])
+                                for g in range(self.groups)], axis=-1)
+
+
 class ConvNormAct(nn.Module):
     """conv (no bias) -> BatchNorm -> optional ReLU, named `conv`/`bn` as in timm."""
 
@@ -51,9 +88,8 @@ class ConvNormAct(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        x = nn.Conv(self.features, (self.kernel, self.kernel), self.stride, padding=self.kernel // 2,
-                    feature_group_count=self.groups, use_bias=False, kernel_init=conv_init(self.groups),
-                    dtype=self.dtype, param_dtype=self.param_dtype, name='conv')(x)
+        x = GroupedConv(self.features, self.kernel, self.stride, self.groups, conv_init(self.groups),
+                        dtype=self.dtype, param_dtype=self.param_dtype, name='conv')(x)
         x = batch_norm(train, self.dtype, self.param_dtype, 'bn', self.zero_scale)(x)
         return nn.relu(x) if self.act else x
 
