@@ -64,20 +64,63 @@ def test_missing_imagenet_ends_with_a_short_message_not_a_traceback(tmp_path):
     assert "tfds build" in run.stderr and "manual" in run.stderr
 
 
-def test_bench_prints_one_json_object_per_measurement():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+FAKE_REFERENCE = """
+import json, os, sys
+with open(os.environ['FAKE_REFERENCE_LOG'], 'a') as f:
+    parent = open(f'/proc/{os.getppid()}/stat').read().rsplit(')', 1)[1].split()
+    f.write(json.dumps({'args': sys.argv[1:], 'parent_cpu_ticks': int(parent[11]) + int(parent[12])}) + '\\n')
+print('torch noise'); print(json.dumps({'ref': 'torch', 'images_per_sec': 50.0}))
+"""
+
+
+def test_bench_prints_one_json_object_per_measurement_and_compares_in_turns(tmp_path):
+    """Every line has the figures the harness promises; --compare runs the reference for the same config,
+    once per round, in turns with ours (the bench process works between two reference runs), and the ratio
+    is ours over the reference's images/s."""
+    reference, log = tmp_path / "torch_reference.py", tmp_path / "calls.jsonl"
+    reference.write_text(FAKE_REFERENCE)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               FAKE_REFERENCE_LOG=str(log))
     run = subprocess.run([sys.executable, "-m", "vitdistill.bench", "--config=configs/deit_s_distilled.py:runlocal",
                           "--config.data.image_size=16", "--config.batch_size=8", "--steps=2",
-                          "--config.teacher.model=resnet_micro"],  # a random RegNetY-16GF took minutes on XLA:CPU
-                         cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+                          "--config.teacher.model=resnet_micro",  # a random RegNetY-16GF took minutes on XLA:CPU
+                          "--compare", "--rounds=3", f"--reference={reference}", "--workers=3"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "reference trains at 224 px" in run.stderr and "--config.data.image_size=224" in run.stderr
+    assert not log.exists()  # refused before anything was built or run
+
+    run = subprocess.run([sys.executable, "-m", "vitdistill.bench", "--config=configs/deit_s_distilled.py:runlocal",
+                          "--config.data.image_size=16", "--config.batch_size=8", "--steps=2",
+                          "--config.teacher.model=resnet_micro", "--what=step,pipeline"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert [line["what"] for line in lines] == ["deit_train_step", "pipeline_deit"]
     for line in lines:
         assert {"what", "images_per_sec", "step_ms", "flops_per_step", "peak_rss_mb"} <= set(line)
         assert line["images_per_sec"] > 0 and line["step_ms"] > 0 and line["peak_rss_mb"] > 100
-    assert lines[0]["flops_per_step"] > 1e6  # XLA's count for student + teacher forward/backward
+    step = lines[0]
+    assert step["flops_per_step"] > 1e6  # XLA's count for student + teacher forward/backward
+    assert step["compile_s"] > 0 and step["matmul_peak_tflops"] > 0 and step["device_peak_mb"] is None  # CPU
+    assert step["utilisation"] == pytest.approx(step["tflops_per_sec"] / step["matmul_peak_tflops"], rel=1e-2)
+
+    run = subprocess.run([sys.executable, "-m", "vitdistill.bench", "--config=configs/dino_vits16.py:runlocal",
+                          "--config.batch_size=8", "--steps=2", "--what=pipeline", "--compare", "--rounds=3",
+                          f"--reference={reference}", "--workers=3"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (line,) = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    calls = [json.loads(call) for call in log.read_text().splitlines()]
+    assert len(calls) == 3
+    config = _config(os.path.join(ROOT, "configs", "dino_vits16.py"), "runlocal")
+    assert calls[0]["args"] == ["--what", "pipeline_dino", "--workers", "3", "--n_local",
+                                str(config.multicrop.num_local), "--batch", "8", "--steps", "2"]
+    ticks = [call["parent_cpu_ticks"] for call in calls]
+    assert ticks[0] < ticks[1] < ticks[2]  # the bench timed its own pipeline between two reference runs
+    assert line["torch_images_per_sec"] == 50.0 and line["rounds"] == 3
+    assert line["ratio"] == pytest.approx(line["images_per_sec"] / 50.0, rel=1e-3)
+    assert line["ratio_min"] <= line["ratio"] <= line["ratio_max"]
 
 
 def _config(path, arg=None):
