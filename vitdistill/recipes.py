@@ -68,6 +68,8 @@ def deit(model: str = "deit_small_patch16_224", *, distilled: bool = False) -> C
         "drop_path_rate": 0.1,
         "drop_rate": 0.0,
         "dtype": "auto",               # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
+        "remat": False,                # ViTs: recompute each block in the backward pass (less memory, more compute)
+        "fused_attention": True,       # ViTs: cuDNN flash attention on GPUs in half precision
         "init_from": _opt(str),        # orbax dir from `python -m vitdistill.convert` or a workdir (fine-tuning)
         "init_from_network": "auto",   # of a workdir: auto (DINO: teacher, else student) | student | teacher | ema
     })
@@ -152,6 +154,8 @@ def dino(model: str = "vit_small_patch16_224", *, batch_size: int = 1024) -> Con
         "norm_last_layer": True,
         "use_bn_in_head": False,       # official option; BatchNorm in the head's MLP
         "dtype": "auto",               # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
+        "remat": False,                # recompute each block in the backward pass (less memory, more compute)
+        "fused_attention": True,       # cuDNN flash attention on GPUs in half precision
         "init_from": _opt(str),        # a `python -m vitdistill.convert` output or a workdir
         "init_from_network": "auto",   # of a workdir: auto (DINO: teacher, else student) | student | teacher | ema
     })

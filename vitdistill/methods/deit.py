@@ -88,6 +88,10 @@ def model_overrides(model_config, image_size: int) -> dict:
         overrides["img_size"] = image_size
         if model_config.get("patch_size"):
             overrides["patch_size"] = model_config.patch_size
+        if model_config.get("remat"):
+            overrides["remat"] = True
+        if not model_config.get("fused_attention", True):
+            overrides["fused_attention"] = False
     for key in ("drop_path_rate", "drop_rate"):
         if model_config.get(key):
             overrides[key] = model_config[key]

@@ -75,11 +75,13 @@ def make_setup(config, *, steps_per_epoch: int) -> DinoSetup:
     dtype = models.compute_dtype(m.dtype)
     head_args = dict(out_dim=m.out_dim, hidden_dim=m.hidden_dim, bottleneck_dim=m.bottleneck_dim,
                      norm_last_layer=m.norm_last_layer, use_bn_in_head=m.use_bn_in_head)
-    size = dict(img_size=mc.global_size)  # position embedding native to the global crops
+    # the position embedding native to the global crops; remat and fused attention as configured
+    backbone = dict(img_size=mc.global_size, remat=bool(m.get("remat", False)),
+                    fused_attention=bool(m.get("fused_attention", True)))
     if m.patch_size:
-        size["patch_size"] = m.patch_size
-    student = models.create_dino(m.name, drop_path_rate=m.drop_path_rate, dtype=dtype, **size, **head_args)
-    teacher = models.create_dino(m.name, drop_path_rate=0.0, dtype=dtype, **size, **head_args)
+        backbone["patch_size"] = m.patch_size
+    student = models.create_dino(m.name, drop_path_rate=m.drop_path_rate, dtype=dtype, **backbone, **head_args)
+    teacher = models.create_dino(m.name, drop_path_rate=0.0, dtype=dtype, **backbone, **head_args)
 
     # epochs = 0 evaluates only (a converted checkpoint, say): the schedules are never read.
     epochs = config.epochs or 1.0

@@ -174,10 +174,19 @@ def _dense(features, dtype, param_dtype, name):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection; also returns the softmax weights."""
+    """Multi-head self-attention with one fused qkv projection; also returns the softmax weights, or None
+    where a fused kernel ran.
+
+    With `fused` (the default), `jax.nn.dot_product_attention` runs cuDNN's fused (flash) attention on a
+    GPU with half-precision inputs, when nobody collects the weights (the `intermediates` collection is
+    not mutable: not attention maps or probes) and attention dropout is off. Everywhere else the weights are
+    computed explicitly (einsum, float32 softmax): on XLA:CPU that is as fast as XLA's own formulation of
+    `dot_product_attention` (0.95x-1.0x in one-process A/B runs of a DeiT-S step).
+    """
 
     num_heads: int
     attn_drop_rate: float = 0.0
+    fused: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -188,11 +197,32 @@ class Attention(nn.Module):
         qkv = _dense(3 * dim, self.dtype, self.param_dtype, 'qkv')(x)
         # timm's layout of the fused projection: [q | k | v], each split into heads.
         q, k, v = einops.rearrange(qkv, 'b t (qkv h d) -> qkv b t h d', qkv=3, h=self.num_heads)
-        logits = jnp.einsum('bqhd,bkhd->bhqk', q * head_dim**-0.5, k)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        dropped = nn.Dropout(self.attn_drop_rate, deterministic=not train)(weights).astype(self.dtype)
-        out = einops.rearrange(jnp.einsum('bhqk,bkhd->bqhd', dropped, v), 'b t h d -> b t (h d)')
+        kernel = fused_attention_kernel(q.dtype) if self.fused else None
+        if kernel is not None and not self.is_mutable_collection('intermediates') and not (
+                train and self.attn_drop_rate > 0):
+            weights = None
+            out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5, implementation=kernel)
+        else:
+            logits = jnp.einsum('bqhd,bkhd->bhqk', q * head_dim**-0.5, k)
+            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+            dropped = nn.Dropout(self.attn_drop_rate, deterministic=not train)(weights).astype(self.dtype)
+            out = jnp.einsum('bhqk,bkhd->bqhd', dropped, v)
+        out = einops.rearrange(out, 'b t h d -> b t (h d)')
         return _dense(dim, self.dtype, self.param_dtype, 'proj')(out), weights
+
+
+def fused_attention_kernel(dtype) -> str | None:
+    """The `jax.nn.dot_product_attention` implementation fused attention uses: 'cudnn' on a GPU with
+    float16/bfloat16 inputs, else None (the explicit path)."""
+    if jax.default_backend() == 'gpu' and dtype in (jnp.bfloat16, jnp.float16):
+        return 'cudnn'
+    return None
+
+
+def gelu(x):
+    """Exact GELU as PyTorch computes it, x/2 (1 + erf(x/sqrt 2)) (Flax's exact form goes through erfc, which
+    XLA:CPU evaluates more slowly)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(np.sqrt(0.5)).astype(x.dtype)))
 
 
 class Mlp(nn.Module):
@@ -206,7 +236,7 @@ class Mlp(nn.Module):
     def __call__(self, x):
         dim = x.shape[-1]
         x = _dense(self.hidden_dim, self.dtype, self.param_dtype, 'fc1')(x)
-        x = nn.gelu(x, approximate=False)
+        x = gelu(x)
         return _dense(dim, self.dtype, self.param_dtype, 'fc2')(x)
 
 
@@ -216,21 +246,25 @@ def _layer_norm(dtype, param_dtype, name):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; sows its attention weights (DINO's maps) and output tokens (linear probes)."""
+    """Pre-norm transformer block; sows its attention weights (DINO's maps) and output tokens (linear probes).
+
+    `train` is positional so that `nn.remat` can hold it static."""
 
     num_heads: int
     mlp_ratio: float = 4.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    fused_attention: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, train: bool = False):
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        branch, attention = Attention(self.num_heads, self.attn_drop_rate, name='attn', **dtypes)(
-            _layer_norm(name='norm1', **dtypes)(x), train=train)
-        self.sow('intermediates', 'attention', attention)
+        branch, attention = Attention(self.num_heads, self.attn_drop_rate, self.fused_attention, name='attn',
+                                      **dtypes)(_layer_norm(name='norm1', **dtypes)(x), train=train)
+        if attention is not None:
+            self.sow('intermediates', 'attention', attention)
         x = x + DropPath(self.drop_path_rate)(branch, train=train)
         branch = Mlp(int(x.shape[-1] * self.mlp_ratio), name='mlp', **dtypes)(_layer_norm(name='norm2', **dtypes)(x))
         x = x + DropPath(self.drop_path_rate)(branch, train=train)
@@ -251,6 +285,10 @@ class VisionTransformer(nn.Module):
     `drop_rate` is dropout on the token(s) entering the head, as in timm >= 0.9; DeiT's
     original timm 0.3 also applied it after the position embedding and inside the blocks
     (DeiT's default is 0 either way).
+
+    Speed and memory: `remat` recomputes each block's activations in the backward pass instead of keeping
+    them (`nn.remat`: less memory for about a third more compute, same numbers); `fused_attention` (the
+    default) runs cuDNN's flash attention on GPUs in half precision (see `Attention`).
     """
 
     img_size: int = 224
@@ -265,6 +303,8 @@ class VisionTransformer(nn.Module):
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     pos_embed_interpolation: str = 'antialias'
+    remat: bool = False
+    fused_attention: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -296,9 +336,10 @@ class VisionTransformer(nn.Module):
         prefix = [jnp.broadcast_to(token, (batch, 1, self.embed_dim)).astype(self.dtype) for token in prefix]
         x = jnp.concatenate(prefix + [x], axis=1) + pos_embed.astype(self.dtype)
 
+        block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
-            x = Block(self.num_heads, self.mlp_ratio, self.attn_drop_rate, rate, name=f'blocks_{i}', **dtypes)(
-                x, train=train)
+            x = block(self.num_heads, self.mlp_ratio, self.attn_drop_rate, rate, self.fused_attention,
+                      name=f'blocks_{i}', **dtypes)(x, train)
         x = _layer_norm(name='norm', **dtypes)(x)
 
         head_drop = nn.Dropout(self.drop_rate, deterministic=not train)
