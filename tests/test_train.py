@@ -415,3 +415,70 @@ def test_a_workdir_that_cannot_be_written_is_one_message_before_any_compute(tmp_
                                                   r"was trained\. Make the workdir writable"):
         methods.train_and_evaluate(_deit_config("none"), str(tmp_path / "run"))
     assert not os.listdir(tmp_path / "run" / "checkpoints") and not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def _emulate_transfer_guard_on_the_cpu(monkeypatch):
+    """Makes jax.transfer_guard_device_to_host("disallow") bite on the CPU as it does on GPUs and TPUs: CPU arrays
+    live in host memory, so JAX lets every read through there; here each way of reading an array's value (and
+    waiting for it) raises inside such a guard."""
+    from jax._src import array, config
+
+    def guarded(name, read):
+        def check(self, *args, **kwargs):
+            if config.transfer_guard_device_to_host.value == "disallow":
+                raise RuntimeError(f"Disallowed device-to-host transfer ({name}) of an array {self.shape}")
+            return read(self, *args, **kwargs)
+        return check
+
+    value = array.ArrayImpl._value
+    monkeypatch.setattr(array.ArrayImpl, "_value", property(guarded("_value", value.fget)))
+    for name in ("__array__", "item", "tolist", "__float__", "__int__", "__bool__", "__index__",
+                 "block_until_ready"):
+        monkeypatch.setattr(array.ArrayImpl, name, guarded(name, getattr(array.ArrayImpl, name)))
+
+
+@pytest.mark.parametrize("method", ["deit", "dino"])
+def test_steps_that_neither_log_nor_save_make_no_device_to_host_transfer(tmp_path, monkeypatch, method):
+    """The host never waits for the devices between logged steps: the loop runs each step that neither logs
+    nor saves under jax.transfer_guard_device_to_host(STEP_TRANSFER_GUARD). With "disallow" a run of 6 steps,
+    logging and saving at the last only, trains through, its metrics fetched at that step alone; with a
+    progress bar that reads every step's loss, the same guard stops the run."""
+    import legacy_workdirs
+
+    from vitdistill import models
+    from vitdistill.train import loop
+    from vitdistill.train.reporting import Reporter
+
+    for name, entry in legacy_workdirs.NANO_MODELS.items():
+        monkeypatch.setitem(models.MODELS, name, entry)
+    _emulate_transfer_guard_on_the_cpu(monkeypatch)
+    monkeypatch.setattr(loop, "STEP_TRANSFER_GUARD", "disallow")
+    config = legacy_workdirs.deit_config(max_steps=6) if method == "deit" else legacy_workdirs.dino_config(6)
+    config.log_every_steps = config.checkpoint_every_steps = 6
+    if method == "deit":
+        config.teacher.train.log_every_steps = 2  # the teacher's run is guarded too
+    assert methods.train_and_evaluate(config, str(tmp_path / "guarded"))["step"] == 6
+    assert [m["step"] for m in _metrics(str(tmp_path / "guarded")) if m["split"] == "train"] == [6]
+    if method == "deit":
+        return
+
+    jit_train_step, advance, latest = loop.jit_train_step, Reporter.advance, {}
+
+    def recording(*args, **kwargs):
+        jitted = jit_train_step(*args, **kwargs)
+
+        def step(*inputs):
+            latest["out"] = jitted(*inputs)
+            return latest["out"]
+
+        return step
+
+    def reads_the_loss(self, step, postfix=None):  # a progress bar showing every step's loss
+        if postfix is None:
+            postfix = {"loss": float(latest["out"][1]["loss"])}
+        return advance(self, step, postfix)
+
+    monkeypatch.setattr(loop, "jit_train_step", recording)
+    monkeypatch.setattr(Reporter, "advance", reads_the_loss)
+    with pytest.raises(RuntimeError, match=r"Disallowed device-to-host transfer \(__float__\)"):
+        methods.train_and_evaluate(config, str(tmp_path / "reads_the_loss"))

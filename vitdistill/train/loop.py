@@ -253,24 +253,30 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
                 raise Preempted(f"{task.name}: stopped by {stops.reason} at step {step}/{total_steps}; "
                                 f"{_where_saved(last_saved, workdir)}. Re-run the same command to resume.", step)
             if batches is None:  # built only once the first step is known to run
-                batches = pipeline.train_dataset(
+                batches = OnMesh(pipeline.train_dataset(
                     source, task.data.transform, seed=config.seed, global_batch=config.batch_size, start_step=step,
                     process_index=jax.process_index(), process_count=jax.process_count(),
-                    num_shards=mesh.devices.size, repeats=task.data.repeats).as_numpy_iterator()
+                    num_shards=mesh.devices.size, repeats=task.data.repeats).as_numpy_iterator(),
+                    task.data, config, mesh, step)
                 reporter.throughput(step)
             checkpoints.check()  # a failed asynchronous save stops the run here, before it trains on
-            batch = sharding.to_global(_next_batch(batches, task.data, step, config), mesh)
-            if skip_limit:
-                state, metrics, counters = step_fn(state, batch, frozen, counters)
-            else:
-                state, metrics = step_fn(state, batch, frozen)
-            step += 1
+            logs = (step + 1) % config.log_every_steps == 0 or step + 1 == total_steps
+            saves = (step + 1) % checkpoints.every_steps == 0 or step + 1 == total_steps
+            with jax.transfer_guard_device_to_host("allow" if logs or saves else STEP_TRANSFER_GUARD):
+                batch = batches.take(step)
+                if skip_limit:
+                    state, metrics, counters = step_fn(state, batch, frozen, counters)
+                else:
+                    state, metrics = step_fn(state, batch, frozen)
+                if step + 1 < total_steps:
+                    batches.load_next()  # the next batch is read and placed while this step runs
+                step += 1
+                if not logs:
+                    reporter.advance(step)
             is_last = step == total_steps
-            if step % config.log_every_steps == 0 or is_last:
+            if logs:
                 _log(task, reporter, step, sharding.to_host(metrics), workdir, last_saved, skip_limit)
-            else:
-                reporter.advance(step)
-            if is_last or step % checkpoints.every_steps == 0:
+            if saves:
                 _finite_or_raise(step, sharding.to_host(metrics), workdir, last_saved, skip_limit)
                 _state_finite_or_raise(step, state, workdir, last_saved)
                 if checkpoints.maybe_save(step, state, force=is_last):
@@ -356,6 +362,46 @@ def _log(task: Task, reporter: Reporter, step: int, host: dict, workdir: str, la
     reporter.advance(step, {"loss": float(host["loss"]), "img/s": round(host.get("images_per_sec", 0.0), 1)})
     if task.check_metrics is not None and (warning := task.check_metrics(step, host)):
         reporter.message(warning)
+
+
+# What a step that neither logs nor saves may transfer from the devices to the host: nothing, so that the host
+# never waits for the devices between such steps. "allow" (the default) lets it be; VITDISTILL_STEP_TRANSFER_GUARD=
+# "log" names every transfer that happens there, "disallow" makes each one an error (tests/test_train.py).
+STEP_TRANSFER_GUARD = os.environ.get("VITDISTILL_STEP_TRANSFER_GUARD", "allow")
+
+
+class OnMesh:
+    """Training batches placed on the mesh one step ahead: `take(step)` hands over the batch placed for `step`
+    (reading it now if it is not), and `load_next()`, called once the step is dispatched, reads and places the
+    following one while the devices compute. A batch that failed to read raises when its own step takes it."""
+
+    def __init__(self, batches, data: pipeline.TrainData, config, mesh, step: int):
+        self._batches, self._data, self._config, self._mesh = batches, data, config, mesh
+        self._next_step = step
+        self._loaded = None  # (step, placed batch or the exception reading it raised)
+
+    def _load(self):
+        step = self._next_step
+        try:
+            self._loaded = (step, sharding.to_global(_next_batch(self._batches, self._data, step, self._config),
+                                                     self._mesh))
+        except Exception as e:  # noqa: BLE001 - raised again by take(), at its own step
+            self._loaded = (step, e)
+        self._next_step += 1
+
+    def take(self, step: int) -> dict:
+        if self._loaded is None:
+            self._load()
+        loaded_step, batch = self._loaded
+        self._loaded = None
+        assert loaded_step == step, (loaded_step, step)
+        if isinstance(batch, Exception):
+            raise batch
+        return batch
+
+    def load_next(self):
+        if self._loaded is None:
+            self._load()
 
 
 def _next_batch(batches, data: pipeline.TrainData, step: int, config) -> dict:
