@@ -20,6 +20,7 @@ setup(
         "einops>=0.7",
         "absl-py>=2.0",
         "numpy>=1.26",
+        "pillow>=10",  # torchvision's augmentation ops, run by Pillow inside tf.data (vitdistill.data.pil_ops)
         "scikit-learn>=1.3",
         "tqdm>=4.66",
         "matplotlib>=3.7",  # attention maps (vitdistill.visualize) and training curves

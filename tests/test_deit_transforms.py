@@ -238,3 +238,44 @@ def test_the_384_fine_tuning_recipe_evaluates_as_deits_build_transform():
     ours = _levels(eager(lambda im: deit.eval_transform(config)(im)["image"], photo))
     assert ours.shape == (384, 384, 3)
     np.testing.assert_array_equal(ours, _torchvision_eval(photo, int(384 / 0.875), 384))
+
+
+def test_pillow_backend_is_timms_transform_for_the_drawn_choices(monkeypatch):
+    """image_ops='pil' (the default) is, for the crop box, flip and RandAugment choices drawn in TF, timm's chain
+    of PIL calls: Pillow's resize of the crop, the mirror, then timm's own AugmentOp for each applied op at the
+    drawn magnitude and sign, with DeiT's hparams (bicubic, mean fill). Level for level; the TF backend
+    (held to PIL op by op in tests/test_randaugment.py) stays within a level of it but for a few pixels."""
+    auto_augment = pytest.importorskip("timm.data.auto_augment")
+    from PIL import Image, ImageOps
+
+    from vitdistill.data import randaugment as ra
+
+    posterize = ImageOps.posterize  # Pillow <= 12's 0 bits, black (Pillow 13 raises; DeiT ran on 8)
+    monkeypatch.setattr(ImageOps, "posterize", lambda im, bits: im.point([0] * 768) if bits == 0 else posterize(im, bits))
+    hparams = dict(img_mean=ra.FILL, interpolation=Image.BICUBIC, translate_const=100)
+    image = sample_image("flower", size=(80, 60))
+    seeds = np.array([[k, 3] for k in range(80)], np.int64)
+
+    def transform(image_ops):
+        return _levels(map_in_tf_data(lambda s: dt.deit_train_transform(image, s, size=32, erase_prob=0.0,
+                                                                         image_ops=image_ops), seeds))
+
+    pil, tf_levels = transform("pil"), transform("tf")
+    applied = []
+    for k, seed in enumerate(seeds):
+        crop_seed, flip_seed, ra_seed, _ = eager(lambda s: dt.split_seed(s, 4), seed)
+        top, left, height, width = (int(v) for v in eager(lambda s: dt.sample_crop_box(s, 60, 80), crop_seed))
+        want = pil_resize_reference(Image.fromarray(image).crop((left, top, left + width, top + height)), (32, 32))
+        if eager(lambda s: dt.coin(s, 0.5), flip_seed):
+            want = want.transpose(Image.FLIP_LEFT_RIGHT)
+        params = eager(ra.sample_params, ra_seed)
+        for op, apply, magnitude, sign in zip(params["op"], params["apply"], params["magnitude"], params["sign"]):
+            if apply:
+                monkeypatch.setattr(auto_augment, "_randomly_negate", lambda v, s=float(sign): s * v)
+                want = auto_augment.AugmentOp(ra.OP_NAMES[op], prob=1.0, magnitude=float(magnitude),
+                                              hparams=hparams)(want)
+                applied.append(ra.OP_NAMES[op])
+        np.testing.assert_array_equal(pil[k], np.asarray(want), err_msg=f"seed {seed}")
+    assert len(set(applied)) == len(ra.OP_NAMES) and len(applied) >= 60, sorted(applied)
+    difference = np.abs(pil.astype(np.int32) - tf_levels.astype(np.int32))
+    assert difference.mean() <= 0.01 and (difference > 1).mean() <= 1e-3, (difference.mean(), difference.max())

@@ -231,3 +231,36 @@ def test_application_rates_and_crop_scales():
 def test_global_probabilities_need_two_entries():
     with pytest.raises(ValueError, match="global_blur_probs"):
         mc.multicrop_views(np.zeros((8, 8, 3), np.uint8), tf.constant([0, 0]), global_blur_probs=(1.0,))
+
+
+@pytest.mark.parametrize("resize", ["pil", "tf"])
+def test_pillow_backend_makes_the_tf_backends_views_level_for_level(resize):
+    # The two image_ops backends apply the same drawn choices: Pillow's own calls (the default, what torchvision
+    # runs) and this module's TF ops, which other tests hold to PIL op by op. Every op is hit many times over.
+    image = sample_image("flower", size=(80, 64))
+
+    def views(seed, image_ops):
+        return mc.multicrop_views(image, seed, global_size=32, local_size=16, num_local=3, resize=resize,
+                                  global_solarize_probs=(0.5, 0.5), image_ops=image_ops, return_params=True)
+
+    seeds = np.stack([np.arange(60), np.full(60, 7)], axis=1).astype(np.int64)
+    pil, pil_params = map_in_tf_data(lambda s: views(s, "pil"), seeds)
+    tf_views, tf_params = map_in_tf_data(lambda s: views(s, "tf"), seeds)
+    for name in pil:
+        for key in pil_params[name]:
+            np.testing.assert_array_equal(pil_params[name][key], tf_params[name][key])
+        np.testing.assert_allclose(unnormalize(pil[name]), unnormalize(tf_views[name]), atol=2e-3, err_msg=name)
+    applied = {op: sum(int(pil_params[name][op].sum()) for name in pil)
+               for op in ("flip", "color_jitter", "grayscale", "blur", "solarize")}
+    assert min(applied.values()) >= 20, applied
+
+
+def test_image_ops_must_be_pil_or_tf():
+    import ml_collections
+
+    from vitdistill.data import deit_transforms as dt
+    from vitdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"image_ops='torch'.*'pil'.*'tf'"):
+        dt.image_ops_of(ml_collections.ConfigDict({"image_ops": "torch"}))
+    assert dt.image_ops_of(ml_collections.ConfigDict({})) == "pil"

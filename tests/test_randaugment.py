@@ -233,3 +233,26 @@ def test_chained_ops_see_pils_uint8_levels(first, second):
             pil = getattr(auto_augment, op)(pil, *(() if arg is None else (arg,)))
             ours = getattr(ra, op)(ours, *(() if arg is None else (arg,)))
         np.testing.assert_array_equal(ours.numpy(), np.asarray(pil).astype(np.float32), err_msg=f"{first}, {second}")
+
+
+@pytest.mark.parametrize("magnitude,sign", [(9.0, 1.0), (4.3, -1.0), (10.0, -1.0)])
+def test_pillow_backends_ops_are_timms_augment_ops(magnitude, sign, monkeypatch):
+    """image_ops='pil' runs each op as timm's AugmentOp calls Pillow: the same image, level for level (at
+    magnitude 10, PosterizeIncreasing's 0 bits is black, as in DeiT's Pillow; today's raises)."""
+    auto_augment = pytest.importorskip("timm.data.auto_augment")
+    from PIL import Image
+
+    from vitdistill.data import pil_ops
+
+    monkeypatch.setattr(auto_augment, "_randomly_negate", lambda v: sign * v)
+    hparams = dict(img_mean=ra.FILL, interpolation=Image.BICUBIC, translate_const=100)  # DeiT's
+    image = sample_image("flower")
+    for name in ra.OP_NAMES:
+        got = np.asarray(pil_ops.rand_augment_op(Image.fromarray(image), name, magnitude, sign, ra.FILL,
+                                                 Image.BICUBIC))
+        if name == "PosterizeIncreasing" and magnitude == 10.0:
+            np.testing.assert_array_equal(got, np.zeros_like(image))
+            continue
+        want = np.asarray(auto_augment.AugmentOp(name, prob=1.0, magnitude=magnitude, hparams=hparams)(
+            Image.fromarray(image)))
+        np.testing.assert_array_equal(got, want, err_msg=name)

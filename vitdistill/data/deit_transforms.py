@@ -11,8 +11,11 @@ import math
 import tensorflow as tf
 
 from vitdistill.data import IMAGENET_MEAN, IMAGENET_STD
+from vitdistill.data import pil_ops
 from vitdistill.data.pil_resize import pil_resize
+from vitdistill.data.randaugment import FILL as RA_FILL
 from vitdistill.data.randaugment import rand_augment as _rand_augment
+from vitdistill.data.randaugment import sample_params as sample_ra_params
 
 
 def normalize(image):
@@ -75,17 +78,30 @@ def sample_crop_box(seed, height, width, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 /
 
 
 RESIZES = ("pil", "tf")
+IMAGE_OPS = ("pil", "tf")
+
+
+def _setting(data_config, key: str, valid: tuple, fix: str) -> str:
+    """`config.data[key]`, checked against `valid` (its first entry the default, also for configs saved before
+    the key existed)."""
+    value = data_config.get(key, valid[0])
+    if value not in valid:
+        from vitdistill.errors import ConfigError
+
+        raise ConfigError(f"config.data.{key}={value!r}; {fix}")
+    return value
 
 
 def resize_of(data_config) -> str:
-    """`config.data.resize`, checked: 'pil' (the default; also for configs saved before the key existed) or 'tf'."""
-    value = data_config.get("resize", "pil")
-    if value not in RESIZES:
-        from vitdistill.errors import ConfigError
+    """`config.data.resize`, checked: 'pil' (the default) or 'tf'."""
+    return _setting(data_config, "resize", RESIZES, "use 'pil' (PIL's resize bit for bit, the default) or 'tf' "
+                    "(tf.image.resize: faster, levels within 8 of PIL's)")
 
-        raise ConfigError(f"config.data.resize={value!r}; use 'pil' (PIL's resize bit for bit, the default) or "
-                          "'tf' (tf.image.resize: faster, levels within 8 of PIL's)")
-    return value
+
+def image_ops_of(data_config) -> str:
+    """`config.data.image_ops`, checked: 'pil' (the default: Pillow's own ops inside tf.data, `pil_ops`) or 'tf'."""
+    return _setting(data_config, "image_ops", IMAGE_OPS, "use 'pil' (Pillow's ops inside tf.data, as torchvision "
+                    "and timm apply them, the default) or 'tf' (TensorFlow ops, the same levels)")
 
 
 def resize_levels(image, size, *, method="bicubic", resize="pil"):
@@ -169,20 +185,40 @@ def random_erasing(image_normalised, seed, p=0.25, scale=(0.02, 1 / 3), ratio=(0
 
 def deit_train_transform(image_uint8, seed, *, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                          interpolation="bicubic", hflip=0.5, rand_augment=True, ra_num_ops=2,
-                         ra_magnitude=9.0, ra_magnitude_std=0.5, ra_prob=0.5, erase_prob=0.25, resize="pil"):
+                         ra_magnitude=9.0, ra_magnitude_std=0.5, ra_prob=0.5, erase_prob=0.25, resize="pil",
+                         image_ops="pil"):
     """DeiT's training augmentation of one image -> float32 [size, size, 3], normalised.
 
     Keywords are named like `config.augment`; `hflip=0`, `rand_augment=False` (or None) and
-    `erase_prob=0` switch those steps off.
+    `erase_prob=0` switch those steps off. `image_ops` says who applies the crop, flip and RandAugment
+    drawn here: 'pil' Pillow's own calls, as timm 0.3.2 makes them (`pil_ops.deit_view`; the crop's resize
+    too unless resize='tf'), 'tf' the TF ops (`resize_levels`, `randaugment`). Erasing, on the normalised
+    tensor as in timm, is TF's in both.
     """
     crop_seed, flip_seed, ra_seed, erase_seed = split_seed(seed, 4)
-    image = random_resized_crop(image_uint8, crop_seed, size, scale=scale, ratio=ratio, method=interpolation,
-                                resize=resize)
-    if hflip > 0:
-        image = horizontal_flip(image, flip_seed, p=hflip)
-    if rand_augment:
-        image = _rand_augment(image, ra_seed, num_ops=ra_num_ops, magnitude=ra_magnitude,
-                              magnitude_std=ra_magnitude_std, prob=ra_prob, interpolation=interpolation)
+    if image_ops == "pil":
+        shape = tf.shape(image_uint8)
+        box = tf.stack(sample_crop_box(crop_seed, shape[0], shape[1], scale=scale, ratio=ratio))
+        if resize != "pil":  # TF resizes the crop; Pillow goes on from there
+            image_uint8 = tf.cast(resized_crop(image_uint8, tuple(tf.unstack(box)), size, method=interpolation,
+                                               resize=resize), tf.uint8)
+            box = tf.constant([0, 0, size, size], tf.int32)
+        flip = coin(flip_seed, hflip) if hflip > 0 else tf.constant(False)
+        if rand_augment:
+            params = sample_ra_params(ra_seed, num_ops=ra_num_ops, magnitude=ra_magnitude,
+                                      magnitude_std=ra_magnitude_std, prob=ra_prob)
+        else:
+            params = {"op": tf.zeros([0], tf.int32), "apply": tf.zeros([0], tf.bool),
+                      "magnitude": tf.zeros([0]), "sign": tf.zeros([0])}
+        image = pil_ops.tf_deit_view(image_uint8, box, size, flip, params, fill=RA_FILL, method=interpolation)
+    else:
+        image = random_resized_crop(image_uint8, crop_seed, size, scale=scale, ratio=ratio, method=interpolation,
+                                    resize=resize)
+        if hflip > 0:
+            image = horizontal_flip(image, flip_seed, p=hflip)
+        if rand_augment:
+            image = _rand_augment(image, ra_seed, num_ops=ra_num_ops, magnitude=ra_magnitude,
+                                  magnitude_std=ra_magnitude_std, prob=ra_prob, interpolation=interpolation)
     image = normalize(image)
     if erase_prob > 0:
         image = random_erasing(image, erase_seed, p=erase_prob)

@@ -10,7 +10,7 @@ import math
 
 import tensorflow as tf
 
-from vitdistill.data import randaugment
+from vitdistill.data import pil_ops, randaugment
 from vitdistill.data.deit_transforms import coin, normalize, resized_crop, sample_crop_box, split_seed
 
 
@@ -167,8 +167,12 @@ def color_jitter(image, seed, *, brightness=0.4, contrast=0.4, saturation=0.2, h
     """torchvision ColorJitter on a PIL image: the 4 adjustments in a random order (a strength of 0 skips one)."""
     params = sample_color_jitter_params(seed, brightness=brightness, contrast=contrast, saturation=saturation,
                                         hue=hue)
+    return apply_color_jitter(image, params, active=(brightness > 0, contrast > 0, saturation > 0, hue > 0))
+
+
+def apply_color_jitter(image, params, *, active):
     for k in range(4):
-        image = _jitter_step(image, params, k, active=(brightness > 0, contrast > 0, saturation > 0, hue > 0))
+        image = _jitter_step(image, params, k, active=active)
     return image
 
 
@@ -187,31 +191,73 @@ def _maybe(apply, fn, image):
     return tf.cond(apply, lambda: fn(image), lambda: image)
 
 
-def augment_view(image_uint8, seed, *, size, scale, hflip=0.5, jitter_prob=0.8, brightness=0.4, contrast=0.4,
+def view_choices(image_uint8, seed, *, scale, hflip=0.5, jitter_prob=0.8, brightness=0.4, contrast=0.4,
                  saturation=0.2, hue=0.1, grayscale_prob=0.2, blur_prob=0.5, blur_sigma=(0.1, 2.0),
-                 solarize_prob=0.0, interpolation="bicubic", resize="pil"):
-    """One DINO view -> (normalised float32 [size, size, 3], the choices made, for tests and debugging)."""
+                 solarize_prob=0.0):
+    """The random choices of one DINO view, drawn in TF from `seed`: the crop box (top, left, height, width),
+    which ops apply, the blur's sigma and the colour jitter's order and factors (`jitter`)."""
     crop_seed, flip_seed, jitter_seed, jitter_params_seed, gray_seed, blur_seed, sigma_seed, solarize_seed = (
         split_seed(seed, 8))
     shape = tf.shape(image_uint8)
-    box = sample_crop_box(crop_seed, shape[0], shape[1], scale=scale)
-    applied = {
+    return {
+        "crop": tf.stack(sample_crop_box(crop_seed, shape[0], shape[1], scale=scale)),
         "flip": coin(flip_seed, hflip),
         "color_jitter": coin(jitter_seed, jitter_prob),
         "grayscale": coin(gray_seed, grayscale_prob),
         "blur": coin(blur_seed, blur_prob),
         "solarize": coin(solarize_seed, solarize_prob),
+        "blur_sigma": tf.random.stateless_uniform([], sigma_seed, blur_sigma[0], blur_sigma[1]),
+        "jitter": sample_color_jitter_params(jitter_params_seed, brightness=brightness, contrast=contrast,
+                                             saturation=saturation, hue=hue),
     }
-    sigma = tf.random.stateless_uniform([], sigma_seed, blur_sigma[0], blur_sigma[1])
 
-    image = resized_crop(image_uint8, box, size, method=interpolation, resize=resize)
-    image = _maybe(applied["flip"], lambda x: x[:, ::-1], image)
-    image = _maybe(applied["color_jitter"], lambda x: color_jitter(
-        x, jitter_params_seed, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue), image)
-    image = _maybe(applied["grayscale"], grayscale, image)
-    image = _maybe(applied["blur"], lambda x: gaussian_blur(x, sigma, max_sigma=blur_sigma[1]), image)
-    image = _maybe(applied["solarize"], solarize, image)
-    return normalize(image), {**applied, "crop": tf.stack(box), "blur_sigma": sigma}
+
+def tf_view(image_uint8, choices, *, size, active, max_sigma=2.0, interpolation="bicubic", resize="pil"):
+    """A view's uint8 levels (float32) for `choices`, by this module's TF ops."""
+    image = resized_crop(image_uint8, tuple(tf.unstack(choices["crop"])), size, method=interpolation, resize=resize)
+    image = _maybe(choices["flip"], lambda x: x[:, ::-1], image)
+    image = _maybe(choices["color_jitter"], lambda x: apply_color_jitter(x, choices["jitter"], active=active), image)
+    image = _maybe(choices["grayscale"], grayscale, image)
+    image = _maybe(choices["blur"], lambda x: gaussian_blur(x, choices["blur_sigma"], max_sigma=max_sigma), image)
+    return _maybe(choices["solarize"], solarize, image)
+
+
+def pil_views(image_uint8, choices: list, sizes: list, *, active, interpolation="bicubic", resize="pil"):
+    """The views' uint8 levels (float32) for their `choices`, by Pillow's own ops (`pil_ops.dino_views`), all
+    views of the image in one call; with `resize='tf'`, TF resizes each crop first."""
+    if resize == "pil":
+        sources = [image_uint8]
+        boxes = [c["crop"] for c in choices]
+    else:
+        sources = [tf.cast(resized_crop(image_uint8, tuple(tf.unstack(c["crop"])), size, method=interpolation,
+                                        resize=resize), tf.uint8) for c, size in zip(choices, sizes)]
+        boxes = [tf.constant([0, 0, size, size], tf.int32) for size in sizes]
+    return pil_ops.tf_dino_views(sources, boxes, sizes, choices, active=active, method=interpolation)
+
+
+def _public(choices: dict) -> dict:
+    return {k: v for k, v in choices.items() if k != "jitter"}
+
+
+def augment_view(image_uint8, seed, *, size, scale, hflip=0.5, jitter_prob=0.8, brightness=0.4, contrast=0.4,
+                 saturation=0.2, hue=0.1, grayscale_prob=0.2, blur_prob=0.5, blur_sigma=(0.1, 2.0),
+                 solarize_prob=0.0, interpolation="bicubic", resize="pil", image_ops="pil"):
+    """One DINO view -> (normalised float32 [size, size, 3], the choices made, for tests and debugging).
+
+    `image_ops` says who applies the choices: 'pil' Pillow's own ops (`pil_ops`), 'tf' the TF ops of this
+    module. Both give the same levels."""
+    choices = view_choices(image_uint8, seed, scale=scale, hflip=hflip, jitter_prob=jitter_prob,
+                           brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+                           grayscale_prob=grayscale_prob, blur_prob=blur_prob, blur_sigma=blur_sigma,
+                           solarize_prob=solarize_prob)
+    active = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
+    if image_ops == "pil":
+        (image,) = pil_views(image_uint8, [choices], [size], active=active, interpolation=interpolation,
+                             resize=resize)
+    else:
+        image = tf_view(image_uint8, choices, size=size, active=active, max_sigma=blur_sigma[1],
+                        interpolation=interpolation, resize=resize)
+    return normalize(image), _public(choices)
 
 
 NUM_GLOBAL_VIEWS = 2
@@ -226,7 +272,8 @@ def multicrop_views(image_uint8, seed, *, global_size=224, local_size=96, global
                     local_scale=(0.05, 0.4), num_local=8, hflip=0.5, jitter_prob=0.8, brightness=0.4,
                     contrast=0.4, saturation=0.2, hue=0.1, grayscale_prob=0.2, global_blur_probs=(1.0, 0.1),
                     local_blur_prob=0.5, blur_sigma=(0.1, 2.0), global_solarize_probs=(0.0, 0.2),
-                    local_solarize_prob=0.0, interpolation="bicubic", resize="pil", return_params=False):
+                    local_solarize_prob=0.0, interpolation="bicubic", resize="pil", image_ops="pil",
+                    return_params=False):
     """DINO's views of one image: {'global_0', 'global_1', 'local_0', ..., 'local_{num_local-1}'}.
 
     `global_*_probs` hold one probability per global view. With `return_params`, returns
@@ -237,17 +284,24 @@ def multicrop_views(image_uint8, seed, *, global_size=224, local_size=96, global
             raise ValueError(f"{name}={probs} must hold one probability for each of the {NUM_GLOBAL_VIEWS} global "
                              "views")
     shared = dict(hflip=hflip, jitter_prob=jitter_prob, brightness=brightness, contrast=contrast,
-                  saturation=saturation, hue=hue, grayscale_prob=grayscale_prob, blur_sigma=blur_sigma,
-                  interpolation=interpolation, resize=resize)
+                  saturation=saturation, hue=hue, grayscale_prob=grayscale_prob, blur_sigma=blur_sigma)
     names = view_names(num_local)
     view_seeds = split_seed(seed, len(names))
-    views, params = {}, {}
-    for index, name in enumerate(names):
+    choices, sizes = [], []
+    for index in range(len(names)):
         if index < NUM_GLOBAL_VIEWS:
-            settings = dict(size=global_size, scale=global_scale, blur_prob=global_blur_probs[index],
+            settings = dict(scale=global_scale, blur_prob=global_blur_probs[index],
                             solarize_prob=global_solarize_probs[index])
         else:
-            settings = dict(size=local_size, scale=local_scale, blur_prob=local_blur_prob,
-                            solarize_prob=local_solarize_prob)
-        views[name], params[name] = augment_view(image_uint8, view_seeds[index], **settings, **shared)
+            settings = dict(scale=local_scale, blur_prob=local_blur_prob, solarize_prob=local_solarize_prob)
+        choices.append(view_choices(image_uint8, view_seeds[index], **settings, **shared))
+        sizes.append(global_size if index < NUM_GLOBAL_VIEWS else local_size)
+    active = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
+    if image_ops == "pil":
+        levels = pil_views(image_uint8, choices, sizes, active=active, interpolation=interpolation, resize=resize)
+    else:
+        levels = [tf_view(image_uint8, c, size=size, active=active, max_sigma=blur_sigma[1],
+                          interpolation=interpolation, resize=resize) for c, size in zip(choices, sizes)]
+    views = {name: normalize(image) for name, image in zip(names, levels)}
+    params = {name: _public(c) for name, c in zip(names, choices)}
     return (views, params) if return_params else views

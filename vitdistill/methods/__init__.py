@@ -40,6 +40,7 @@ def check(config) -> None:
     pipeline.check_batch_divides(config.batch_size, jax.device_count())
     if "data" in config:
         deit_transforms.resize_of(config.data)
+        deit_transforms.image_ops_of(config.data)
     method_check = getattr(get(config.method), "check", None)
     if method_check is not None:
         method_check(config)

@@ -237,7 +237,7 @@ def train_transform(config):
         deit_transforms.deit_train_transform, size=config.data.image_size, scale=tuple(aug.scale),
         ratio=tuple(aug.ratio), hflip=aug.hflip, rand_augment=aug.rand_augment, ra_num_ops=aug.ra_num_ops,
         ra_magnitude=aug.ra_magnitude, ra_magnitude_std=aug.ra_magnitude_std, erase_prob=aug.erase_prob,
-        resize=deit_transforms.resize_of(config.data))
+        resize=deit_transforms.resize_of(config.data), image_ops=deit_transforms.image_ops_of(config.data))
     return lambda image, seed: {"image": augment(image, seed)}
 
 

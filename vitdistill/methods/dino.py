@@ -204,7 +204,8 @@ def train_transform(config):
     return functools.partial(multicrop.multicrop_views, global_size=mc.global_size, local_size=mc.local_size,
                              global_scale=tuple(mc.global_scale), local_scale=tuple(mc.local_scale),
                              num_local=mc.num_local, blur_sigma=tuple(mc.blur_sigma),
-                             resize=deit_transforms.resize_of(config.data))
+                             resize=deit_transforms.resize_of(config.data),
+                             image_ops=deit_transforms.image_ops_of(config.data))
 
 
 def knn_evaluator(config, mesh) -> Callable[..., dict]:
