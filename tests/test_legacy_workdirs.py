@@ -32,12 +32,13 @@ MOMENTS_ATOL = 1e-4
 
 
 def _the_fixtures_code(monkeypatch):
-    """Four deliberate changes since the fixtures were written, undone for the reproduction so that it keeps
+    """Six deliberate changes since the fixtures were written, undone for the reproduction so that it keeps
     checking everything else: mixup draws per device (the test's config sets one group), the CutMix box
     follows timm 0.3.2 (the fixtures' code used later timm's, a pixel longer on odd sides), weights start
     from timm's trunc_normal_(std=.02) (the fixtures' code used Flax's truncated_normal(0.02), truncated at
     2 standard deviations), and every resize is PIL's, in uint8 levels (the fixtures' code kept TF's float
-    resize, unrounded)."""
+    resize, unrounded), RandAugment applied by Pillow (the fixtures' code: TF ops, image_ops='tf'
+    here) and erasing's noise drawn for the box alone (the fixtures' code drew a whole image's)."""
     import functools
 
     import flax.linen as nn
@@ -51,7 +52,19 @@ def _the_fixtures_code(monkeypatch):
         resized = tf.image.resize(tf.cast(image, tf.float32), size, method=method, antialias=True)
         return tf.clip_by_value(resized, 0.0, 255.0)
 
+    def full_image_noise_erasing(image, seed, p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), max_attempts=10):
+        box_seed, noise_seed = deit_transforms.split_seed(seed, 2)
+        shape = tf.shape(image)
+        erase, top, left, erase_h, erase_w = deit_transforms.sample_erase_box(
+            box_seed, shape[0], shape[1], p=p, scale=scale, ratio=ratio, attempts=max_attempts)
+        rows, cols = tf.range(shape[0])[:, None, None], tf.range(shape[1])[None, :, None]
+        inside = (rows >= top) & (rows < top + erase_h) & (cols >= left) & (cols < left + erase_w)
+        noise = tf.random.stateless_normal(shape, noise_seed, dtype=image.dtype)
+        return tf.cond(erase, lambda: tf.where(inside, noise, image), lambda: image)
+
     monkeypatch.setattr(deit_transforms, "resize_levels", unrounded_resize)
+    monkeypatch.setattr(deit_transforms, "random_erasing", full_image_noise_erasing)
+    monkeypatch.setattr(deit_transforms, "image_ops_of", lambda data: "tf")
     monkeypatch.setattr(mixup, "cutmix_box", functools.partial(mixup.cutmix_box, rule="timm_1.0"))
     flax_init = nn.initializers.truncated_normal(stddev=0.02)
     monkeypatch.setattr(vit, "trunc_normal_02", flax_init)
