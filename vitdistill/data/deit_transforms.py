@@ -101,7 +101,17 @@ def resize_of(data_config) -> str:
 def image_ops_of(data_config) -> str:
     """`config.data.image_ops`, checked: 'pil' (the default: Pillow's own ops inside tf.data, `pil_ops`) or 'tf'."""
     return _setting(data_config, "image_ops", IMAGE_OPS, "use 'pil' (Pillow's ops inside tf.data, as torchvision "
-                    "and timm apply them, the default) or 'tf' (TensorFlow ops, the same levels)")
+                    "and timm apply them, the default) or 'tf' (TensorFlow ops: DINO's views at the same levels, "
+                    "DeiT's RandAugment in floats between ops)")
+
+
+def pil_source(image_uint8, box, size: int, *, interpolation="bicubic", resize="pil"):
+    """What Pillow's ops start from for a crop `box` (top, left, height, width) to size x size: with resize='pil'
+    the image and the box (Pillow crops and resizes); otherwise TF's resized crop and the whole of it."""
+    if resize == "pil":
+        return image_uint8, box
+    crop = resized_crop(image_uint8, tuple(tf.unstack(box)), size, method=interpolation, resize=resize)
+    return tf.cast(crop, tf.uint8), tf.constant([0, 0, size, size], tf.int32)
 
 
 def resize_levels(image, size, *, method="bicubic", resize="pil"):
@@ -201,10 +211,7 @@ def deit_train_transform(image_uint8, seed, *, size=224, scale=(0.08, 1.0), rati
     if image_ops == "pil":
         shape = tf.shape(image_uint8)
         box = tf.stack(sample_crop_box(crop_seed, shape[0], shape[1], scale=scale, ratio=ratio))
-        if resize != "pil":  # TF resizes the crop; Pillow goes on from there
-            image_uint8 = tf.cast(resized_crop(image_uint8, tuple(tf.unstack(box)), size, method=interpolation,
-                                               resize=resize), tf.uint8)
-            box = tf.constant([0, 0, size, size], tf.int32)
+        image_uint8, box = pil_source(image_uint8, box, size, interpolation=interpolation, resize=resize)
         flip = coin(flip_seed, hflip) if hflip > 0 else tf.constant(False)
         if rand_augment:
             params = sample_ra_params(ra_seed, num_ops=ra_num_ops, magnitude=ra_magnitude,

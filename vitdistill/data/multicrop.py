@@ -11,7 +11,8 @@ import math
 import tensorflow as tf
 
 from vitdistill.data import pil_ops, randaugment
-from vitdistill.data.deit_transforms import coin, normalize, resized_crop, sample_crop_box, split_seed
+from vitdistill.data.deit_transforms import (coin, normalize, pil_source, resized_crop, sample_crop_box,
+                                             split_seed)
 
 
 def grayscale(image):
@@ -225,13 +226,10 @@ def tf_view(image_uint8, choices, *, size, active, max_sigma=2.0, interpolation=
 def pil_views(image_uint8, choices: list, sizes: list, *, active, interpolation="bicubic", resize="pil"):
     """The views' uint8 levels (float32) for their `choices`, by Pillow's own ops (`pil_ops.dino_views`), all
     views of the image in one call; with `resize='tf'`, TF resizes each crop first."""
+    sources, boxes = zip(*(pil_source(image_uint8, c["crop"], size, interpolation=interpolation, resize=resize)
+                           for c, size in zip(choices, sizes)))
     if resize == "pil":
-        sources = [image_uint8]
-        boxes = [c["crop"] for c in choices]
-    else:
-        sources = [tf.cast(resized_crop(image_uint8, tuple(tf.unstack(c["crop"])), size, method=interpolation,
-                                        resize=resize), tf.uint8) for c, size in zip(choices, sizes)]
-        boxes = [tf.constant([0, 0, size, size], tf.int32) for size in sizes]
+        sources = sources[:1]  # one image for all the views
     return pil_ops.tf_dino_views(sources, boxes, sizes, choices, active=active, method=interpolation)
 
 
@@ -245,7 +243,7 @@ def augment_view(image_uint8, seed, *, size, scale, hflip=0.5, jitter_prob=0.8, 
     """One DINO view -> (normalised float32 [size, size, 3], the choices made, for tests and debugging).
 
     `image_ops` says who applies the choices: 'pil' Pillow's own ops (`pil_ops`), 'tf' the TF ops of this
-    module. Both give the same levels."""
+    module. Both give the same levels (tests/test_multicrop.py)."""
     choices = view_choices(image_uint8, seed, scale=scale, hflip=hflip, jitter_prob=jitter_prob,
                            brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
                            grayscale_prob=grayscale_prob, blur_prob=blur_prob, blur_sigma=blur_sigma,
