@@ -54,16 +54,24 @@ class Run:
 
     def signal_when(self, ready, delay, signum, *, then=None):
         """Waits until `ready()` (polled every 20 ms), `delay` s more, then sends `signum` (and `then` =
-        (seconds, signum) after that). Returns the time it was sent (s since the start)."""
-        while not ready() and self.process.poll() is None:
-            time.sleep(0.02)
+        (seconds or a condition polled like `ready`, signum) after that). Returns the time it was sent (s since
+        the start)."""
+        self._wait_for(ready)
         time.sleep(delay)
         sent = time.monotonic() - self.start
         self.process.send_signal(signum)
         if then is not None:
-            time.sleep(then[0])
-            self.process.send_signal(then[1])
+            if callable(then[0]):
+                self._wait_for(then[0])
+            else:
+                time.sleep(then[0])
+            if self.process.poll() is None:
+                self.process.send_signal(then[1])
         return sent
+
+    def _wait_for(self, ready):
+        while not ready() and self.process.poll() is None:
+            time.sleep(0.02)
 
     def wait(self, timeout=600):
         rc = self.process.wait(timeout=timeout)
@@ -156,8 +164,9 @@ def resumed_ends_as_uninterrupted(workdir, reference, what):
 
 def test_signals_while_compiling_training_and_starting_are_never_lost(tmp_path, reference):
     """One workdir, interrupted three times, then finished: SIGTERM while the first step is being prepared
-    (tf.data traced, the step compiled), SIGTERM while training, then Ctrl-C twice while the run starts up
-    (the second stops it at once: exit 130). Each run ends in one line, saves what it trained, and the last
+    (tf.data traced, the step compiled), SIGTERM while training and a Ctrl-C once that run has printed its
+    stop line (it is exiting: the status stays 0), then Ctrl-C twice while the resumed run compiles (the
+    second stops it at once: exit 130). Each run ends in one line, saves what it trained, and the last
     re-run ends bit for bit as the uninterrupted run."""
     workdir, t = str(tmp_path), reference["timeline"]
     run = Run(workdir, str(tmp_path / "empty_jax_cache"))
@@ -168,12 +177,14 @@ def test_signals_while_compiling_training_and_starting_are_never_lost(tmp_path, 
 
     run = Run(workdir, reference["cache"])  # the steps compiled by the uninterrupted run: faster, same numbers
     logged = lambda: any(f"step {before[-1] + 2}/" in line for _, line in run.lines["stdout"] + run.lines["stderr"])
-    sent = run.signal_when(logged, 0.0, signal.SIGTERM)
-    assert interrupted(run, workdir, sent) == "stopped"
+    said = lambda: any(line.startswith("vitdistill:") for _, line in run.lines["stderr"])
+    sent = run.signal_when(logged, 0.0, signal.SIGTERM, then=(said, signal.SIGINT))
+    assert interrupted(run, workdir, sent) == "stopped"  # the Ctrl-C while exiting killed it before: status -2
     assert before[-1] + 2 <= _checkpoint_steps(workdir)[-1] < STEPS, _checkpoint_steps(workdir)
 
-    run = Run(workdir, reference["cache"])
-    sent = run.signal_when(_has_config(workdir), 0.0, signal.SIGINT, then=(0.3, signal.SIGINT))
+    run = Run(workdir, str(tmp_path / "empty_jax_cache_2"))  # both while its first step compiles (seconds)
+    sent = run.signal_when(_has_config(workdir), 0.5 * (t["first_step"] - t["config_written"]), signal.SIGINT,
+                           then=(0.3, signal.SIGINT))
     assert interrupted(run, workdir, sent, signal.SIGINT, at_once=True) == "stopped"
     resumed_ends_as_uninterrupted(workdir, reference, "after three interruptions")
 
@@ -191,3 +202,33 @@ def test_sigterm_at_20_random_moments(tmp_path, reference):
         outcomes[round(sent, 2)] = interrupted(run, workdir, sent)
         resumed_ends_as_uninterrupted(workdir, reference, f"SIGTERM at {sent:.2f} s")
     print(outcomes)
+
+
+def test_a_second_ctrl_c_ends_the_process_outside_the_steps_and_goes_to_the_loop_inside_them():
+    """In-process, with the handlers the entry point installs: the first Ctrl-C is only recorded; a second one
+    outside the training steps (starting up, restoring a checkpoint: where unwinding through orbax's restore
+    left its threads printing tracebacks) calls the entry point's exit at once, and inside them raises
+    KeyboardInterrupt for the loop to save. Without an entry point's exit (a run started from Python) it is a
+    KeyboardInterrupt everywhere, as Python's own handler would make it."""
+    from vitdistill.train.preemption import StopRequests
+
+    exits, before = [], signal.getsignal(signal.SIGINT)
+    stops = StopRequests().install(before_jax=True)
+    try:
+        stops.exit_at_once = lambda: exits.append("exit")
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stops.received == "SIGINT" and stops.should_stop(0) and stops.reason == "Ctrl-C (SIGINT)"
+        with pytest.raises(KeyboardInterrupt):  # the stub exit returns; the real one never does
+            os.kill(os.getpid(), signal.SIGINT)
+        assert exits == ["exit"]
+        stops.in_training_steps = True
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert exits == ["exit"]
+        stops.in_training_steps, stops.exit_at_once = False, None
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert exits == ["exit"]
+    finally:
+        stops.uninstall()
+    assert signal.getsignal(signal.SIGINT) is before

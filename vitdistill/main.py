@@ -29,15 +29,22 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     from vitdistill.train import preemption
 
-    preemption.install_early()  # SIGTERM / Ctrl-C from now on stop the run at a step boundary, with a checkpoint
+    # SIGTERM / Ctrl-C from now on stop the run at a step boundary, with a checkpoint
+    preemption.install_early(exit_at_once=None if FLAGS.debug else _stopped_at_once)
     try:
-        _main(argv, preemption)
-    except KeyboardInterrupt:  # a second Ctrl-C outside a training step (starting up, building the run, evaluating)
-        if FLAGS.debug:
-            raise
-        print("vitdistill: stopped at once by a second Ctrl-C, outside a training step; every checkpoint already "
-              f"written in {FLAGS.workdir} stays. Re-run the same command to resume.", file=sys.stderr, flush=True)
-        sys.exit(130)
+        _main(argv, preemption)  # with --debug a second Ctrl-C outside the steps is a KeyboardInterrupt's traceback
+    finally:  # the run has ended (its line is printed): a Ctrl-C or SIGTERM during the exit changes nothing
+        preemption.ignore_while_exiting()
+
+
+def _stopped_at_once():
+    """A second Ctrl-C outside a training step (starting up, restoring, building the run, evaluating): one
+    line, then the process ends without unwinding (nothing is being written then: the loop's checkpoint saves
+    are awaited before it returns, and a second Ctrl-C inside the steps goes to the loop)."""
+    sys.stdout.flush()
+    print("vitdistill: stopped at once by a second Ctrl-C, outside a training step; every checkpoint already "
+          f"written in {FLAGS.workdir} stays. Re-run the same command to resume.", file=sys.stderr, flush=True)
+    os._exit(130)
 
 
 def _main(argv, preemption):

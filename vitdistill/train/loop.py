@@ -246,6 +246,7 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
     last_saved = step if resumed else None
     metrics = None
     batches = None
+    stops.in_training_steps = True
     try:
         while step < total_steps:
             if stops.should_stop(step):
@@ -295,6 +296,7 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
                             f"{_where_saved(last_saved, workdir)}. Re-run the same command to resume.",
                             step) from None
     finally:
+        stops.in_training_steps = False
         checkpoints.close()  # waits for asynchronous saves: nothing started is lost, whatever happened
         reporter.close()
     if jax.process_index() == 0 and os.environ.get("VITDISTILL_CURVES", "1") != "0":

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 
 class StopRequests:
@@ -26,6 +26,8 @@ class StopRequests:
         self.received: Optional[str] = None
         self._previous = {}
         self._multi_process = False
+        self.exit_at_once: Optional[Callable[[], None]] = None  # the entry point's: say so and end the process
+        self.in_training_steps = False  # the loop's: it turns a second Ctrl-C into a save where it can
 
     def install(self, *, before_jax: bool = False) -> "StopRequests":
         """Takes SIGINT, and SIGTERM unless several processes run (JAX's preemption notifier, which
@@ -56,8 +58,10 @@ class StopRequests:
         self.received = self.received or "SIGTERM"
 
     def _on_sigint(self, signum, frame):
-        if self.received == "SIGINT":
-            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if self.received == "SIGINT":  # the second Ctrl-C: stop now
+            if self.exit_at_once is not None and not self.in_training_steps:
+                self.exit_at_once()  # here, not by unwinding: an orbax restore cut short by an exception leaves
+            raise KeyboardInterrupt  # its worker threads posting to a closed event loop, each a traceback
         self.received = "SIGINT"
         if self._multi_process:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -78,11 +82,14 @@ class StopRequests:
 _installed: Optional[StopRequests] = None
 
 
-def install_early() -> StopRequests:
-    """The entry points' first call, before JAX starts: from here on no SIGTERM / Ctrl-C is lost."""
+def install_early(exit_at_once: Optional[Callable[[], None]] = None) -> StopRequests:
+    """The entry points' first call, before JAX starts: from here on no SIGTERM / Ctrl-C is lost.
+    `exit_at_once`: called for a second Ctrl-C outside the training steps (it must end the process);
+    without it, or inside the steps, a second Ctrl-C raises KeyboardInterrupt."""
     global _installed
     if _installed is None:
         _installed = StopRequests().install(before_jax=True)
+    _installed.exit_at_once = exit_at_once
     return _installed
 
 
@@ -91,6 +98,16 @@ def install() -> StopRequests:
     global _installed
     _installed = (_installed or StopRequests()).install()
     return _installed
+
+
+def ignore_while_exiting():
+    """Ignores SIGINT and SIGTERM from here on: the entry point has finished or stopped (and said so), and
+    what remains is the interpreter's exit (threads joined, modules torn down, a second or more). Python
+    puts the default handlers back while it finalises, so a signal then killed the process (status -2 or
+    -15) after a clean stop; ignored handlers are left as they are, and the status stays the one chosen."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 class during_run:
