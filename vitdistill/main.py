@@ -66,7 +66,7 @@ def _main(argv, preemption):
     logging.info("JAX process %d/%d, local devices %s, %d devices in all", jax.process_index(),
                  jax.process_count(), jax.local_devices(), jax.device_count())
 
-    from vitdistill.errors import CheckpointSaveError, Preempted, UserError
+    from vitdistill.errors import CheckpointSaveError, Preempted, StoppedAtOnce, UserError
     from vitdistill.methods import train_and_evaluate
 
     try:
@@ -74,6 +74,9 @@ def _main(argv, preemption):
     except Preempted as e:  # SIGTERM / Ctrl-C: the state is saved; the scheduler's requeue resumes it
         if jax.process_index() == 0:
             print(f"vitdistill: {e}", file=sys.stderr, flush=True)
+        if isinstance(e, StoppedAtOnce):  # the second Ctrl-C may have cut XLA's compiler or tf.data's tracing
+            sys.stdout.flush()  # short, and the interpreter's exit then crashed (SIGSEGV) in their threads;
+            os._exit(e.exit_status)  # the checkpoint and the metrics were closed before the loop returned
         sys.exit(e.exit_status)
     except UserError as e:
         if FLAGS.debug:
