@@ -128,17 +128,17 @@ def test_a_bfloat16_step_runs_and_keeps_float32_params():
     assert 0 < loss_value < 2 * np.log(config.model.out_dim)
 
 
-def test_collapse_warning_needs_an_extreme_entropy_and_a_student_that_copies_the_teacher(tmp_path):
-    config = _config()
-    check_metrics = dino.build_task(config, str(tmp_path)).check_metrics  # as the loop calls it
-    log_k = np.log(config.model.out_dim)
-    late = 100  # past the first epoch, where no warning is given
-    assert "one dimension" in check_metrics(late, {"teacher_entropy": 0.01 * log_k, "teacher_student_kl": 0.01})
-    assert "uniform" in check_metrics(late, {"teacher_entropy": 0.99 * log_k, "teacher_student_kl": 0.05})
-    # A sharp teacher the student still disagrees with (what a healthy run looks like) is no collapse.
-    assert check_metrics(late, {"teacher_entropy": 0.01 * log_k, "teacher_student_kl": 1.5}) is None
-    assert check_metrics(late, {"teacher_entropy": 0.5 * log_k, "teacher_student_kl": 0.01}) is None
-    assert check_metrics(0, {"teacher_entropy": 0.0, "teacher_student_kl": 0.0}) is None
+def test_the_task_judges_the_teacher_once_its_warm_ups_are_over(tmp_path):
+    """The loop's check is diagnostics.DinoHealth (its rules: tests/test_diagnostics.py), started after the
+    longest of the lr warm-up, the teacher temperature's warm-up (only when it changes the temperature)
+    and 10% of the run, sized to the head and the global batch."""
+    config = _config(max_steps=0)  # 10 epochs of 4 steps: 40 steps, a 2-epoch (8-step) lr warm-up
+    check = dino.build_task(config, str(tmp_path / "a")).check_metrics
+    assert (check.start_step, check.out_dim, check.global_batch) == (8, config.model.out_dim, 8)
+    config = _config(max_steps=0, **{"dino.warmup_teacher_temp": 0.02, "dino.warmup_teacher_temp_epochs": 3.0})
+    assert dino.build_task(config, str(tmp_path / "b")).check_metrics.start_step == 12
+    config = _config(max_steps=0, **{"optim.warmup_epochs": 0.0})
+    assert dino.build_task(config, str(tmp_path / "c")).check_metrics.start_step == 4
 
 
 @pytest.mark.parametrize("norm_last_layer", [True, False])

@@ -41,3 +41,18 @@ def test_a_workdir_without_metrics_is_named(tmp_path, capsys):
     with pytest.raises(Exception, match="nothing|no finite"):
         (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train", "grad_norm": 1.0}\n')
         plot.plot(str(tmp_path))
+
+
+def test_dinos_panel_draws_log_k_and_the_levels_the_warnings_use(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline",
+                        lambda self, y=0, *a, **k: drawn.append((k.get("label"), y)) or original(self, y, *a, **k))
+    _write(tmp_path, [{"step": s, "split": "train", "loss": 6.0, "teacher_entropy": 4.0,
+                       "teacher_marginal_entropy": 3.0} for s in (1, 2)])
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"out_dim": 1024}, "batch_size": 64}))
+    assert plot.main([f"--workdir={tmp_path}"]) == 0
+    assert dict(drawn) == pytest.approx({"log K": np.log(1024), "row entropy: uniform warning": 0.75 * np.log(1024),
+                                         "marginal: few-outputs warning": np.log(64 / 16)})

@@ -63,8 +63,10 @@ def series(rows: list[dict]) -> dict:
     return panels
 
 
-def plot(workdir: str, output: Optional[str] = None, *, out_dim: Optional[int] = None) -> str:
-    """Writes the curves PNG (default `workdir/curves.png`); returns its path."""
+def plot(workdir: str, output: Optional[str] = None, *, out_dim: Optional[int] = None,
+         global_batch: Optional[int] = None) -> str:
+    """Writes the curves PNG (default `workdir/curves.png`); returns its path. With `out_dim` (and
+    `global_batch`) DINO's panel draws log K and the levels at which train/diagnostics.py warns."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,7 +81,16 @@ def plot(workdir: str, output: Optional[str] = None, *, out_dim: Optional[int] =
         for name, (steps, values) in curves.items():
             ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=name)
         if title == "teacher output (DINO)" and out_dim:
-            ax.axhline(math.log(out_dim), color="grey", linestyle="--", linewidth=1, label="log K")
+            from vitdistill.train import diagnostics
+
+            log_k = math.log(out_dim)
+            ax.axhline(log_k, color="grey", linestyle="--", linewidth=1, label="log K")
+            ax.axhline(diagnostics.UNIFORM_SHARE * log_k, color="tab:red", linestyle=":", linewidth=1,
+                       label="row entropy: uniform warning")
+            if global_batch:
+                floor = diagnostics.DinoHealth(out_dim=out_dim, global_batch=global_batch, start_step=0).floor
+                ax.axhline(math.log(floor), color="tab:purple", linestyle=":", linewidth=1,
+                           label="marginal: few-outputs warning")
         if title == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
         ax.set_title(title)
@@ -101,13 +112,14 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--output", default=None, help="the PNG to write (default: WORKDIR/curves.png)")
     args = parser.parse_args(argv)
-    out_dim = None
+    out_dim = global_batch = None
     config = os.path.join(args.workdir, "config.json")
     if os.path.exists(config):
         with open(config) as f:
-            out_dim = json.load(f).get("model", {}).get("out_dim")
+            saved = json.load(f)
+        out_dim, global_batch = saved.get("model", {}).get("out_dim"), saved.get("batch_size")
     try:
-        print(f"wrote {plot(args.workdir, args.output, out_dim=out_dim)}")
+        print(f"wrote {plot(args.workdir, args.output, out_dim=out_dim, global_batch=global_batch)}")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

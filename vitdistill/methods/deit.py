@@ -24,7 +24,7 @@ from vitdistill.errors import ConfigError
 from vitdistill.evaluate import batched
 from vitdistill.evaluate.classify import fractions, topk_correct
 from vitdistill.methods import teacher as teachers
-from vitdistill.train import loop, optim, schedules, sharding
+from vitdistill.train import diagnostics, loop, optim, schedules, sharding
 from vitdistill.train.reporting import markdown_table
 from vitdistill.train.state import TrainState
 
@@ -357,5 +357,8 @@ def build_task(config, workdir: str) -> loop.Task:
         frozen=teacher.variables if teacher is not None else {},
         prepare_state=(functools.partial(load_init_from, path=init_from, network=config.model.init_from_network)
                        if init_from else None),
+        check_metrics=diagnostics.SupervisedHealth(
+            num_classes=num_classes, label_smoothing=config.mixup.label_smoothing, total_steps=length.total_steps,
+            distilled=config.distill.kind != "none", what=config.model.name),
         summarize=functools.partial(summary_table, config=config, eval_source=eval_source,
                                     distilled=setup.distilled, teacher=teacher, mesh=mesh))

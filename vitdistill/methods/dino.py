@@ -11,9 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax
 import jax
@@ -26,12 +25,10 @@ from vitdistill.data import deit_transforms, multicrop, pipeline
 from vitdistill.data.sources import get_source
 from vitdistill.errors import ConfigError
 from vitdistill.evaluate import batched, knn
-from vitdistill.train import loop, optim, schedules, sharding
+from vitdistill.train import diagnostics, loop, optim, schedules, sharding
 from vitdistill.train.reporting import markdown_table
 from vitdistill.train.state import TrainState
 
-# Below this teacher-student KL (nats) an extreme teacher entropy counts as collapse.
-COLLAPSE_KL = 0.2
 KNN_AT_INIT_FILE = "knn_at_init.json"  # in the workdir, with `knn.before_training`
 
 
@@ -177,21 +174,15 @@ def train_step(state: DinoState, batch: dict, frozen=None, *, setup: DinoSetup):
                          teacher_params=teacher_params, center=center), metrics
 
 
-def collapse_warning(step: int, metrics: dict, *, steps_per_epoch: int, out_dim: int) -> Optional[str]:
-    """A warning when the teacher may be collapsing, else None.
-
-    The DINO paper's diagnosis (§5.3): in both kinds of collapse the student copies the teacher (KL
-    near 0) while the teacher's entropy goes to 0 (one dimension) or log K (uniform). A sharp teacher
-    the student still disagrees with is a teacher doing its job. No warning in the first epoch.
-    """
-    log_k = math.log(out_dim)
-    entropy, kl = float(metrics["teacher_entropy"]), float(metrics["teacher_student_kl"])
-    if step >= steps_per_epoch and kl < COLLAPSE_KL and (entropy < 0.02 * log_k or entropy > 0.98 * log_k):
-        towards = "one dimension" if entropy < 0.02 * log_k else "the uniform distribution"
-        return (f"WARNING step {step}: the teacher's output may be collapsing towards {towards} (entropy "
-                f"{entropy:.3f}, log K = {log_k:.3f}, teacher-student KL {kl:.4f})."
-                " Check the teacher temperature (config.dino.*teacher_temp*) and center momentum.")
-    return None
+def health_check(config, length) -> diagnostics.DinoHealth:
+    """The loop's `check_metrics`: a teacher drifting towards uniform or collapsing onto a few outputs
+    (`train/diagnostics.py` has the rules), judged once the warm-ups are over."""
+    hp, spe = config.dino, length.steps_per_epoch
+    teacher_warmup = hp.warmup_teacher_temp_epochs if hp.warmup_teacher_temp != hp.teacher_temp else 0.0
+    return diagnostics.DinoHealth.for_run(out_dim=config.model.out_dim, global_batch=config.batch_size,
+                                          total_steps=length.total_steps,
+                                          warmup_steps=int(config.optim.warmup_epochs * spe),
+                                          teacher_warmup_steps=int(teacher_warmup * spe))
 
 
 # ---------------------------------------------------------------------------
@@ -300,6 +291,5 @@ def build_task(config, workdir: str) -> loop.Task:
         length=length,
         eval_every_steps=every,
         prepare_state=functools.partial(prepare_state, config=config, workdir=workdir, evaluate=evaluate),
-        check_metrics=functools.partial(collapse_warning, steps_per_epoch=length.steps_per_epoch,
-                                        out_dim=config.model.out_dim),
+        check_metrics=health_check(config, length),
         summarize=functools.partial(summary_table, config=config, workdir=workdir))

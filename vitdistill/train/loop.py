@@ -329,7 +329,7 @@ def _plot_curves(workdir: str, config) -> None:
     from vitdistill import plot
 
     try:
-        plot.plot(workdir, out_dim=config.get("model", {}).get("out_dim"))
+        plot.plot(workdir, out_dim=config.get("model", {}).get("out_dim"), global_batch=config.get("batch_size"))
     except Exception as e:  # noqa: BLE001 - no matplotlib backend, a read-only workdir...: say so, go on
         logging.warning("no training curves for %s: %s", workdir, e)
 

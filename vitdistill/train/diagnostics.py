@@ -1,0 +1,146 @@
+"""Warnings for the ways training goes wrong on small data, each with the figures and the change to try.
+
+The loop calls a task's `check_metrics(step, metrics)` at every logged step; the checks here keep what
+they need between calls (a few recent values, what they have already said) and say each problem once per
+process. What they watch, and the rules that decide:
+
+DINO (the teacher's output over the K = out_dim dimensions, `losses.dino_monitoring`):
+- **towards uniform**: the teacher's mean row entropy above 3/4 of log K. A row that spreads its mass
+  evenly over K^(3/4) outputs (over 4,000 of 65,536, 180 of 1,024) gives the student next to no target;
+  the loss then sits near log K and k-NN barely moves (the official repository's issues #61, #190,
+  #246: the remedies that worked there are the advice).
+- **onto a few outputs**: exp of the teacher's marginal entropy (the batch-mean distribution's), the
+  number of outputs the batch's images spread over, below max(2, min(K, B) / 16) for a global batch of B
+  images: fewer than one output for every 16 images. Sharp rows on distinct outputs are healthy
+  (marginal high); sharp rows on the same few are the collapse centring exists to prevent.
+- Neither is judged before max(the lr warm-up, the teacher temperature's warm-up, 10% of the run): until
+  then the teacher is still being shaped, and a fresh teacher is near uniform by construction. Each rule
+  must hold over the last 3 logged steps (one noisy batch says nothing).
+
+Supervised (DeiT, the CNN teacher): the cross-entropy against the labels (the base part when distilling)
+starts at log C for C classes (a fresh head's outputs are near uniform) and can fall to the entropy of
+the smoothed targets, H_ls. **Stalled**: after 25% of the run, the mean of the last 5 logged losses has
+covered less than 1/4 of the way from log C to H_ls. (Mixup and cutmix raise the true floor above H_ls,
+so a mixing run is judged a little more harshly; a run that stalls this badly is stalled either way.)
+"""
+from __future__ import annotations
+
+import collections
+import math
+from typing import Optional
+
+URL = "https://github.com/facebookresearch/dino/issues"
+UNIFORM_SHARE = 0.75        # of log K
+IMAGES_PER_OUTPUT = 16      # the marginal's effective outputs, at most min(K, B), below min(K, B) / this
+DINO_START_SHARE = 0.10     # of the run, at the least
+SUPERVISED_CHECK_SHARE = 0.25
+SUPERVISED_PROGRESS = 0.25  # of the way from log C to the smoothed targets' entropy
+WINDOW = {"dino": 3, "supervised": 5}
+
+
+def smoothed_target_entropy(num_classes: int, label_smoothing: float) -> float:
+    """H of timm's smoothed one-hot target: 1 - e + e/C on the label, e/C elsewhere (0 without smoothing)."""
+    e, c = float(label_smoothing), int(num_classes)
+    if e <= 0.0:
+        return 0.0
+    on, off = 1.0 - e + e / c, e / c
+    return -(on * math.log(on) + (c - 1) * off * math.log(off))
+
+
+class DinoHealth:
+    """`check_metrics` for DINO: warns once when the teacher drifts towards uniform, once when it collapses
+    onto a few outputs."""
+
+    def __init__(self, *, out_dim: int, global_batch: int, start_step: int):
+        self.log_k = math.log(out_dim)
+        self.out_dim, self.global_batch = out_dim, global_batch
+        self.floor = max(2.0, min(out_dim, global_batch) / IMAGES_PER_OUTPUT)
+        self.start_step = start_step
+        self.recent = collections.deque(maxlen=WINDOW["dino"])
+        self.said = set()
+
+    @classmethod
+    def for_run(cls, *, out_dim: int, global_batch: int, total_steps: int, warmup_steps: int,
+                teacher_warmup_steps: int) -> "DinoHealth":
+        start = max(warmup_steps, teacher_warmup_steps, int(math.ceil(DINO_START_SHARE * total_steps)))
+        return cls(out_dim=out_dim, global_batch=global_batch, start_step=start)
+
+    def __call__(self, step: int, metrics: dict) -> Optional[str]:
+        if "teacher_entropy" not in metrics:
+            return None
+        entropy = float(metrics["teacher_entropy"])
+        marginal = float(metrics.get("teacher_marginal_entropy", self.log_k))
+        self.recent.append((entropy, marginal))
+        if step < self.start_step or len(self.recent) < self.recent.maxlen:
+            return None
+        said = []
+        if "uniform" not in self.said and all(e > UNIFORM_SHARE * self.log_k for e, _ in self.recent):
+            self.said.add("uniform")
+            smaller = max(256, self.out_dim // 4)
+            head = (f"a smaller head (config.model.out_dim {self.out_dim} -> {smaller}), " if smaller < self.out_dim
+                    else "")
+            said.append(
+                f"WARNING step {step}: the DINO teacher's output is drifting towards uniform: row entropy "
+                f"{entropy:.2f} of log K = {self.log_k:.2f} ({entropy / self.log_k:.0%}; above "
+                f"{UNIFORM_SHARE:.0%} over the last {len(self.recent)} logged steps), so the student gets next "
+                "to no target. Try, one at a time: a sharper teacher (lower config.dino.teacher_temp, e.g. "
+                "0.04 -> 0.02, and config.dino.warmup_teacher_temp with it), a lower teacher momentum "
+                "(config.dino.momentum_teacher 0.996 -> 0.99 or 0.98: the teacher follows the student sooner), "
+                f"{head}BatchNorm in the head on small data (config.model.use_bn_in_head=True), a larger batch or a "
+                f"longer run. ({URL}/61, /190, /246)")
+        effective = math.exp(marginal)
+        if "few" not in self.said and all(math.exp(m) < self.floor for _, m in self.recent):
+            self.said.add("few")
+            said.append(
+                f"WARNING step {step}: the DINO teacher is collapsing onto a few outputs: a batch of "
+                f"{self.global_batch} images spreads over about {effective:.1f} of K = {self.out_dim} "
+                f"outputs (marginal entropy {marginal:.2f}; below {self.floor:g}, one per "
+                f"{IMAGES_PER_OUTPUT} images, over the last {len(self.recent)} logged steps; row entropy "
+                f"{entropy:.2f}). Try, one at a time: stronger centring (config.dino.center_momentum 0.9 -> "
+                "0.8), a softer teacher (raise config.dino.teacher_temp, e.g. 0.02 -> 0.04), a lower peak lr "
+                "or a longer warm-up (config.optim.lr, config.optim.warmup_epochs), a longer frozen last "
+                f"layer (config.optim.freeze_last_layer). ({URL}/225, /273)")
+        return "\n".join(said) or None
+
+
+class SupervisedHealth:
+    """`check_metrics` for supervised training (DeiT, the CNN teacher): warns once when the cross-entropy
+    against the labels has hardly moved after a quarter of the run."""
+
+    def __init__(self, *, num_classes: int, label_smoothing: float, total_steps: int, distilled: bool,
+                 what: str = "the student"):
+        self.start = math.log(num_classes)
+        self.floor = smoothed_target_entropy(num_classes, label_smoothing)
+        self.check_from = int(math.ceil(SUPERVISED_CHECK_SHARE * total_steps))
+        self.total_steps = total_steps
+        self.key = "loss_base" if distilled else "loss"
+        self.what = what
+        self.recent = collections.deque(maxlen=WINDOW["supervised"])
+        self.said = False
+
+    def progress(self, loss: float) -> float:
+        """The share of the way from log C (a fresh head) to the targets' entropy that `loss` has covered."""
+        return (self.start - loss) / max(self.start - self.floor, 1e-6)
+
+    def __call__(self, step: int, metrics: dict) -> Optional[str]:
+        if self.key not in metrics:
+            return None
+        loss = float(metrics[self.key])
+        if math.isfinite(loss):
+            self.recent.append(loss)
+        if self.said or step < self.check_from or not self.recent:
+            return None
+        mean = sum(self.recent) / len(self.recent)
+        if self.progress(mean) >= SUPERVISED_PROGRESS:
+            return None
+        self.said = True
+        part = "cross-entropy part of the loss" if self.key == "loss_base" else "loss"
+        return (f"WARNING step {step}/{self.total_steps}: {self.what}'s {part} has hardly moved: {mean:.3f} "
+                f"(mean of the last {len(self.recent)} logged) against {self.start:.3f} = log C at the start "
+                f"and {self.floor:.3f} for perfect fit of the smoothed labels, {self.progress(mean):.0%} of the "
+                f"way after {step / self.total_steps:.0%} of the run (below {SUPERVISED_PROGRESS:.0%} after "
+                f"{SUPERVISED_CHECK_SHARE:.0%}). Try, one at a time: a lower peak lr or a longer warm-up "
+                "(config.optim.lr x 0.5, config.optim.warmup_epochs), lighter augmentation on small data "
+                "(config.augment.ra_magnitude, config.augment.erase_prob, config.mixup.mixup_alpha / "
+                "cutmix_alpha 0), less drop path (config.model.drop_path_rate), more epochs; for a ViT on "
+                "small data, distillation from a CNN teacher (config.distill.kind=hard) is DeiT's answer.")
