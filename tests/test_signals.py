@@ -232,3 +232,59 @@ def test_a_second_ctrl_c_ends_the_process_outside_the_steps_and_goes_to_the_loop
     finally:
         stops.uninstall()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def _signal_at_check(monkeypatch, n):
+    """SIGTERM to this process just before the n-th check an evaluation makes between its batches."""
+    from vitdistill.train import preemption
+
+    calls, real = [], preemption.check_during_eval
+
+    def check():
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next line
+        real()
+
+    monkeypatch.setattr(preemption, "check_during_eval", check)
+    return calls
+
+
+def test_sigterm_during_the_knn_before_training_stops_it_between_batches(tmp_path, monkeypatch):
+    """A k-NN over a large split can outlast a scheduler's grace period: the stop comes at the next batch,
+    nothing is saved (nothing was trained), and the re-run measures the network at initialisation again."""
+    from test_diagnostics import _dino_run
+    from vitdistill import methods
+    from vitdistill.errors import Preempted
+
+    config = _dino_run(**{"knn.before_training": True, "max_steps": 2})
+    calls = _signal_at_check(monkeypatch, 2)
+    with pytest.raises(Preempted) as stopped:
+        methods.train_and_evaluate(config, str(tmp_path))
+    assert len(calls) == 2  # the bank's second batch of 3: not the end of the evaluation
+    message = str(stopped.value)
+    assert "stopped by SIGTERM during an evaluation" in message and "at step 0/2" in message, message
+    assert "nothing was trained yet, so nothing was saved" in message and "Re-run the same command" in message
+    assert _checkpoint_steps(str(tmp_path)) == [] and not os.path.exists(tmp_path / "knn_at_init.json")
+    monkeypatch.undo()
+    final = methods.train_and_evaluate(config, str(tmp_path))
+    assert final["step"] == 2 and os.path.exists(tmp_path / "knn_at_init.json")
+
+
+def test_sigterm_during_an_evaluation_between_steps_saves_the_step_it_evaluated(tmp_path, monkeypatch):
+    from test_train import _deit_config
+    from vitdistill import methods
+    from vitdistill.errors import Preempted
+
+    config = _deit_config(kind="none", steps=4)
+    config.eval_every_epochs = 2.5 / (1438 // config.batch_size)  # after step 2 (and at the end)
+    config.checkpoint_every_steps = 1000
+    _signal_at_check(monkeypatch, 1)
+    with pytest.raises(Preempted) as stopped:
+        methods.train_and_evaluate(config, str(tmp_path))
+    message = str(stopped.value)
+    assert "stopped by SIGTERM during an evaluation" in message and "at step 2/4" in message, message
+    assert _checkpoint_steps(str(tmp_path)) == [2] and "step 2 is saved" in message
+    monkeypatch.undo()
+    assert methods.train_and_evaluate(config, str(tmp_path))["step"] == 4
+    assert _checkpoint_steps(str(tmp_path))[-1] == 4

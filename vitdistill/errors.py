@@ -48,6 +48,12 @@ class Preempted(Exception):
         self.step = step
 
 
+class EvalStopped(Preempted):
+    """SIGTERM or Ctrl-C during an evaluation: it stops between two batches (a k-NN over a large split can
+    outlast a scheduler's grace period) and the run stops after saving what it trained (one process only:
+    with several, the stop waits for the next step boundary, where all of them agree on it)."""
+
+
 class StoppedAtOnce(Preempted):
     """A second Ctrl-C: the run stopped without waiting for the step boundary, keeping what was saved (the
     entry points exit 130, a shell's status for an interrupted command)."""

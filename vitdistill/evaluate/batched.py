@@ -20,7 +20,7 @@ from vitdistill import models
 from vitdistill.data import pipeline
 from vitdistill.data.sources import Source
 from vitdistill.errors import BadImageError
-from vitdistill.train import sharding
+from vitdistill.train import preemption, sharding
 
 
 def _global_batches(dataset, mesh, source: Optional[Source], global_batch: int) -> Iterator[dict]:
@@ -28,6 +28,7 @@ def _global_batches(dataset, mesh, source: Optional[Source], global_batch: int) 
 
     batches = dataset.as_numpy_iterator()
     for index in itertools.count():
+        preemption.check_during_eval()  # SIGTERM / Ctrl-C: stop between two batches, not after the split
         try:
             local = next(batches)
         except StopIteration:

@@ -17,7 +17,7 @@ from absl import logging
 
 from vitdistill import paths
 from vitdistill.data import pipeline
-from vitdistill.errors import BadImageError, NonFiniteLossError, Preempted, StoppedAtOnce
+from vitdistill.errors import BadImageError, EvalStopped, NonFiniteLossError, Preempted, StoppedAtOnce
 from vitdistill.train import sharding
 from vitdistill.train import preemption
 from vitdistill.train.preemption import StopRequests
@@ -225,7 +225,11 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
     checkpoints = StateCheckpoints(workdir, every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints)
     checkpoints.check_fits(abstract, saved_run=saved_run)
     save_config(config, workdir)  # only once the workdir is known to hold this run (or nothing)
-    state, resumed = _initial_state(task, config, checkpoints, state_shardings, abstract)
+    try:
+        state, resumed = _initial_state(task, config, checkpoints, state_shardings, abstract)
+    except EvalStopped as e:  # during the evaluation of the network at initialisation (`knn.before_training`)
+        raise Preempted(f"{task.name}: {e} (of the network at initialisation) at step 0/{total_steps}; "
+                        f"{_where_saved(None, workdir)}. Re-run the same command to resume.", 0) from None
     step = int(jax.device_get(state.step))
     frozen = place_frozen(task, mesh)
     skip_limit = int(config.get("skip_nonfinite_steps") or 0)
@@ -286,6 +290,11 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
                 reporter.write(step, task.evaluate(state, frozen), split="eval")
         final = {**task.evaluate(state, frozen), "step": step}
         reporter.write(step, final, split="eval")
+    except EvalStopped as e:  # during an evaluation between steps, or the last one: keep the step it evaluated
+        last_saved = _save_before_stopping(checkpoints, step, state, metrics, last_saved)
+        raise Preempted(f"{task.name}: {e} at step {step}/{total_steps}; {_where_saved(last_saved, workdir)}. "
+                        "Re-run the same command to resume" + (" (and evaluate)." if step == total_steps else "."),
+                        step) from None
     except KeyboardInterrupt:  # a second Ctrl-C: save what is finished if it can be, then stop at once
         try:  # the state's own step: the interrupt may have come between the update and `step += 1`
             last_saved = _save_before_stopping(checkpoints, int(jax.device_get(state.step)), state, metrics,
@@ -302,7 +311,11 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
     if jax.process_index() == 0 and os.environ.get("VITDISTILL_CURVES", "1") != "0":
         _plot_curves(workdir, config)
     if task.summarize is not None:
-        summary = task.summarize(final)  # on every process: a summary may evaluate, which is collective
+        try:
+            summary = task.summarize(final)  # on every process: a summary may evaluate, which is collective
+        except EvalStopped as e:
+            raise Preempted(f"{task.name}: {e} (the summary's) after the last step; "
+                            f"{_where_saved(step, workdir)}. Re-run the same command to print it.", step) from None
         if jax.process_index() == 0:
             print(summary, flush=True)
     if skipped_list and jax.process_index() == 0:

@@ -110,15 +110,32 @@ def ignore_while_exiting():
             signal.signal(signum, signal.SIG_IGN)
 
 
+_active: Optional[StopRequests] = None  # the running loop's, while `during_run` lasts
+
+
+def check_during_eval():
+    """Called between an evaluation's batches: raises `EvalStopped` once a stop was requested (one process;
+    with several, a stop is agreed on at a step boundary only)."""
+    stops = _active
+    if stops is not None and not stops._multi_process and stops.received is not None:
+        from vitdistill.errors import EvalStopped
+
+        raise EvalStopped(f"stopped by {stops.reason} during an evaluation, whose results are not written", -1)
+
+
 class during_run:
     """`with during_run() as stops:` the installed handlers, or ones installed for the run's duration."""
 
     def __enter__(self) -> StopRequests:
+        global _active
         self._own = _installed is None
         self._stops = StopRequests().install() if self._own else _installed
+        self._outer, _active = _active, self._stops
         return self._stops
 
     def __exit__(self, *exc):
+        global _active
+        _active = self._outer
         if self._own:
             self._stops.uninstall()
         return False
