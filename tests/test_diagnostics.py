@@ -4,22 +4,10 @@ on a single output, a supervised loss that does not move) that must print the wa
 import math
 
 import legacy_workdirs
-import numpy as np
 import pytest
 
 from vitdistill import methods, recipes, small_data
 from vitdistill.train import diagnostics
-
-
-def test_the_loss_floor_is_the_entropy_of_timms_smoothed_targets():
-    # timm 0.3.2 mixup.py one_hot(..., on_value=1 - e + e / C, off_value=e / C), written out.
-    for classes, e in ((10, 0.1), (1000, 0.1), (7, 0.3)):
-        target = np.full(classes, e / classes)
-        target[3] = 1.0 - e + e / classes
-        assert target.sum() == pytest.approx(1.0)
-        assert diagnostics.smoothed_target_entropy(classes, e) == pytest.approx(-np.sum(target * np.log(target)))
-    assert diagnostics.smoothed_target_entropy(10, 0.1) == pytest.approx(0.91 * -math.log(0.91) + 0.09 * -math.log(0.01), abs=1e-12)
-    assert diagnostics.smoothed_target_entropy(10, 0.0) == 0.0
 
 
 def _dino(step, entropy, marginal):
@@ -64,26 +52,29 @@ def test_dino_rules_at_their_boundaries():
 
 
 def test_supervised_rule_at_its_boundary():
-    classes, e = 10, 0.1
-    start, floor = math.log(classes), diagnostics.smoothed_target_entropy(classes, e)
-    at = lambda progress: start - progress * (start - floor)  # noqa: E731
+    classes = 10
+    start = math.log(classes)
 
-    def warnings(progress, distilled=False):
-        health = diagnostics.SupervisedHealth(num_classes=classes, label_smoothing=e, total_steps=400,
-                                              distilled=distilled)
+    def warnings(share, distilled=False):
+        health = diagnostics.SupervisedHealth(num_classes=classes, total_steps=400, distilled=distilled)
         key = "loss_base" if distilled else "loss"
-        return [health(s, {"loss": 99.0, key: at(progress)}) for s in range(0, 401, 20)]
+        return [health(s, {"loss": 99.0, key: share * start}) for s in range(0, 401, 20)]
 
-    moving = warnings(0.26)
+    moving = warnings(0.89)
     assert moving == [None] * len(moving)
-    stalled = warnings(0.24)
+    stalled = warnings(0.91)
     assert stalled[:5] == [None] * 5  # nothing before 25% of the run (step 100)
-    assert "hardly moved" in stalled[5] and "step 100/400" in stalled[5] and "24% of the way" in stalled[5]
+    assert "hardly moved" in stalled[5] and "step 100/400" in stalled[5] and "91% of log C = 2.303" in stalled[5]
     assert "config.optim.lr" in stalled[5] and "config.distill.kind=hard" in stalled[5]
     assert stalled[6:] == [None] * (len(stalled) - 6)  # said once
     # Distilled: the cross-entropy part is judged, not the total (whose distillation part has its own scale).
-    assert "cross-entropy part" in warnings(0.24, distilled=True)[5]
-    assert warnings(0.26, distilled=True)[5] is None
+    assert "cross-entropy part" in warnings(0.91, distilled=True)[5]
+    assert warnings(0.89, distilled=True)[5] is None
+    # The digits quick start's distilled student (94.15% top-1 at its end) logged these at steps 460-560 of
+    # 2,200 (metrics.jsonl at 9a102fa): 0.82 of log C at a quarter of the run, no warning.
+    quick = diagnostics.SupervisedHealth(num_classes=10, total_steps=2200, distilled=True)
+    logged = (1.868, 1.864, 1.956, 1.934, 1.982, 1.749)
+    assert all(quick(s, {"loss_base": v}) is None for s, v in zip(range(460, 580, 20), logged))
 
 
 # Whole runs, driven into each failure mode.

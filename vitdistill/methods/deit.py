@@ -358,7 +358,7 @@ def build_task(config, workdir: str) -> loop.Task:
         prepare_state=(functools.partial(load_init_from, path=init_from, network=config.model.init_from_network)
                        if init_from else None),
         check_metrics=diagnostics.SupervisedHealth(
-            num_classes=num_classes, label_smoothing=config.mixup.label_smoothing, total_steps=length.total_steps,
-            distilled=config.distill.kind != "none", what=config.model.name),
+            num_classes=num_classes, total_steps=length.total_steps, distilled=config.distill.kind != "none",
+            what=config.model.name),
         summarize=functools.partial(summary_table, config=config, eval_source=eval_source,
                                     distilled=setup.distilled, teacher=teacher, mesh=mesh))

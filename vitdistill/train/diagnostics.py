@@ -18,10 +18,13 @@ DINO (the teacher's output over the K = out_dim dimensions, `losses.dino_monitor
   must hold over the last 3 logged steps (one noisy batch says nothing).
 
 Supervised (DeiT, the CNN teacher): the cross-entropy against the labels (the base part when distilling)
-starts at log C for C classes (a fresh head's outputs are near uniform) and can fall to the entropy of
-the smoothed targets, H_ls. **Stalled**: after 25% of the run, the mean of the last 5 logged losses has
-covered less than 1/4 of the way from log C to H_ls. (Mixup and cutmix raise the true floor above H_ls,
-so a mixing run is judged a little more harshly; a run that stalls this badly is stalled either way.)
+starts at log C for C classes (a fresh head's outputs are near uniform). **Stalled**: after 25% of the
+run, the mean of the last 5 logged losses is still above 9/10 of log C: it has moved less than a tenth of
+its starting value. Training losses under DeiT's augmentation stay far above the smoothed labels' entropy
+even in runs that end well, so the rule only asks whether the loss has moved: the digits quick start's
+distilled student (93-94% top-1 at the end) is at 0.82 of log C at a quarter of its run (an earlier rule,
+a quarter of the way to the smoothed labels' entropy, warned there), and a student whose lr is 0 stays at
+1.0.
 """
 from __future__ import annotations
 
@@ -34,17 +37,8 @@ UNIFORM_SHARE = 0.75        # of log K
 IMAGES_PER_OUTPUT = 16      # the marginal's effective outputs, at most min(K, B), below min(K, B) / this
 DINO_START_SHARE = 0.10     # of the run, at the least
 SUPERVISED_CHECK_SHARE = 0.25
-SUPERVISED_PROGRESS = 0.25  # of the way from log C to the smoothed targets' entropy
+SUPERVISED_STALLED = 0.9    # of log C, the loss's starting value
 WINDOW = {"dino": 3, "supervised": 5}
-
-
-def smoothed_target_entropy(num_classes: int, label_smoothing: float) -> float:
-    """H of timm's smoothed one-hot target: 1 - e + e/C on the label, e/C elsewhere (0 without smoothing)."""
-    e, c = float(label_smoothing), int(num_classes)
-    if e <= 0.0:
-        return 0.0
-    on, off = 1.0 - e + e / c, e / c
-    return -(on * math.log(on) + (c - 1) * off * math.log(off))
 
 
 class DinoHealth:
@@ -105,22 +99,16 @@ class DinoHealth:
 
 class SupervisedHealth:
     """`check_metrics` for supervised training (DeiT, the CNN teacher): warns once when the cross-entropy
-    against the labels has hardly moved after a quarter of the run."""
+    against the labels has hardly moved from log C after a quarter of the run."""
 
-    def __init__(self, *, num_classes: int, label_smoothing: float, total_steps: int, distilled: bool,
-                 what: str = "the student"):
+    def __init__(self, *, num_classes: int, total_steps: int, distilled: bool, what: str = "the student"):
         self.start = math.log(num_classes)
-        self.floor = smoothed_target_entropy(num_classes, label_smoothing)
         self.check_from = int(math.ceil(SUPERVISED_CHECK_SHARE * total_steps))
         self.total_steps = total_steps
         self.key = "loss_base" if distilled else "loss"
         self.what = what
         self.recent = collections.deque(maxlen=WINDOW["supervised"])
         self.said = False
-
-    def progress(self, loss: float) -> float:
-        """The share of the way from log C (a fresh head) to the targets' entropy that `loss` has covered."""
-        return (self.start - loss) / max(self.start - self.floor, 1e-6)
 
     def __call__(self, step: int, metrics: dict) -> Optional[str]:
         if self.key not in metrics:
@@ -131,16 +119,15 @@ class SupervisedHealth:
         if self.said or step < self.check_from or not self.recent:
             return None
         mean = sum(self.recent) / len(self.recent)
-        if self.progress(mean) >= SUPERVISED_PROGRESS:
+        if mean <= SUPERVISED_STALLED * self.start:
             return None
         self.said = True
         part = "cross-entropy part of the loss" if self.key == "loss_base" else "loss"
         return (f"WARNING step {step}/{self.total_steps}: {self.what}'s {part} has hardly moved: {mean:.3f} "
-                f"(mean of the last {len(self.recent)} logged) against {self.start:.3f} = log C at the start "
-                f"and {self.floor:.3f} for perfect fit of the smoothed labels, {self.progress(mean):.0%} of the "
-                f"way after {step / self.total_steps:.0%} of the run (below {SUPERVISED_PROGRESS:.0%} after "
-                f"{SUPERVISED_CHECK_SHARE:.0%}). Try, one at a time: a lower peak lr or a longer warm-up "
-                "(config.optim.lr x 0.5, config.optim.warmup_epochs), lighter augmentation on small data "
-                "(config.augment.ra_magnitude, config.augment.erase_prob, config.mixup.mixup_alpha / "
-                "cutmix_alpha 0), less drop path (config.model.drop_path_rate), more epochs; for a ViT on "
-                "small data, distillation from a CNN teacher (config.distill.kind=hard) is DeiT's answer.")
+                f"(mean of the last {len(self.recent)} logged), {mean / self.start:.0%} of log C = {self.start:.3f} "
+                f"where it started, after {step / self.total_steps:.0%} of the run (above "
+                f"{SUPERVISED_STALLED:.0%} after {SUPERVISED_CHECK_SHARE:.0%}). Try, one at a time: a lower peak lr "
+                "or a longer warm-up (config.optim.lr x 0.5, config.optim.warmup_epochs), lighter augmentation on "
+                "small data (config.augment.ra_magnitude, config.augment.erase_prob, config.mixup.mixup_alpha / "
+                "cutmix_alpha 0), less drop path (config.model.drop_path_rate), more epochs; for a ViT on small "
+                "data, distillation from a CNN teacher (config.distill.kind=hard) is DeiT's answer.")
