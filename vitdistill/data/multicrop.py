@@ -164,11 +164,16 @@ def sample_color_jitter_params(seed, *, brightness=0.4, contrast=0.4, saturation
     }
 
 
+def jitter_active(brightness, contrast, saturation, hue) -> tuple:
+    """Which of ColorJitter's 4 adjustments run: torchvision skips one whose strength is 0."""
+    return (brightness > 0, contrast > 0, saturation > 0, hue > 0)
+
+
 def color_jitter(image, seed, *, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
     """torchvision ColorJitter on a PIL image: the 4 adjustments in a random order (a strength of 0 skips one)."""
     params = sample_color_jitter_params(seed, brightness=brightness, contrast=contrast, saturation=saturation,
                                         hue=hue)
-    return apply_color_jitter(image, params, active=(brightness > 0, contrast > 0, saturation > 0, hue > 0))
+    return apply_color_jitter(image, params, active=jitter_active(brightness, contrast, saturation, hue))
 
 
 def apply_color_jitter(image, params, *, active):
@@ -248,7 +253,7 @@ def augment_view(image_uint8, seed, *, size, scale, hflip=0.5, jitter_prob=0.8, 
                            brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
                            grayscale_prob=grayscale_prob, blur_prob=blur_prob, blur_sigma=blur_sigma,
                            solarize_prob=solarize_prob)
-    active = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
+    active = jitter_active(brightness, contrast, saturation, hue)
     if image_ops == "pil":
         (image,) = pil_views(image_uint8, [choices], [size], active=active, interpolation=interpolation,
                              resize=resize)
@@ -294,7 +299,7 @@ def multicrop_views(image_uint8, seed, *, global_size=224, local_size=96, global
             settings = dict(scale=local_scale, blur_prob=local_blur_prob, solarize_prob=local_solarize_prob)
         choices.append(view_choices(image_uint8, view_seeds[index], **settings, **shared))
         sizes.append(global_size if index < NUM_GLOBAL_VIEWS else local_size)
-    active = (brightness > 0, contrast > 0, saturation > 0, hue > 0)
+    active = jitter_active(brightness, contrast, saturation, hue)
     if image_ops == "pil":
         levels = pil_views(image_uint8, choices, sizes, active=active, interpolation=interpolation, resize=resize)
     else:

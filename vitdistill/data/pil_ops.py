@@ -18,6 +18,11 @@ from vitdistill.data.randaugment import OP_NAMES
 FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
+def _text(value) -> str:
+    """A string argument as tf.numpy_function passes it (bytes), or as Python code does."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def resize(picture: Image.Image, width: int, height: int, method: str = "bicubic") -> Image.Image:
     """`picture.resize((width, height))` as Pillow <= 12 runs it: the horizontal pass, then the vertical."""
     resample = FILTERS[method]
@@ -78,7 +83,7 @@ def dino_view(picture: Image.Image, box, size: int, method: str, flip, jitter, o
 
 def dino_views(sources, boxes, sizes, flips, jitters, orders, factors, grays, blurs, sigmas, solarizes, method):
     """`dino_view` for each view of one image (one source image for all, or one per view); a list of arrays."""
-    method = method.decode() if isinstance(method, bytes) else str(method)
+    method = _text(method)
     pictures = [Image.fromarray(np.asarray(source)) for source in sources]
     return [dino_view(pictures[min(v, len(pictures) - 1)], boxes[v], sizes[v], method, flips[v], jitters[v],
                       orders[v], factors[v], grays[v], blurs[v], sigmas[v], solarizes[v]) for v in range(len(sizes))]
@@ -168,7 +173,7 @@ def deit_view(image, box, size, method, flip, ops, applies, magnitudes, signs, f
     """DeiT's training image up to RandAugment as timm 0.3.2's transform makes it with Pillow, for the choices
     given: the crop `box` (top, left, height, width) resized to size x size, flipped if `flip`, then each
     RandAugment op `ops[k]` (an index into randaugment.OP_NAMES) where `applies[k]`. uint8 [size, size, 3]."""
-    method = method.decode() if isinstance(method, bytes) else str(method)
+    method = _text(method)
     picture = resized_crop(Image.fromarray(np.asarray(image)), box, int(size), method)
     if flip:
         picture = picture.transpose(Image.FLIP_LEFT_RIGHT)
