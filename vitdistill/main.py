@@ -41,10 +41,18 @@ def _stopped_at_once():
     """A second Ctrl-C outside a training step (starting up, restoring, building the run, evaluating): one
     line, then the process ends without unwinding (nothing is being written then: the loop's checkpoint saves
     are awaited before it returns, and a second Ctrl-C inside the steps goes to the loop)."""
-    sys.stdout.flush()
     print("vitdistill: stopped at once by a second Ctrl-C, outside a training step; every checkpoint already "
           f"written in {FLAGS.workdir} stays. Re-run the same command to resume.", file=sys.stderr, flush=True)
-    os._exit(130)
+    _exit_now(130)
+
+
+def _exit_now(status: int):
+    """Ends the process with `status` without the interpreter's exit, once what it had to say is printed:
+    threads that an interrupt or a failed write left behind (orbax's workers, XLA's compiler, tf.data's)
+    print tracebacks, hang or crash when Python joins and tears them down."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _main(argv, preemption):
@@ -74,17 +82,15 @@ def _main(argv, preemption):
     except Preempted as e:  # SIGTERM / Ctrl-C: the state is saved; the scheduler's requeue resumes it
         if jax.process_index() == 0:
             print(f"vitdistill: {e}", file=sys.stderr, flush=True)
-        if isinstance(e, StoppedAtOnce):  # the second Ctrl-C may have cut XLA's compiler or tf.data's tracing
-            sys.stdout.flush()  # short, and the interpreter's exit then crashed (SIGSEGV) in their threads;
-            os._exit(e.exit_status)  # the checkpoint and the metrics were closed before the loop returned
+        if isinstance(e, StoppedAtOnce):  # the second Ctrl-C may have cut XLA's compile or tf.data's tracing
+            _exit_now(e.exit_status)  # short (SIGSEGV at exit); the loop closed checkpoints and metrics first
         sys.exit(e.exit_status)
     except UserError as e:
         if FLAGS.debug:
             raise
         print(f"vitdistill: {e}", file=sys.stderr, flush=True)
         if isinstance(e, CheckpointSaveError):  # orbax's writer threads die noisily, or hang, at a normal exit
-            sys.stdout.flush()
-            os._exit(2)
+            _exit_now(2)
         sys.exit(2)
 
 

@@ -88,7 +88,7 @@ def plot(workdir: str, output: Optional[str] = None, *, out_dim: Optional[int] =
             ax.axhline(diagnostics.UNIFORM_SHARE * log_k, color="tab:red", linestyle=":", linewidth=1,
                        label="row entropy: uniform warning")
             if global_batch:
-                floor = diagnostics.DinoHealth(out_dim=out_dim, global_batch=global_batch, start_step=0).floor
+                floor = diagnostics.few_outputs_floor(out_dim, global_batch)
                 ax.axhline(math.log(floor), color="tab:purple", linestyle=":", linewidth=1,
                            label="marginal: few-outputs warning")
         if title == "learning rate":

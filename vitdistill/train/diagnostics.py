@@ -41,6 +41,11 @@ SUPERVISED_STALLED = 0.9    # of log C, the loss's starting value
 WINDOW = {"dino": 3, "supervised": 5}
 
 
+def few_outputs_floor(out_dim: int, global_batch: int) -> float:
+    """The fewest outputs a batch of `global_batch` images may spread over before 'onto a few outputs'."""
+    return max(2.0, min(out_dim, global_batch) / IMAGES_PER_OUTPUT)
+
+
 class DinoHealth:
     """`check_metrics` for DINO: warns once when the teacher drifts towards uniform, once when it collapses
     onto a few outputs."""
@@ -48,7 +53,7 @@ class DinoHealth:
     def __init__(self, *, out_dim: int, global_batch: int, start_step: int):
         self.log_k = math.log(out_dim)
         self.out_dim, self.global_batch = out_dim, global_batch
-        self.floor = max(2.0, min(out_dim, global_batch) / IMAGES_PER_OUTPUT)
+        self.floor = few_outputs_floor(out_dim, global_batch)
         self.start_step = start_step
         self.recent = collections.deque(maxlen=WINDOW["dino"])
         self.said = set()
