@@ -7,12 +7,13 @@
 2. DeiT's distillation ablation on Fashion-MNIST (`experiments/deit_fashion_mnist.py`): the table.
 3. DINO on Fashion-MNIST (`experiments/dino_fashion_mnist.py --epochs=1.5`): k-NN, logistic regression and SGD linear probe against
    the network at initialisation and raw pixels, and the run's curves (`docs/figures/curves_dino_fashion_mnist.png`).
-4. The attention maps (`experiments/attention_figures.py`): a converted DINO ViT-S/16 and the quick start's
+4. The small-data recipes on three data sets (`experiments/small_data_table.py`): the table.
+5. The attention maps (`experiments/attention_figures.py`): a converted DINO ViT-S/16 and the quick start's
    teacher (`docs/figures/attention_*.png`).
 
 Every table goes into `experiments/results/small_scale.md` with the commit and each part's wall time; the
 README's tables are those. Re-running resumes every training run (finished ones only evaluate). Needs
-`apt-get install dataset-fashion-mnist` and the torch extra; about 3 hours on 2 CPU cores. `--max_steps=N`
+`apt-get install dataset-fashion-mnist` and the torch extra; about 4 hours on 2 CPU cores. `--max_steps=N`
 cuts every run short (a smoke test) and then writes under --root only, never into the repository.
 """
 import argparse
@@ -90,6 +91,11 @@ def main():
     with open(os.path.join(dino, "results.json")) as f:
         sections.append(("DINO on Fashion-MNIST", json.load(f)["table"]))
     shutil.copy(os.path.join(dino, "curves.png"), os.path.join(figures, "curves_dino_fashion_mnist.png"))
+
+    table = os.path.join(args.root, "small_data_table")
+    part("small_data_table", [python, "experiments/small_data_table.py", f"--root={table}"] + cut)
+    with open(os.path.join(table, "table.md")) as f:
+        sections.append(("Small data sets: one recipe per method, sized to the data", f.read().strip()))
 
     part("attention_figures", [python, "experiments/attention_figures.py", f"--dino_workdir={quick}",
                                f"--out={figures}"])

@@ -1,21 +1,31 @@
-"""Config pieces for the small data sets that need no download (digits, Fashion-MNIST).
+"""Config pieces for small data: the built-in sets that need no download (digits, Fashion-MNIST and its
+five-class 14-px cut `fashion_small`) and a user's own image folder.
 
-They shrink the papers' recipes to CPU scale: micro models, 32 px images, short schedules.
-Config files call these; nothing here changes the recipes' own defaults.
+They shrink the papers' recipes to CPU scale: micro models, small images, short schedules. Config files
+call these; nothing here changes the recipes' own defaults.
+
+`small_dino_recipe` and `small_deit_recipe` (configs/dino_small_data.py, configs/deit_small_data.py) are
+not sized by hand: each setting is left open and `size_to_data` fills it at the start of the run from the
+training split (its size, image side, classes) and the step budget, by the rules written out in
+`dino_settings` and `deit_settings`. A value given on the command line is kept.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 from vitdistill import recipes
 
 SOURCES = {  # source -> (eval split, image size)
     "digits": ("test", 32),
     "fashion_mnist": ("test", 32),
+    "fashion_small": ("test", 16),
 }
-TRAIN_SIZES = {"digits": 1438, "fashion_mnist": 60_000}  # training images of the built-in sources
+TRAIN_SIZES = {"digits": 1438, "fashion_mnist": 60_000, "fashion_small": 3_000}  # built-in training splits
+STEP_BUDGET = 1_200  # the small-data recipes' default length: about 10 minutes of 2 CPU cores for DINO
+SMALL_BATCH = 64
 
 
 def teacher_momentum(total_steps: int) -> float:
@@ -168,3 +178,234 @@ def small_dino(source: str, *, image_size: int, local_size: int, num_local: int,
     config.knn.before_training = True
     config.dino.momentum_teacher = teacher_momentum(round(epochs * (TRAIN_SIZES[source] // batch_size)))
     return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recipes that size themselves to the data.
+
+@dataclasses.dataclass(frozen=True)
+class DataFacts:
+    """What the small-data rules read from a training split."""
+
+    name: str
+    train_size: int
+    image_side: int  # the images' shorter side (the median over a sample of a folder's images)
+    num_classes: int
+
+
+def facts_of(data_config) -> DataFacts:
+    """The training split's size, image side and classes (a folder: the median side of up to 64 images)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from vitdistill.data.sources import get_source
+
+    source = get_source(data_config, data_config.train_split, limit=data_config.get("train_limit"))
+    if source.arrays is not None:
+        side = min(source.arrays[0].shape[1:3])
+    elif source.random_access:
+        picks = np.unique(np.linspace(0, source.num_examples - 1, min(64, source.num_examples)).astype(np.int64))
+        sides = [min(source.load(tf.constant(i))["image"].shape[:2]) for i in picks]
+        side = int(np.median(sides))
+    else:
+        image = next(iter(source.sequential(0, 1, 0).take(1)))["image"]
+        side = min(image.shape[:2])
+    return DataFacts(source.name, source.num_examples, int(side), source.num_classes)
+
+
+def global_crop_size(image_side: int) -> int:
+    """Training resolution: the image side rounded up to a multiple of 4, at least 16 and at most 32 px.
+
+    With patches of a quarter of it (`patch_size`) every image is 4x4 = 16 tokens, so a step costs the same
+    on any data set and the step budget is a time budget. 16 px is the digits quick starts' resolution (4-px
+    patches of 2x2 upsampled pixels); above 32 px a micro ViT on a CPU is the wrong tool: the papers'
+    recipes (configs/deit_*.py, configs/dino_*.py) are for those images.
+    """
+    return int(min(32, max(16, 4 * math.ceil(image_side / 4))))
+
+
+def output_dim(train_size: int) -> int:
+    """DINO's K: the largest power of two no larger than the training set, between 64 and 1,024.
+
+    Every output can then be the teacher's choice for some image (the official 65,536 outputs have about
+    20 ImageNet images each); a smaller K is one of the remedies dino's issues report for small data sets.
+    1,024 is the value the digits and Fashion-MNIST configs were measured with; more was not tried.
+    """
+    return int(min(1024, max(64, 2 ** int(math.floor(math.log2(max(train_size, 1)))))))
+
+
+def warmup_steps(total_steps: int) -> int:
+    """The lr warm-up (and DINO's frozen last layer): a tenth of the run, as the official 10 of 100 epochs,
+    but at least 200 steps (AdamW's second moments need a few hundred steps whatever an epoch is) and at most
+    a quarter of the run."""
+    return int(min(total_steps // 4, max(200, total_steps // 10)))
+
+
+def regularisation(passes: float) -> float:
+    """DeiT's augmentation and drop-path strength, 0 to 1, from how often each image is seen.
+
+    The official strengths (RandAugment m9, erasing 0.25, drop path 0.1) are for 300 passes over the data;
+    scaled linearly below that. A short run that sees each image a few dozen times cannot fit the data under
+    them: at 1/60 of the full strength per pass (digits' 1,200 steps: 53 passes, m8, erasing 0.22) the micro
+    DeiT without distillation was still at 94 % of log C after a quarter of the run and ended at 74.9 %
+    (its CNN teacher 98.6 %); digits' DeiT quick start trains at m5 and erasing 0.1 with distillation.
+    """
+    return float(min(1.0, max(0.0, passes / 300.0)))
+
+
+def dino_settings(facts: DataFacts, *, steps: int, batch_size: int) -> dict:
+    """Config key -> value for DINO on this data in `steps` steps. The rules: `global_crop_size` (16 tokens a
+    global crop, local crops half its side: 4 tokens), `output_dim`, `warmup_steps` (lr warm-up and frozen
+    last layer), `teacher_momentum`; the blur's largest sigma the official 2 px at 224 scaled to the crop (and
+    1.2x, as `small_dino`). Fixed, from `small_dino`: teacher temperature 0.02 throughout (with a batch of 64,
+    0.04 drifts towards uniform), lr 2.5e-4 at batch 64, local crops of 10-40 % of the image."""
+    size = global_crop_size(facts.image_side)
+    per_epoch = max(1, facts.train_size // batch_size)
+    warm = warmup_steps(steps)
+    return {
+        "data.image_size": size,
+        "model.patch_size": size // 4,
+        "multicrop.global_size": size,
+        "multicrop.local_size": size // 2,
+        "multicrop.blur_sigma": (0.1, max(0.1, 2.0 * size / 224 * 1.2)),
+        "model.out_dim": output_dim(facts.train_size),
+        "epochs": steps / per_epoch,
+        "optim.warmup_epochs": warm / per_epoch,
+        "optim.freeze_last_layer": warm / per_epoch,
+        "dino.momentum_teacher": teacher_momentum(steps),
+    }
+
+
+def deit_settings(facts: DataFacts, *, steps: int, batch_size: int) -> dict:
+    """Config key -> value for a micro DeiT on this data in `steps` steps: `global_crop_size` with 16 tokens,
+    `warmup_steps`, and RandAugment's magnitude, erasing and drop path at `regularisation` of the official
+    9, 0.25 and 0.1 (RandAugment off below magnitude 1)."""
+    size = global_crop_size(facts.image_side)
+    per_epoch = max(1, facts.train_size // batch_size)
+    strength = regularisation(steps * batch_size / facts.train_size)
+    magnitude = round(9 * strength)
+    return {
+        "data.image_size": size,
+        "model.patch_size": size // 4,
+        "epochs": steps / per_epoch,
+        "optim.warmup_epochs": warmup_steps(steps) / per_epoch,
+        "augment.rand_augment": magnitude >= 1,
+        "augment.ra_magnitude": float(max(magnitude, 1)),
+        "augment.erase_prob": round(0.25 * strength, 2),
+        "model.drop_path_rate": round(0.1 * strength, 2),
+    }
+
+
+def teacher_settings(facts: DataFacts, *, steps: int, batch_size: int) -> dict:
+    """The CNN teacher of `small_deit_recipe`: half the student's steps at its resolution (a ResNet learns
+    small images in a few hundred steps; on digits 330 steps gave 96.4 %)."""
+    size = global_crop_size(facts.image_side)
+    per_epoch = max(1, facts.train_size // batch_size)
+    teacher_steps = max(1, steps // 2)
+    return {"data.image_size": size, "epochs": teacher_steps / per_epoch,
+            "optim.warmup_epochs": min(teacher_steps // 4, 100) / per_epoch}
+
+
+def _open(config: ConfigDict, keys) -> None:
+    """Leaves `keys` to `size_to_data`: None (typed, so a command-line value still parses) until then."""
+    for key in keys:
+        parent, _, leaf = key.rpartition(".")
+        node = config
+        for part in parent.split(".") if parent else ():
+            node = node[part]
+        node[leaf] = config_dict.placeholder(type(node[leaf]))
+
+
+def _get(config: ConfigDict, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _set(config: ConfigDict, key: str, value) -> None:
+    parent, _, leaf = key.rpartition(".")
+    node = _get(config, parent) if parent else config
+    node[leaf] = value
+
+
+def _mark(config: ConfigDict, *, steps: int, kind: str, settings) -> ConfigDict:
+    _open(config, settings(DataFacts("", 1000, 16, 10), steps=steps, batch_size=config.batch_size))
+    config.small_data = ConfigDict({"kind": kind, "steps": steps})
+    return config
+
+
+def small_dino_recipe(source: str = "digits", *, steps: int = STEP_BUDGET) -> ConfigDict:
+    """DINO for any small data set (`size_to_data` sizes it): `small_dino`'s micro ViT with a BatchNorm head,
+    2 global + 4 local crops, batch 64, lr 2.5e-4, teacher temperature 0.02, k-NN before and after on at most
+    10,000 training images and 2,000 queries."""
+    config = small_dino(source, image_size=16, local_size=8, num_local=4, epochs=1.0)
+    config.knn.train_limit = 10_000
+    config.knn.eval_limit = 2_000
+    return _mark(config, steps=steps, kind="dino", settings=dino_settings)
+
+
+def small_deit_recipe(source: str = "digits", *, distill: str = "hard", steps: int = STEP_BUDGET) -> ConfigDict:
+    """A micro DeiT for any small data set (`size_to_data` sizes it), without distillation (`distill='none'`)
+    or taught by a `resnet_micro` trained first on the same data (`teacher_settings`): batch 64, AdamW lr 2e-3
+    on a per-step cosine, RandomResizedCrop scale 0.35 to 1, label smoothing 0.1, no mixup or cutmix."""
+    distilled = distill != "none"
+    config = recipes.deit("deit_micro_distilled_patch4_32" if distilled else "deit_micro_patch4_32",
+                          distilled=distilled)
+    use_small_data(config, source)
+    light_deit_augment(config)
+    short_schedule(config, epochs=1.0, batch_size=SMALL_BATCH, lr=2e-3, warmup_epochs=1.0)
+    config.model.patch_size = 4
+    config.distill.kind = distill
+    if distill == "soft":
+        config.distill.tau = 3.0  # the paper's soft-distillation runs: tau 3, lambda 0.1
+        config.distill.alpha = 0.1
+    config.eval_every_epochs = 0
+    if distilled:
+        teacher = cnn_teacher(source, epochs=1.0)
+        teacher.batch_size = SMALL_BATCH
+        config.teacher.train = _mark(teacher, steps=steps, kind="teacher", settings=teacher_settings)
+    return _mark(config, steps=steps, kind="deit", settings=deit_settings)
+
+
+SOURCE_KEYS = ("source", "name", "data_dir", "manual_dir", "train_split", "eval_split", "train_limit", "eval_limit")
+SETTINGS = {"dino": dino_settings, "deit": deit_settings, "teacher": teacher_settings}
+
+
+def size_to_data(config: ConfigDict) -> dict:
+    """Fills the settings a small-data recipe left open from its training split; returns {key: value} of those
+    it set (a teacher's prefixed `teacher.train.`), or {} for any other config. Values already set (on the
+    command line) are kept. The teacher trains on the student's data: its source keys are the student's, so
+    one `--config.data.source=folder --config.data.data_dir=...` points both at a folder."""
+    chosen = {}
+    small = config.get("small_data")
+    if small is None:
+        return chosen
+    teacher = config.teacher.get("train") if "teacher" in config else None
+    if teacher is not None and teacher.get("small_data") is not None:
+        for key in SOURCE_KEYS:
+            teacher.data[key] = config.data[key]
+        chosen.update({f"teacher.train.{k}": v for k, v in size_to_data(teacher).items()})
+    facts = facts_of(config.data)
+    chosen["data"] = facts
+    settings = SETTINGS[small.kind](facts, steps=int(small.steps), batch_size=int(config.batch_size))
+    for key, value in settings.items():
+        if _get(config, key) is None:
+            _set(config, key, value)
+            chosen[key] = value
+    return chosen
+
+
+def describe(config: ConfigDict, sized: dict) -> str:
+    """One line: the data the recipe was sized to and the settings it chose."""
+    def show(value):
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, tuple):
+            return "(" + ", ".join(show(v) for v in value) + ")"
+        return str(value)
+
+    facts = sized["data"]
+    settings = ", ".join(f"{key}={show(value)}" for key, value in sized.items() if not key.endswith("data"))
+    return (f"small-data recipe ({config.small_data.kind}, {config.small_data.steps} steps) sized to {facts.name} "
+            f"({facts.train_size:,} images, {facts.image_side} px, {facts.num_classes} classes): {settings}")

@@ -6,6 +6,7 @@ teacher), each run here the same way. Adding one: docs/DESIGN.md, "Adding a meth
 """
 from __future__ import annotations
 
+from vitdistill import small_data
 from vitdistill.errors import ConfigError
 from vitdistill.methods import deit, dino, knn_eval, linear, logreg
 from vitdistill.train import loop
@@ -49,9 +50,15 @@ def check(config) -> None:
 def train_and_evaluate(config, workdir: str) -> dict:
     """Runs `config` in `workdir` after its prerequisite runs; re-running resumes. Returns the final metrics.
 
-    Every run is checked (`check`) before the first one starts, so that a bad student setting is reported
-    before its teacher trains for minutes.
+    A small-data recipe is sized to its data first (`small_data.size_to_data`). Every run is checked (`check`)
+    before the first one starts, so that a bad student setting is reported before its teacher trains for minutes.
     """
+    sized = small_data.size_to_data(config)
+    if sized:
+        import jax
+
+        if jax.process_index() == 0:
+            print(small_data.describe(config, sized), flush=True)
     runs = planned_runs(config, workdir)
     for run_config, _ in runs:
         check(run_config)

@@ -1,0 +1,164 @@
+"""The README's three-dataset table: the small-data recipes, unchanged, on digits, Fashion-MNIST and
+fashion_small (Fashion-MNIST's last five classes at 14 px), none of which needs a download:
+
+    python experiments/small_data_table.py --root=/tmp/vitdistill/small_data_table
+
+Per data set, with no per-dataset setting (each recipe sizes itself, `vitdistill/small_data.py`):
+- DINO (`configs/dino_small_data.py`): k-NN top-1 at initialisation and after 1,200 steps, and the
+  logistic-regression probe (`configs/eval_logreg.py`'s protocol) of the trained teacher on the same images;
+- DeiT (`configs/deit_small_data.py`): the `resnet_micro` teacher, the micro DeiT without distillation and
+  the hard-distilled micro DeiT (heads averaged), top-1 on the test split.
+Each part's wall time is its training's (2 CPU cores here). Results go to ROOT/results.json and the table to
+ROOT/table.md; a finished part is read back, not re-run. Needs `apt-get install dataset-fashion-mnist`;
+about 75 minutes on 2 CPU cores. `--datasets` and `--max_steps` (a smoke test) narrow it.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.modules.setdefault("triton", None)  # torch's triton, pulled in by nothing here, crashes beside TF
+
+DATASETS = ("digits", "fashion_small", "fashion_mnist")
+
+
+def run(config, workdir: str) -> tuple[dict, float]:
+    from vitdistill.methods import train_and_evaluate
+
+    start = time.perf_counter()
+    final = train_and_evaluate(config, workdir)
+    return final, time.perf_counter() - start
+
+
+def logistic_probe(dino_config, backbone: str, workdir: str) -> dict:
+    """configs/eval_logreg.py's protocol on the k-NN's images: l2 chosen on 10 % of the training images."""
+    from vitdistill import recipes, small_data
+
+    config = recipes.logreg(dino_config.model.name)
+    small_data.use_small_data(config, dino_config.data.source)
+    config.data.image_size = dino_config.data.image_size
+    config.logreg.train_limit = dino_config.knn.train_limit
+    config.logreg.eval_limit = dino_config.knn.eval_limit
+    config.model.init_from = backbone
+    config.progress_bar = False
+    final, _ = run(config, workdir)
+    return {"l2": final["l2"], "top1": final["top1"]}
+
+
+def dataset_parts(source: str, root: str, max_steps) -> dict:
+    """Every measurement of one data set (each part read back from `root` when done before)."""
+    from vitdistill import small_data
+
+    path = os.path.join(root, source, "results.json")
+    results = json.load(open(path)) if os.path.exists(path) else {}
+
+    def part(name, compute):
+        if name not in results:
+            results[name] = compute()
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(results, f, indent=1)
+        return results[name]
+
+    def shorten(config):
+        if max_steps:
+            config.max_steps = max_steps
+            if config.get("teacher") and config.teacher.get("train"):
+                config.teacher.train.max_steps = max_steps
+        config.progress_bar = False
+        return config
+
+    def dino():
+        config = shorten(small_data.small_dino_recipe(source))
+        workdir = os.path.join(root, source, "dino")
+        final, seconds = run(config, workdir)
+        with open(os.path.join(workdir, "knn_at_init.json")) as f:
+            at_init = json.load(f)["knn_top1"]
+        probe = logistic_probe(config, workdir, os.path.join(root, source, "dino_logreg"))
+        return {"knn_init": at_init, "knn": final["knn_top1"], "logreg": probe["top1"], "l2": probe["l2"],
+                "seconds": seconds, "steps": int(final["step"]), "sized": _settings(config)}
+
+    def deit(kind):
+        def compute():
+            config = shorten(small_data.small_deit_recipe(source, distill="none" if kind == "none" else "hard"))
+            workdir = os.path.join(root, source, f"deit_{kind}")
+            if kind == "teacher":
+                config = config.teacher.train
+                workdir = os.path.join(root, source, "deit_hard", "teacher")
+            final, seconds = run(config, workdir)
+            row = {"top1": final["top1"], "seconds": seconds, "steps": int(final["step"]),
+                   "sized": _settings(config)}
+            if kind == "hard":
+                row.update(top1_cls=final["top1_cls"], top1_dist=final["top1_dist"])
+            return row
+        return compute
+
+    part("dino", dino)
+    for kind in ("teacher", "none", "hard"):
+        part(f"deit_{kind}", deit(kind))
+    return results
+
+
+def _settings(config) -> dict:
+    """The settings the recipe chose for this data (JSON-able)."""
+    keys = ("data.image_size", "model.patch_size", "epochs", "optim.warmup_epochs", "model.out_dim",
+            "dino.momentum_teacher", "augment.ra_magnitude", "augment.rand_augment", "augment.erase_prob",
+            "model.drop_path_rate")
+    out = {}
+    for key in keys:
+        node = config
+        try:
+            for part in key.split("."):
+                node = node[part]
+        except (KeyError, AttributeError):
+            continue
+        out[key] = node
+    return out
+
+
+def table(all_results: dict) -> str:
+    lines = ["| data set (train images, side, classes) | DINO k-NN init -> end (gain) | DINO logistic probe | DINO min "
+             "| CNN teacher | DeiT no distillation (% of teacher) | DeiT hard distillation | DeiT min (3 runs) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for source, r in all_results.items():
+        d, t, n, h = r["dino"], r["deit_teacher"], r["deit_none"], r["deit_hard"]
+        minutes = (t["seconds"] + n["seconds"] + h["seconds"]) / 60
+        lines.append(
+            f"| {source} ({r['facts']}) | {100 * d['knn_init']:.2f} -> {100 * d['knn']:.2f} "
+            f"({100 * (d['knn'] - d['knn_init']):+.2f}) | {100 * d['logreg']:.2f} | {d['seconds'] / 60:.1f} "
+            f"| {100 * t['top1']:.2f} | {100 * n['top1']:.2f} ({100 * n['top1'] / t['top1']:.0f} %) "
+            f"| {100 * h['top1']:.2f} | {minutes:.1f} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="/tmp/vitdistill/small_data_table")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, of " + ", ".join(DATASETS))
+    parser.add_argument("--max_steps", type=int, default=None, help="cut every run short (a smoke test)")
+    args = parser.parse_args()
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    from vitdistill import small_data
+
+    all_results = {}
+    for source in args.datasets.split(","):
+        if source not in DATASETS:
+            sys.exit(f"--datasets: {source!r} is not one of {', '.join(DATASETS)}")
+        results = dataset_parts(source, args.root, args.max_steps)
+        config = small_data.small_dino_recipe(source)
+        facts = small_data.facts_of(config.data)
+        results["facts"] = f"{facts.train_size:,}, {facts.image_side} px, {facts.num_classes}"
+        all_results[source] = results
+    with open(os.path.join(args.root, "results.json"), "w") as f:
+        json.dump(all_results, f, indent=1)
+    text = table(all_results)
+    with open(os.path.join(args.root, "table.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The small-data recipes size themselves to the data: the rules, command-line values kept, an image folder."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vitdistill import small_data
+from vitdistill.data import sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_rules_give_the_values_their_docstrings_state():
+    # 16 tokens a global crop whatever the images: digits' 8 px and fashion_small's 14 px are trained at 16 px
+    # (4-px patches), Fashion-MNIST at its 28 px (7-px patches), photographs at 32 px (8-px patches).
+    assert [small_data.global_crop_size(s) for s in (8, 14, 16, 17, 28, 224)] == [16, 16, 16, 20, 28, 32]
+    # K: the largest power of two <= the training images, within [64, 1024].
+    assert [small_data.output_dim(n) for n in (10, 100, 300, 1023, 1024, 1438, 60_000)] == [
+        64, 64, 256, 512, 1024, 1024, 1024]
+    # warm-up: a tenth of the run, at least 200 steps, at most a quarter.
+    assert [small_data.warmup_steps(t) for t in (400, 1200, 2000, 5000)] == [100, 200, 200, 500]
+    # regularisation: linear in the passes over the data up to the official 300.
+    assert small_data.regularisation(150) == 0.5 and small_data.regularisation(600) == 1.0
+
+
+@pytest.mark.parametrize("source, side, images, classes", [("digits", 8, 1438, 10), ("fashion_small", 14, 3000, 5)])
+def test_a_recipe_is_sized_from_its_training_split(source, side, images, classes):
+    if source == "fashion_small" and not os.path.exists(sources.FASHION_MNIST_DIR):
+        pytest.skip("needs apt-get install dataset-fashion-mnist")
+    config = small_data.small_dino_recipe(source)
+    config.lock()
+    assert config.dino.momentum_teacher is None and config.epochs is None  # open until the data is read
+    chosen = small_data.size_to_data(config)
+    facts = chosen["data"]
+    assert (facts.train_size, facts.image_side, facts.num_classes) == (images, side, classes)
+    per_epoch = images // 64
+    assert config.data.image_size == 16 and config.model.patch_size == 4 and config.multicrop.local_size == 8
+    assert round(config.epochs * per_epoch) == 1200
+    assert round(config.optim.warmup_epochs * per_epoch) == 200 == round(config.optim.freeze_last_layer * per_epoch)
+    assert config.model.out_dim == 1024 and config.dino.momentum_teacher == 0.96
+    line = small_data.describe(config, chosen)
+    assert f"{images:,} images, {side} px, {classes} classes" in line and "dino.momentum_teacher=0.96" in line
+
+
+def test_settings_given_on_the_command_line_are_kept_and_the_teacher_reads_the_students_data():
+    config = small_data.small_deit_recipe("digits", distill="hard", steps=600)
+    config.lock()
+    config.augment.ra_magnitude = 7.0        # as --config.augment.ra_magnitude=7 would
+    config.data.train_limit = 640            # both runs must see these 640 images
+    chosen = small_data.size_to_data(config)
+    assert config.augment.ra_magnitude == 7.0 and "augment.ra_magnitude" not in chosen
+    assert chosen["data"].train_size == 640
+    # 600 steps of 64 over 640 images: 60 passes, a fifth of the official strengths (m9, 0.25, 0.1 at 300)
+    assert (config.augment.erase_prob, config.model.drop_path_rate) == (0.05, 0.02)
+    assert config.augment.rand_augment and "augment.rand_augment" in chosen
+    assert round(config.epochs * 10) == 600
+    teacher = config.teacher.train
+    assert teacher.data.train_limit == 640 and round(teacher.epochs * 10) == 300
+    assert teacher.data.image_size == config.data.image_size == 16
+
+
+def test_a_single_pass_over_a_large_set_trains_without_randaugment():
+    facts = small_data.DataFacts("big", 60_000, 28, 10)
+    settings = small_data.deit_settings(facts, steps=1200, batch_size=64)  # 1.28 passes
+    assert settings["augment.rand_augment"] is False
+    assert settings["augment.erase_prob"] == 0.0 and settings["model.drop_path_rate"] == 0.0
+    full = small_data.deit_settings(facts, steps=300 * 60_000 // 64, batch_size=64)  # the official 300 passes
+    assert (full["augment.ra_magnitude"], full["augment.erase_prob"], full["model.drop_path_rate"]) == (9, 0.25, 0.1)
+
+
+def _grey_folder(root, side=20, per_class=40):
+    """Two classes of `side`-px images: dark and light squares with noise, 'train' and 'val' splits."""
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    for split, count in (("train", per_class), ("val", 8)):
+        for c, level in enumerate((60, 190)):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                image = np.clip(level + rng.randint(-50, 50, (side, side)), 0, 255).astype(np.uint8)
+                Image.fromarray(image).convert("RGB").save(folder / f"{i}.png")
+
+
+def test_facts_of_an_image_folder():
+    import pathlib
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _grey_folder(pathlib.Path(tmp), side=20)
+        config = small_data.small_dino_recipe()
+        config.data.source, config.data.data_dir, config.data.eval_split = "folder", tmp, "val"
+        facts = small_data.facts_of(config.data)
+        assert (facts.train_size, facts.image_side, facts.num_classes) == (80, 20, 2)
+
+
+@pytest.mark.parametrize("config", ["configs/dino_small_data.py", "configs/deit_small_data.py:hard"])
+def test_one_command_trains_either_method_on_a_users_folder(tmp_path, config):
+    _grey_folder(tmp_path / "data", side=20)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = subprocess.run(
+        [sys.executable, "-m", "vitdistill.main", f"--config={config}", "--config.data.source=folder",
+         f"--config.data.data_dir={tmp_path / 'data'}", "--config.data.eval_split=val", "--config.batch_size=16",
+         "--config.max_steps=2", "--config.progress_bar=False", f"--workdir={tmp_path / 'run'}"]
+        + (["--config.teacher.train.max_steps=2", "--config.teacher.train.batch_size=16"] if "deit" in config else []),
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # 80 images of 20 px: trained at 20 px in 5-px patches, K 64, the run's 1,200 steps as 240 epochs of 5 steps
+    assert "sized to folder:" in run.stdout and "(80 images, 20 px, 2 classes)" in run.stdout
+    assert "data.image_size=20, model.patch_size=5" in run.stdout and "epochs=240" in run.stdout
+    if "dino" in config:
+        assert "model.out_dim=64" in run.stdout and "k-NN" in run.stdout
+    else:
+        assert "teacher.train.data.image_size=20" in run.stdout and "distillation=hard" in run.stdout
