@@ -29,7 +29,9 @@ def test_every_config_loads_and_names_a_known_model(path):
         teacher = config.teacher.train.model.name if config.teacher.train else config.teacher.model
         assert teacher in models.MODELS
     evaluation_only = config.method in ("knn", "logreg") or os.path.basename(path) == "eval_deit.py"
-    assert config.batch_size > 0 and (config.epochs > 0 or evaluation_only)
+    sized_to_data = config.get("small_data") is not None  # its length in epochs is set from the data's size
+    assert config.batch_size > 0 and (sized_to_data or config.epochs > 0 or evaluation_only)
+    assert (config.epochs is None) == sized_to_data
     first = open(path).read().split('"""')[1]
     assert "python -m vitdistill.main --config=configs/" + os.path.basename(path) in first
 

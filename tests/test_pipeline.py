@@ -202,7 +202,7 @@ def test_image_folder_reads_classes_and_names_a_corrupt_file(tmp_path):
 
 
 def test_unknown_source_and_unprepared_tfds_say_what_to_do(tmp_path):
-    with pytest.raises(DataError, match="valid sources: digits, fashion_mnist, folder, tfds, sample_images"):
+    with pytest.raises(DataError, match="valid sources: digits, fashion_mnist, fashion_small, folder, tfds, sample_images"):
         sources.get_source(ConfigDict({"source": "imagenet"}), "train")
     data = ConfigDict({"source": "tfds", "name": "imagenet2012", "data_dir": str(tmp_path), "manual_dir": None})
     with pytest.raises(DataError, match="not prepared") as err:

@@ -114,3 +114,18 @@ def test_one_command_trains_either_method_on_a_users_folder(tmp_path, config):
         assert "model.out_dim=64" in run.stdout and "k-NN" in run.stdout
     else:
         assert "teacher.train.data.image_size=20" in run.stdout and "distillation=hard" in run.stdout
+
+
+@pytest.mark.skipif(not os.path.exists(sources.FASHION_MNIST_DIR), reason="needs apt-get install dataset-fashion-mnist")
+def test_fashion_small_is_fashion_mnists_last_five_classes_reduced_by_pil():
+    from PIL import Image
+
+    full_images, full_labels = sources.fashion_mnist("test").arrays
+    small = sources.fashion_small("test")
+    images, labels = small.arrays
+    kept = np.flatnonzero(full_labels >= 5)[:1000]
+    assert small.num_examples == 1000 and small.num_classes == 5 and small.class_names[0] == "Sandal"
+    np.testing.assert_array_equal(labels, full_labels[kept] - 5)
+    # PIL's Image.reduce(2): each pixel the 2x2 block's mean, rounded half up, as ours
+    reference = np.stack([np.asarray(Image.fromarray(full_images[i]).reduce(2)) for i in kept])
+    np.testing.assert_array_equal(images, reference)
