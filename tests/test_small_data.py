@@ -99,7 +99,7 @@ def test_facts_of_an_image_folder():
 @pytest.mark.parametrize("config", ["configs/dino_small_data.py", "configs/deit_small_data.py:hard"])
 def test_one_command_trains_either_method_on_a_users_folder(tmp_path, config):
     _grey_folder(tmp_path / "data", side=20)
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     run = subprocess.run(
         [sys.executable, "-m", "vitdistill.main", f"--config={config}", "--config.data.source=folder",
          f"--config.data.data_dir={tmp_path / 'data'}", "--config.data.eval_split=val", "--config.batch_size=16",
@@ -129,3 +129,12 @@ def test_fashion_small_is_fashion_mnists_last_five_classes_reduced_by_pil():
     # PIL's Image.reduce(2): each pixel the 2x2 block's mean, rounded half up, as ours
     reference = np.stack([np.asarray(Image.fromarray(full_images[i]).reduce(2)) for i in kept])
     np.testing.assert_array_equal(images, reference)
+
+
+def test_a_step_budget_below_one_is_refused_by_name_without_a_traceback(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    run = subprocess.run([sys.executable, "-m", "vitdistill.main", "--config=configs/dino_small_data.py",
+                          "--config.small_data.steps=0", f"--workdir={tmp_path / 'run'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "config.small_data.steps=0" in run.stderr and "Traceback" not in run.stderr

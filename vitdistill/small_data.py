@@ -17,6 +17,7 @@ import math
 from ml_collections import ConfigDict, config_dict
 
 from vitdistill import recipes
+from vitdistill.errors import ConfigError
 
 SOURCES = {  # source -> (eval split, image size)
     "digits": ("test", 32),
@@ -306,16 +307,6 @@ def teacher_settings(facts: DataFacts, *, steps: int, batch_size: int) -> dict:
             "optim.warmup_epochs": min(teacher_steps // 4, 100) / per_epoch}
 
 
-def _open(config: ConfigDict, keys) -> None:
-    """Leaves `keys` to `size_to_data`: None (typed, so a command-line value still parses) until then."""
-    for key in keys:
-        parent, _, leaf = key.rpartition(".")
-        node = config
-        for part in parent.split(".") if parent else ():
-            node = node[part]
-        node[leaf] = config_dict.placeholder(type(node[leaf]))
-
-
 def _get(config: ConfigDict, key: str):
     node = config
     for part in key.split("."):
@@ -327,6 +318,12 @@ def _set(config: ConfigDict, key: str, value) -> None:
     parent, _, leaf = key.rpartition(".")
     node = _get(config, parent) if parent else config
     node[leaf] = value
+
+
+def _open(config: ConfigDict, keys) -> None:
+    """Leaves `keys` to `size_to_data`: None (typed, so a command-line value still parses) until then."""
+    for key in keys:
+        _set(config, key, config_dict.placeholder(type(_get(config, key))))
 
 
 def _mark(config: ConfigDict, *, steps: int, kind: str, settings) -> ConfigDict:
@@ -386,6 +383,9 @@ def size_to_data(config: ConfigDict) -> dict:
         for key in SOURCE_KEYS:
             teacher.data[key] = config.data[key]
         chosen.update({f"teacher.train.{k}": v for k, v in size_to_data(teacher).items()})
+    if int(small.steps) < 1:
+        raise ConfigError(f"config.small_data.steps={small.steps}: the recipe's length must be at least one step "
+                          f"(default {STEP_BUDGET}, about 10 minutes on 2 CPU cores)")
     facts = facts_of(config.data)
     chosen["data"] = facts
     settings = SETTINGS[small.kind](facts, steps=int(small.steps), batch_size=int(config.batch_size))
