@@ -146,6 +146,8 @@ def fashion_small(split: str, data_dir: Optional[str] = None) -> Source:
     classes at 14 px (each pixel the rounded mean of a 2x2 block), the first 3,000 training and 1,000 test
     images of those classes. Smaller, coarser and with fewer classes than either digits or Fashion-MNIST, so
     that a small-data recipe is tried on something it was not written for."""
+    if split not in FASHION_SMALL_SIZES:
+        raise DataError(f"fashion_small has splits 'train' and 'test', not {split!r}")
     full = fashion_mnist(split, data_dir)
     images, labels = full.arrays
     keep = np.flatnonzero(np.isin(labels, FASHION_SMALL_CLASSES))[: FASHION_SMALL_SIZES[split]]
@@ -416,8 +418,6 @@ def _get_source(data_config, split: str, class_names) -> Source:
     if kind == "fashion_mnist":
         return fashion_mnist(split, data_config.get("data_dir"))
     if kind == "fashion_small":
-        if split not in FASHION_SMALL_SIZES:
-            raise DataError(f"fashion_small has splits 'train' and 'test', not {split!r}")
         return fashion_small(split, data_config.get("data_dir"))
     if kind == "folder":
         if not data_config.get("data_dir"):
