@@ -77,7 +77,7 @@ def dataset_parts(source: str, root: str, max_steps) -> dict:
             at_init = json.load(f)["knn_top1"]
         probe = logistic_probe(config, workdir, os.path.join(root, source, "dino_logreg"))
         return {"knn_init": at_init, "knn": final["knn_top1"], "logreg": probe["top1"], "l2": probe["l2"],
-                "seconds": seconds, "steps": int(final["step"]), "sized": _settings(config)}
+                "seconds": seconds, "steps": int(final["step"]), "sized": small_data.sized_settings(config)}
 
     def deit(kind):
         def compute():
@@ -88,7 +88,7 @@ def dataset_parts(source: str, root: str, max_steps) -> dict:
                 workdir = os.path.join(root, source, "deit_hard", "teacher")
             final, seconds = run(config, workdir)
             row = {"top1": final["top1"], "seconds": seconds, "steps": int(final["step"]),
-                   "sized": _settings(config)}
+                   "sized": small_data.sized_settings(config)}
             if kind == "hard":
                 row.update(top1_cls=final["top1_cls"], top1_dist=final["top1_dist"])
             return row
@@ -98,23 +98,6 @@ def dataset_parts(source: str, root: str, max_steps) -> dict:
     for kind in ("teacher", "none", "hard"):
         part(f"deit_{kind}", deit(kind))
     return results
-
-
-def _settings(config) -> dict:
-    """The settings the recipe chose for this data (JSON-able)."""
-    keys = ("data.image_size", "model.patch_size", "epochs", "optim.warmup_epochs", "model.out_dim",
-            "dino.momentum_teacher", "augment.ra_magnitude", "augment.rand_augment", "augment.erase_prob",
-            "model.drop_path_rate")
-    out = {}
-    for key in keys:
-        node = config
-        try:
-            for part in key.split("."):
-                node = node[part]
-        except (KeyError, AttributeError):
-            continue
-        out[key] = node
-    return out
 
 
 def table(all_results: dict) -> str:

@@ -254,14 +254,19 @@ def regularisation(passes: float) -> float:
     return float(min(1.0, max(0.0, passes / 300.0)))
 
 
+def _scale(facts: DataFacts, batch_size: int) -> tuple:
+    """(training resolution, steps per epoch) of the data at this batch; an epoch at least one step (a batch
+    larger than the data is refused later, by name, when the run's length is computed)."""
+    return global_crop_size(facts.image_side), max(1, facts.train_size // batch_size)
+
+
 def dino_settings(facts: DataFacts, *, steps: int, batch_size: int) -> dict:
     """Config key -> value for DINO on this data in `steps` steps. The rules: `global_crop_size` (16 tokens a
     global crop, local crops half its side: 4 tokens), `output_dim`, `warmup_steps` (lr warm-up and frozen
     last layer), `teacher_momentum`; the blur's largest sigma the official 2 px at 224 scaled to the crop (and
     1.2x, as `small_dino`). Fixed, from `small_dino`: teacher temperature 0.02 throughout (with a batch of 64,
     0.04 drifts towards uniform), lr 2.5e-4 at batch 64, local crops of 10-40 % of the image."""
-    size = global_crop_size(facts.image_side)
-    per_epoch = max(1, facts.train_size // batch_size)
+    size, per_epoch = _scale(facts, batch_size)
     warm = warmup_steps(steps)
     return {
         "data.image_size": size,
@@ -281,8 +286,7 @@ def deit_settings(facts: DataFacts, *, steps: int, batch_size: int) -> dict:
     """Config key -> value for a micro DeiT on this data in `steps` steps: `global_crop_size` with 16 tokens,
     `warmup_steps`, and RandAugment's magnitude, erasing and drop path at `regularisation` of the official
     9, 0.25 and 0.1 (RandAugment off below magnitude 1)."""
-    size = global_crop_size(facts.image_side)
-    per_epoch = max(1, facts.train_size // batch_size)
+    size, per_epoch = _scale(facts, batch_size)
     strength = regularisation(steps * batch_size / facts.train_size)
     magnitude = round(9 * strength)
     return {
@@ -300,8 +304,7 @@ def deit_settings(facts: DataFacts, *, steps: int, batch_size: int) -> dict:
 def teacher_settings(facts: DataFacts, *, steps: int, batch_size: int) -> dict:
     """The CNN teacher of `small_deit_recipe`: half the student's steps at its resolution (a ResNet learns
     small images in a few hundred steps; on digits 330 steps gave 96.4 %)."""
-    size = global_crop_size(facts.image_side)
-    per_epoch = max(1, facts.train_size // batch_size)
+    size, per_epoch = _scale(facts, batch_size)
     teacher_steps = max(1, steps // 2)
     return {"data.image_size": size, "epochs": teacher_steps / per_epoch,
             "optim.warmup_epochs": min(teacher_steps // 4, 100) / per_epoch}
@@ -326,8 +329,21 @@ def _open(config: ConfigDict, keys) -> None:
         _set(config, key, config_dict.placeholder(type(_get(config, key))))
 
 
-def _mark(config: ConfigDict, *, steps: int, kind: str, settings) -> ConfigDict:
-    _open(config, settings(DataFacts("", 1000, 16, 10), steps=steps, batch_size=config.batch_size))
+def _sized_keys(config: ConfigDict, kind: str, steps: int) -> tuple:
+    """The config keys a recipe of `kind` leaves to `size_to_data` (the rules' keys, whatever the data)."""
+    return tuple(SETTINGS[kind](DataFacts("", 1000, 16, 10), steps=steps, batch_size=config.batch_size))
+
+
+def sized_settings(config: ConfigDict) -> dict:
+    """{key: value} of the settings a small-data recipe sizes to its data ({} for any other config)."""
+    small = config.get("small_data")
+    if small is None:
+        return {}
+    return {key: _get(config, key) for key in _sized_keys(config, small.kind, int(small.steps))}
+
+
+def _mark(config: ConfigDict, *, steps: int, kind: str) -> ConfigDict:
+    _open(config, _sized_keys(config, kind, steps))
     config.small_data = ConfigDict({"kind": kind, "steps": steps})
     return config
 
@@ -339,7 +355,7 @@ def small_dino_recipe(source: str = "digits", *, steps: int = STEP_BUDGET) -> Co
     config = small_dino(source, image_size=16, local_size=8, num_local=4, epochs=1.0)
     config.knn.train_limit = 10_000
     config.knn.eval_limit = 2_000
-    return _mark(config, steps=steps, kind="dino", settings=dino_settings)
+    return _mark(config, steps=steps, kind="dino")
 
 
 def small_deit_recipe(source: str = "digits", *, distill: str = "hard", steps: int = STEP_BUDGET) -> ConfigDict:
@@ -361,8 +377,8 @@ def small_deit_recipe(source: str = "digits", *, distill: str = "hard", steps: i
     if distilled:
         teacher = cnn_teacher(source, epochs=1.0)
         teacher.batch_size = SMALL_BATCH
-        config.teacher.train = _mark(teacher, steps=steps, kind="teacher", settings=teacher_settings)
-    return _mark(config, steps=steps, kind="deit", settings=deit_settings)
+        config.teacher.train = _mark(teacher, steps=steps, kind="teacher")
+    return _mark(config, steps=steps, kind="deit")
 
 
 SOURCE_KEYS = ("source", "name", "data_dir", "manual_dir", "train_split", "eval_split", "train_limit", "eval_limit")
@@ -371,24 +387,33 @@ SETTINGS = {"dino": dino_settings, "deit": deit_settings, "teacher": teacher_set
 
 def size_to_data(config: ConfigDict) -> dict:
     """Fills the settings a small-data recipe left open from its training split; returns {key: value} of those
-    it set (a teacher's prefixed `teacher.train.`), or {} for any other config. Values already set (on the
-    command line) are kept. The teacher trains on the student's data: its source keys are the student's, so
-    one `--config.data.source=folder --config.data.data_dir=...` points both at a folder."""
-    chosen = {}
-    small = config.get("small_data")
-    if small is None:
-        return chosen
+    it set (a teacher's prefixed `teacher.train.`) and the split's `DataFacts` as "data", or {} for any other
+    config. Values already set (on the command line) are kept. The teacher trains on the student's data: its
+    source keys are the student's, so one `--config.data.source=folder --config.data.data_dir=...` points both
+    at a folder, and the split is read once for both."""
+    if config.get("small_data") is None:
+        return {}
     teacher = config.teacher.get("train") if "teacher" in config else None
-    if teacher is not None and teacher.get("small_data") is not None:
+    teacher = teacher if teacher is not None and teacher.get("small_data") is not None else None
+    for prefix, run in (("", config), ("teacher.train.", teacher)):
+        if run is not None and int(run.small_data.steps) < 1:
+            raise ConfigError(f"config.{prefix}small_data.steps={run.small_data.steps}: the recipe's length must be "
+                              f"at least one step (default {STEP_BUDGET}, about 10 minutes on 2 CPU cores)")
+    facts = facts_of(config.data)
+    chosen = {"data": facts}
+    if teacher is not None:
         for key in SOURCE_KEYS:
             teacher.data[key] = config.data[key]
-        chosen.update({f"teacher.train.{k}": v for k, v in size_to_data(teacher).items()})
-    if int(small.steps) < 1:
-        raise ConfigError(f"config.small_data.steps={small.steps}: the recipe's length must be at least one step "
-                          f"(default {STEP_BUDGET}, about 10 minutes on 2 CPU cores)")
-    facts = facts_of(config.data)
-    chosen["data"] = facts
+        chosen.update({f"teacher.train.{k}": v for k, v in _fill(teacher, facts).items()})
+    chosen.update(_fill(config, facts))
+    return chosen
+
+
+def _fill(config: ConfigDict, facts: DataFacts) -> dict:
+    """Sets each of the recipe's open keys to its rule's value for `facts`; returns those it set."""
+    small = config.small_data
     settings = SETTINGS[small.kind](facts, steps=int(small.steps), batch_size=int(config.batch_size))
+    chosen = {}
     for key, value in settings.items():
         if _get(config, key) is None:
             _set(config, key, value)
@@ -406,6 +431,6 @@ def describe(config: ConfigDict, sized: dict) -> str:
         return str(value)
 
     facts = sized["data"]
-    settings = ", ".join(f"{key}={show(value)}" for key, value in sized.items() if not key.endswith("data"))
+    settings = ", ".join(f"{key}={show(value)}" for key, value in sized.items() if key != "data")
     return (f"small-data recipe ({config.small_data.kind}, {config.small_data.steps} steps) sized to {facts.name} "
             f"({facts.train_size:,} images, {facts.image_side} px, {facts.num_classes} classes): {settings}")
