@@ -76,3 +76,26 @@ def test_a_missing_config_file_and_a_mistyped_value_are_one_line_each(tmp_path):
     assert typed.stderr.strip().count("\n") == 0, typed.stderr
     assert "--config.batch_size=abc" in typed.stderr and "invalid literal for int()" in typed.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_a_student_checkpoint_directory_that_cannot_be_written_stops_the_plan_before_the_teacher_trains(
+        tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    from vitdistill.errors import CheckpointSaveError
+
+    workdir = str(tmp_path / "run")
+    real = tf.io.gfile.GFile
+
+    def student_read_only(path, mode="r"):  # the teacher's workdir/teacher/checkpoints stays writable
+        if "w" in mode and os.path.dirname(path) == os.path.join(workdir, "checkpoints"):
+            raise tf.errors.PermissionDeniedError(None, None, f"{path}; Read-only file system")
+        return real(path, mode)
+
+    started = []
+    monkeypatch.setattr(tf.io.gfile, "GFile", student_read_only)
+    monkeypatch.setattr(loop, "run", lambda task, config, workdir: started.append(workdir) or {})
+    with pytest.raises(CheckpointSaveError, match=r"Cannot write checkpoints to .*run/checkpoints: .*Read-only file "
+                                                  r"system\. Nothing was trained"):
+        methods.train_and_evaluate(_deit(), workdir)
+    assert started == [] and os.listdir(os.path.join(workdir, "teacher", "checkpoints")) == []

@@ -8,7 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from vitdistill import methods, recipes, small_data
+from vitdistill import methods, models, recipes, small_data
 from vitdistill.errors import BadImageError, CheckpointError, ConfigError, NonFiniteLossError
 
 
@@ -411,10 +411,63 @@ def test_a_workdir_that_cannot_be_written_is_one_message_before_any_compute(tmp_
 
     real = tf.io.gfile.GFile
     monkeypatch.setattr(tf.io.gfile, "GFile", read_only)
-    with pytest.raises(CheckpointSaveError, match=r"Cannot write .*config\.json: .*Read-only file system\. Nothing "
-                                                  r"was trained\. Make the workdir writable"):
+    with pytest.raises(CheckpointSaveError, match=r"Cannot write checkpoints to .*run/checkpoints: .*Read-only file "
+                                                  r"system\. Nothing was trained\. No checkpoint is there yet\. Make "
+                                                  r"the directory writable"):
         methods.train_and_evaluate(_deit_config("none"), str(tmp_path / "run"))
     assert not os.listdir(tmp_path / "run" / "checkpoints") and not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+    assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+def _without_file_permission_override():
+    """The command prefix that runs a process without the power to ignore file permissions: none where this
+    process has no such power (not root), `setpriv` dropping CAP_DAC_OVERRIDE where it is root (a read-only
+    directory is writable to root otherwise); None where root cannot drop it here."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    if shutil.which("setpriv") is None or subprocess.run(prefix + ["true"], capture_output=True).returncode:
+        return None
+    return prefix
+
+
+def test_a_read_only_checkpoints_directory_stops_a_resumed_run_before_it_trains(tmp_path, monkeypatch):
+    """A real read-only `checkpoints/` (no monkeypatching; as root, in a process without CAP_DAC_OVERRIDE):
+    the resumed run stops before any compute with one line that names the directory, the cause and the
+    checkpoint kept, and leaves that checkpoint as it was. (Before, the run trained on and the failure came
+    from orbax's background writer at the first save.)"""
+    import subprocess
+    import sys
+
+    prefix = _without_file_permission_override()
+    if prefix is None:
+        pytest.skip("running as root, and setpriv cannot drop CAP_DAC_OVERRIDE here")
+    import legacy_workdirs
+
+    for name, entry in legacy_workdirs.NANO_MODELS.items():
+        monkeypatch.setitem(models.MODELS, name, entry)
+    workdir = tmp_path / "run"
+    methods.train_and_evaluate(legacy_workdirs.dino_config(max_steps=1), str(workdir))
+    checkpoints = workdir / "checkpoints"
+    before = sorted(os.listdir(checkpoints))
+    checkpoints.chmod(0o555)
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        run = subprocess.run(prefix + [sys.executable, os.path.join(here, "nano_main.py"),
+                                       "--config=" + os.path.join(here, "nano_config.py") + ":dino",
+                                       f"--workdir={workdir}"],
+                             cwd=os.path.dirname(here), capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    finally:
+        checkpoints.chmod(0o755)
+    lines = [line for line in run.stdout.splitlines() + run.stderr.splitlines() if line.startswith("vitdistill:")]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"vitdistill: Cannot write checkpoints to {checkpoints}: "), lines
+    assert "Permission denied. Nothing was trained. Its last good checkpoint, step 1, is untouched" in lines[0]
+    assert sorted(os.listdir(checkpoints)) == before == ["1"]
 
 
 def _emulate_transfer_guard_on_the_cpu(monkeypatch):

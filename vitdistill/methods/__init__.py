@@ -6,10 +6,10 @@ teacher), each run here the same way. Adding one: docs/DESIGN.md, "Adding a meth
 """
 from __future__ import annotations
 
-from vitdistill import small_data
+from vitdistill import paths, small_data
 from vitdistill.errors import ConfigError
 from vitdistill.methods import deit, dino, knn_eval, linear, logreg
-from vitdistill.train import loop
+from vitdistill.train import loop, state_checkpoints
 
 METHODS = {"deit": deit, "dino": dino, "knn": knn_eval, "linear": linear, "logreg": logreg}
 
@@ -51,7 +51,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """Runs `config` in `workdir` after its prerequisite runs; re-running resumes. Returns the final metrics.
 
     A small-data recipe is sized to its data first (`small_data.size_to_data`). Every run is checked (`check`)
-    before the first one starts, so that a bad student setting is reported before its teacher trains for minutes.
+    before the first one starts, so that a bad student setting is reported before its teacher trains for minutes;
+    so is every run's checkpoint directory (`state_checkpoints.check_writable`).
     """
     sized = small_data.size_to_data(config)
     if sized:
@@ -62,6 +63,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     runs = planned_runs(config, workdir)
     for run_config, _ in runs:
         check(run_config)
+    for _, run_workdir in runs:  # a checkpoint that cannot be written, before the teacher trains
+        state_checkpoints.check_writable(paths.check_checkpointable(run_workdir))
     result = {}
     for run_config, run_workdir in runs:
         result = loop.run(get(run_config.method).build_task(run_config, run_workdir), run_config, run_workdir)

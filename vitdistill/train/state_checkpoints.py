@@ -134,6 +134,32 @@ class StateCheckpoints:
                 logging.warning("closing the checkpoint manager of %s: %s", self.directory, e)
 
 
+def check_writable(workdir: str) -> None:
+    """Raises CheckpointSaveError if `workdir/checkpoints` cannot be written (a read-only directory or disk, a
+    full disk, a path without write permission), by writing and removing a small file there: called before
+    any compute, so that such a run stops before it trains rather than at its first checkpoint. Process 0
+    only, which writes the checkpoints' shared files."""
+    if jax.process_index() != 0:
+        return
+    import tensorflow as tf
+
+    directory = os.path.join(workdir, CHECKPOINTS_DIR)
+    probe = os.path.join(directory, f".write-check-{os.getpid()}")
+    try:
+        tf.io.gfile.makedirs(directory)
+        with tf.io.gfile.GFile(probe, "w") as f:
+            f.write("vitdistill checks that checkpoints can be written here\n")
+        tf.io.gfile.remove(probe)
+    except (OSError, tf.errors.OpError) as e:
+        good = _finished_steps(directory)
+        kept = (f"Its last good checkpoint, step {good[-1]}, is untouched (re-running resumes from it once the "
+                "directory is writable)" if good else "No checkpoint is there yet")
+        raise CheckpointSaveError(
+            f"Cannot write checkpoints to {directory}: {first_line(e)}. Nothing was trained. {kept}. Make the "
+            "directory writable (or free space on its disk), or copy the workdir to another disk and pass "
+            "--workdir pointing there.") from e
+
+
 def _finished_steps(directory: str) -> list:
     """The steps whose checkpoint was finished (orbax renames a step's directory to its number at the end)."""
     import tensorflow as tf
