@@ -344,6 +344,47 @@ def test_remat_gives_the_same_loss_and_gradients_and_recomputes_the_blocks():
     assert 0.5 * forward < extra <= forward, (extra, forward)
 
 
+def test_scanned_blocks_give_the_loop_s_outputs_and_gradients_from_the_same_parameters():
+    """`scan_blocks` keeps the per-block parameter layout and, without drop path, computes what the loop
+    computes: outputs (eval and train) and gradients, with remat too. With drop path it still draws: the
+    loss moves with the key."""
+    images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    plain = create('deit_micro_patch4_32')
+    params = plain.init(jax.random.key(0), images[:1])['params']
+    for scanned in (create('deit_micro_patch4_32', scan_blocks=True),
+                    create('deit_micro_patch4_32', scan_blocks=True, remat=True)):
+        assert jax.tree.structure(scanned.init(jax.random.key(0), images[:1])['params']) == jax.tree.structure(params)
+        np.testing.assert_allclose(scanned.apply({'params': params}, images), plain.apply({'params': params}, images),
+                                   rtol=1e-5, atol=1e-6)
+        (loss_a, grads_a), (loss_b, grads_b) = (_loss_and_grads(m, params, images)(params) for m in (plain, scanned))
+        np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    dropping = create('deit_micro_patch4_32', scan_blocks=True, drop_path_rate=0.5)
+
+    def loss(key):
+        out = dropping.apply({'params': params}, images, train=True, rngs={'dropout': key})
+        return float(jnp.mean(jax.nn.log_softmax(out)[:, 0]))
+
+    assert loss(jax.random.key(3)) == loss(jax.random.key(3)) != loss(jax.random.key(4))
+
+
+@pytest.mark.parametrize('rate', [0.0, 0.3])
+def test_drop_path_with_a_traced_rate_draws_as_with_a_fixed_one(rate):
+    """The scanned blocks pass each block's drop-path rate as an array: same mask and scaling as the float
+    rate for the same key (DeiT's timm 0.3.2 drop_path: keep with probability 1 - rate, divide by it)."""
+    from vitdistill.models.vit import DropPath
+
+    x = jax.random.normal(jax.random.key(0), (64, 5, 8))
+    rngs = {'dropout': jax.random.key(7)}
+    fixed = DropPath(rate).apply({}, x, train=True, rngs=rngs)
+    traced = jax.jit(lambda r: DropPath(r).apply({}, x, train=True, rngs=rngs))(jnp.float32(rate))
+    np.testing.assert_allclose(traced, fixed, rtol=1e-6)
+    kept = np.asarray(jnp.any(fixed != 0, axis=(1, 2)))
+    np.testing.assert_allclose(np.asarray(fixed)[kept], np.asarray(x)[kept] / (1 - rate), rtol=1e-6)
+    assert (kept.mean() == 1.0) if rate == 0 else (0.5 < kept.mean() < 0.9)
+
+
 def test_fused_attention_kernel_equals_the_explicit_attention(monkeypatch):
     """Where a fused kernel runs (cuDNN on GPUs), the outputs and gradients are the explicit attention's; here
     XLA's own implementation of jax.nn.dot_product_attention stands in for cuDNN, which the CPU lacks."""

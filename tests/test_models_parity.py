@@ -59,9 +59,20 @@ def timm_model(name):
 
 @pytest.mark.parametrize('name', TIMM_NAMES)
 def test_matches_timm(name):
+    _check_matches_timm(name)
+
+
+@pytest.mark.parametrize('name', ['deit_tiny_distilled_patch16_224', 'vit_small_patch16_224'])
+def test_scanned_blocks_match_timm(name):
+    """`scan_blocks` (one lax.scan over the stacked blocks) computes what timm computes, from the same
+    converted weights; the DINO backbone also at its other sizes."""
+    _check_matches_timm(name, scan_blocks=True)
+
+
+def _check_matches_timm(name, **overrides):
     reference = timm_model(name)
     variables = from_torch(reference.state_dict(), name)
-    model = create(name)
+    model = create(name, **overrides)
     assert (sum(x.size for x in jax.tree.leaves(variables['params']))
             == sum(p.numel() for p in reference.parameters()))
     apply = jax.jit(model.apply, static_argnames=('train', 'both_heads'))

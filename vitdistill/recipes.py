@@ -72,6 +72,7 @@ def deit(model: str = "deit_small_patch16_224", *, distilled: bool = False) -> C
         "dtype": "auto",               # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
         "remat": False,                # ViTs: recompute each block in the backward pass (less memory, more compute)
         "fused_attention": True,       # ViTs: cuDNN flash attention on GPUs in half precision
+        "scan_blocks": False,          # ViTs: the blocks as one lax.scan: one block to compile, not depth
         "init_from": _opt(str),        # orbax dir from `python -m vitdistill.convert` or a workdir (fine-tuning)
         "init_from_network": "auto",   # of a workdir: auto (DINO: teacher, else student) | student | teacher | ema
     })
@@ -158,6 +159,7 @@ def dino(model: str = "vit_small_patch16_224", *, batch_size: int = 1024) -> Con
         "dtype": "auto",               # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
         "remat": False,                # recompute each block in the backward pass (less memory, more compute)
         "fused_attention": True,       # cuDNN flash attention on GPUs in half precision
+        "scan_blocks": False,          # the blocks as one lax.scan: one block to compile, not depth
         "init_from": _opt(str),        # a `python -m vitdistill.convert` output or a workdir
         "init_from_network": "auto",   # of a workdir: auto (DINO: teacher, else student) | student | teacher | ema
     })

@@ -90,6 +90,8 @@ def model_overrides(model_config, image_size: int) -> dict:
             overrides["patch_size"] = model_config.patch_size
         if model_config.get("remat"):
             overrides["remat"] = True
+        if model_config.get("scan_blocks"):
+            overrides["scan_blocks"] = True
         if not model_config.get("fused_attention", True):
             overrides["fused_attention"] = False
     for key in ("drop_path_rate", "drop_rate"):

@@ -72,9 +72,10 @@ def make_setup(config, *, steps_per_epoch: int) -> DinoSetup:
     dtype = models.compute_dtype(m.dtype)
     head_args = dict(out_dim=m.out_dim, hidden_dim=m.hidden_dim, bottleneck_dim=m.bottleneck_dim,
                      norm_last_layer=m.norm_last_layer, use_bn_in_head=m.use_bn_in_head)
-    # the position embedding native to the global crops; remat and fused attention as configured
+    # the position embedding native to the global crops; remat, fused attention and the scan as configured
     backbone = dict(img_size=mc.global_size, remat=bool(m.get("remat", False)),
-                    fused_attention=bool(m.get("fused_attention", True)))
+                    fused_attention=bool(m.get("fused_attention", True)),
+                    scan_blocks=bool(m.get("scan_blocks", False)))
     if m.patch_size:
         backbone["patch_size"] = m.patch_size
     student = models.create_dino(m.name, drop_path_rate=m.drop_path_rate, dtype=dtype, **backbone, **head_args)

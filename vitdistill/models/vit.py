@@ -142,13 +142,17 @@ class DropPath(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        if not train or self.rate == 0.0:
+        if not train:
             return x
+        if isinstance(self.rate, (int, float)):
+            if self.rate == 0.0:
+                return x
+            if self.rate == 1.0:
+                return jnp.zeros_like(x)
+        # a traced rate (the blocks under `scan_blocks`) must be below 1; at 0 every sample is kept
         keep = 1.0 - self.rate
-        if keep == 0.0:
-            return jnp.zeros_like(x)
         mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-        return x * mask.astype(x.dtype) / keep
+        return x * mask.astype(x.dtype) / jnp.asarray(keep, x.dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -288,7 +292,9 @@ class VisionTransformer(nn.Module):
 
     Speed and memory: `remat` recomputes each block's activations in the backward pass instead of keeping
     them (`nn.remat`: less memory for about a third more compute, same numbers); `fused_attention` (the
-    default) runs cuDNN's flash attention on GPUs in half precision (see `Attention`).
+    default) runs cuDNN's flash attention on GPUs in half precision (see `Attention`); `scan_blocks` runs
+    the blocks as one `jax.lax.scan` over their stacked parameters, so that XLA compiles one block instead
+    of `depth` (see `_scanned_blocks`).
     """
 
     img_size: int = 224
@@ -305,6 +311,7 @@ class VisionTransformer(nn.Module):
     pos_embed_interpolation: str = 'antialias'
     remat: bool = False
     fused_attention: bool = True
+    scan_blocks: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -336,10 +343,13 @@ class VisionTransformer(nn.Module):
         prefix = [jnp.broadcast_to(token, (batch, 1, self.embed_dim)).astype(self.dtype) for token in prefix]
         x = jnp.concatenate(prefix + [x], axis=1) + pos_embed.astype(self.dtype)
 
-        block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
-        for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
-            x = block(self.num_heads, self.mlp_ratio, self.attn_drop_rate, rate, self.fused_attention,
-                      name=f'blocks_{i}', **dtypes)(x, train)
+        if self.scan_blocks and not self.is_initializing() and not self.is_mutable_collection('intermediates'):
+            x = self._scanned_blocks(x, train)
+        else:
+            block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+            for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
+                x = block(self.num_heads, self.mlp_ratio, self.attn_drop_rate, rate, self.fused_attention,
+                          name=f'blocks_{i}', **dtypes)(x, train)
         x = _layer_norm(name='norm', **dtypes)(x)
 
         head_drop = nn.Dropout(self.drop_rate, deterministic=not train)
@@ -354,6 +364,35 @@ class VisionTransformer(nn.Module):
         if train if both_heads is None else both_heads:
             return cls_logits, dist_logits
         return (cls_logits + dist_logits) / 2
+
+    def _scanned_blocks(self, x, train: bool):
+        """The blocks as one `jax.lax.scan` (`scan_blocks`): their parameters keep the per-block layout
+        (`blocks_0` ... `blocks_{depth-1}`, as checkpoints, conversion and the optimiser know them) and are
+        stacked here, at each call, into the scan's inputs; the gradients flow back through the stacking.
+
+        Without dropout or drop path the outputs and gradients are the loop's (same arithmetic). With them,
+        each block draws from its own key split from the 'dropout' stream, so the random masks are other draws
+        of the same distributions than the loop's. Initialisation and runs that collect intermediates
+        (attention maps, probes' tokens) take the loop."""
+        params = self.variables['params']
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                               *[params[f'blocks_{i}'] for i in range(self.depth)])
+        random = train and (self.drop_path_rate > 0 or self.attn_drop_rate > 0)
+        rates = jnp.asarray(drop_path_rates(self.drop_path_rate, self.depth), jnp.float32)
+        keys = jax.random.split(self.make_rng('dropout'), self.depth) if random else jnp.zeros((self.depth,))
+
+        def block(x, inputs):
+            block_params, rate, key = inputs
+            module = Block(self.num_heads, self.mlp_ratio, self.attn_drop_rate,
+                           rate if self.drop_path_rate > 0 else 0.0, self.fused_attention,
+                           dtype=self.dtype, param_dtype=self.param_dtype)
+            out = module.apply({'params': block_params}, x, train, rngs={'dropout': key} if random else None)
+            return out, None
+
+        if self.remat:
+            block = jax.checkpoint(block)
+        x, _ = jax.lax.scan(block, x, (stacked, rates, keys))
+        return x
 
 
 def last_attention(model: VisionTransformer, variables, images):
