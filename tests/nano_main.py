@@ -13,6 +13,27 @@ from absl import app  # noqa: E402
 import legacy_workdirs  # noqa: E402
 from vitdistill import main, models  # noqa: E402
 
+
+def _sigterm_at_eval_check(n: int) -> None:
+    """SIGTERM to this process just before the n-th check an evaluation makes between its batches (set by
+    $NANO_SIGTERM_AT_EVAL_CHECK, for the multi-process tests)."""
+    import signal
+
+    from vitdistill.train import preemption
+
+    calls, real = [], preemption.check_during_eval
+
+    def check():
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real()
+
+    preemption.check_during_eval = check
+
+
 if __name__ == "__main__":
     models.MODELS.update(legacy_workdirs.NANO_MODELS)
+    if os.environ.get("NANO_SIGTERM_AT_EVAL_CHECK"):
+        _sigterm_at_eval_check(int(os.environ["NANO_SIGTERM_AT_EVAL_CHECK"]))
     app.run(main.main, flags_parser=main._parse_flags)

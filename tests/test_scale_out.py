@@ -137,17 +137,18 @@ def _env(devices: int) -> dict:
 CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "vitdistill-test-jax-cache")  # conftest's
 
 
-def _start(args, processes: int, devices_per_process: int = 1):
-    """`vitdistill.main` (with the nano models) on `processes` processes of `devices_per_process` CPU devices."""
+def _start(args, processes: int, devices_per_process: int = 1, env_of=lambda process: {}):
+    """`vitdistill.main` (with the nano models) on `processes` processes of `devices_per_process` CPU devices;
+    `env_of(i)`: environment variables added for process i."""
     command = [sys.executable, os.path.join(ROOT, "tests", "nano_main.py"), *args, f"--jax_cache_dir={CACHE}"]
     if processes == 1:
-        return [subprocess.Popen(command, cwd=ROOT, env=_env(devices_per_process), stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)]
+        return [subprocess.Popen(command, cwd=ROOT, env={**_env(devices_per_process), **env_of(0)},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
     port = _free_port()
     return [subprocess.Popen(command + ["--distributed", f"--coordinator_address=localhost:{port}",
                                         f"--num_processes={processes}", f"--process_id={i}"],
-                             cwd=ROOT, env=_env(devices_per_process), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True) for i in range(processes)]
+                             cwd=ROOT, env={**_env(devices_per_process), **env_of(i)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(processes)]
 
 
 def _finish(procs, timeout=600):
@@ -216,6 +217,26 @@ def test_two_processes_train_stop_and_resume_like_one(tmp_path):
     assert latest_raw_state(two)[0] == stopped_at + 2
     _run(_dino(two, end), processes=2)
     assert _assert_same_state(two, one, exact=True) == end
+
+
+def test_sigterm_during_an_evaluation_stops_two_processes_at_the_same_batch(tmp_path):
+    """A k-NN over a large split can outlast a scheduler's grace period, on several processes too: SIGTERM to
+    process 1 during the k-NN of the network at initialisation (before its 2nd of 26 batches) stops both
+    processes between two batches of it, agreed through JAX's preemption sync: both exit 0, process 0 says so
+    in one line, nothing is saved; the same command then runs to the end."""
+    workdir = str(tmp_path / "two")
+    args = _dino(workdir, 2) + ["--config.knn.before_training=True", "--config.knn.train_limit=200"]
+    procs = _start(args, processes=2, env_of=lambda i: {"NANO_SIGTERM_AT_EVAL_CHECK": "2"} if i == 1 else {})
+    results = _finish(procs)
+    for rc, out, err in results:
+        assert rc == 0 and "Traceback" not in err, err[-3000:]
+    assert "stopped by SIGTERM during an evaluation" in results[0][2], results[0][2][-3000:]
+    assert "at step 0/2" in results[0][2] and "stopped by" not in results[1][2]
+    assert not os.path.exists(os.path.join(workdir, "knn_at_init.json"))
+    assert not os.path.exists(os.path.join(workdir, "checkpoints")) or not os.listdir(
+        os.path.join(workdir, "checkpoints"))
+    _run(args, processes=2)
+    assert latest_raw_state(workdir)[0] == 2 and os.path.exists(os.path.join(workdir, "knn_at_init.json"))
 
 
 def test_a_teacher_trained_on_two_processes_teaches_a_student_on_one_device(tmp_path):

@@ -50,8 +50,8 @@ class Preempted(Exception):
 
 class EvalStopped(Preempted):
     """SIGTERM or Ctrl-C during an evaluation: it stops between two batches (a k-NN over a large split can
-    outlast a scheduler's grace period) and the run stops after saving what it trained (one process only:
-    with several, the stop waits for the next step boundary, where all of them agree on it)."""
+    outlast a scheduler's grace period) and the run stops after saving what it trained; several processes
+    agree on the batch to stop at."""
 
 
 class StoppedAtOnce(Preempted):

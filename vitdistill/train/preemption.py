@@ -28,6 +28,7 @@ class StopRequests:
         self._multi_process = False
         self.exit_at_once: Optional[Callable[[], None]] = None  # the entry point's: say so and end the process
         self.in_training_steps = False  # the loop's: it turns a second Ctrl-C into a save where it can
+        self._sync_calls = 0  # several processes: the checks made so far, step boundaries and evaluation batches
 
     def install(self, *, before_jax: bool = False) -> "StopRequests":
         """Takes SIGINT, and SIGTERM unless several processes run (JAX's preemption notifier, which
@@ -68,10 +69,18 @@ class StopRequests:
 
     def should_stop(self, step: int) -> bool:
         """True when the run must stop before training step `step` (the same answer on every process)."""
+        return self._stop_now()
+
+    def _stop_now(self) -> bool:
+        """Whether to stop at this check. With several processes the answer is agreed on: JAX's preemption
+        sync manager, told of a SIGTERM on any process, picks the check after the furthest one any process
+        has made, and all of them stop there. The checks are counted (not numbered by step) so that those
+        between an evaluation's batches, which every process makes at the same batches, join the count."""
         if self._multi_process:
             from jax.experimental import multihost_utils
 
-            return multihost_utils.reached_preemption_sync_point(step)
+            self._sync_calls += 1
+            return multihost_utils.reached_preemption_sync_point(self._sync_calls)
         return self.received is not None
 
     @property
@@ -114,10 +123,10 @@ _active: Optional[StopRequests] = None  # the running loop's, while `during_run`
 
 
 def check_during_eval():
-    """Called between an evaluation's batches: raises `EvalStopped` once a stop was requested (one process;
-    with several, a stop is agreed on at a step boundary only)."""
+    """Called between an evaluation's batches (by every process, at the same batches): raises `EvalStopped`
+    once a stop was requested, or, with several processes, once they agreed on this check to stop at."""
     stops = _active
-    if stops is not None and not stops._multi_process and stops.received is not None:
+    if stops is not None and stops._stop_now():
         from vitdistill.errors import EvalStopped
 
         raise EvalStopped(f"stopped by {stops.reason} during an evaluation, whose results are not written", -1)
