@@ -535,3 +535,59 @@ def test_steps_that_neither_log_nor_save_make_no_device_to_host_transfer(tmp_pat
     monkeypatch.setattr(Reporter, "advance", reads_the_loss)
     with pytest.raises(RuntimeError, match=r"Disallowed device-to-host transfer \(__float__\)"):
         methods.train_and_evaluate(config, str(tmp_path / "reads_the_loss"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs at tmp_path/disk (root, where mounting is allowed; else the test is skipped): room for the
+    nano DINO workdir's first two checkpoints (about 0.45 MiB each), not for a third."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1024k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root and a system that allows it")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_the_last_good_checkpoint_resumes_bit_identically(
+        tmp_path, small_disk):
+    """A real full disk (no monkeypatching): nano DINO checkpointing every step on a 1 MiB tmpfs. The save that
+    does not fit stops the run with exit status 2 and one line naming the step, the cause and the last good
+    checkpoint, with no traceback; the workdir copied to another disk, as the line says, resumes from that
+    checkpoint and ends bit-identical to an uninterrupted run."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    from test_scale_out import _assert_same_state
+
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def run(workdir):
+        return subprocess.run([sys.executable, os.path.join(here, "nano_main.py"),
+                               "--config=" + os.path.join(here, "nano_config.py") + ":dino", f"--workdir={workdir}",
+                               "--config.max_steps=4", "--config.checkpoint_every_steps=1"],
+                              cwd=os.path.dirname(here), capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+    reference = run(tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    full = run(small_disk / "run")
+    lines = [line for line in full.stderr.splitlines() if line.startswith("vitdistill:")]
+    assert full.returncode == 2 and "Traceback" not in full.stderr and len(lines) == 1, full.stderr[-3000:]
+    found = re.match(r"vitdistill: Could not write the checkpoint of step (\d) to .*/disk/run/checkpoints: .*No space "
+                     r"left on device.*The last good checkpoint is step (\d) in .*copy the workdir to another disk",
+                     lines[0])
+    assert found and int(found[2]) == int(found[1]) - 1 >= 1, lines[0]
+    moved = tmp_path / "moved"
+    shutil.copytree(small_disk / "run", moved)
+    resumed = run(moved)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming at step {found[2]}/4" in resumed.stdout + resumed.stderr
+    assert _assert_same_state(str(moved), str(tmp_path / "reference"), exact=True) == 4
