@@ -366,14 +366,16 @@ def _dino_head_config():
 
 
 def _scanned(config):
-    """The same config with the blocks run as one lax.scan (`model.scan_blocks`)."""
+    """The same config with the blocks run as one lax.scan (`model.scan_blocks`), each recomputed in the
+    backward pass (`model.remat`)."""
     config.model.scan_blocks = True
+    config.model.remat = True
     return config
 
 
 DINO_CASES = {"frozen gain, no BatchNorm": _dino_config,
               "learned gain, BatchNorm head, drop path": _dino_head_config,
-              "frozen gain, no BatchNorm, blocks scanned": lambda: _scanned(_dino_config())}
+              "frozen gain, no BatchNorm, blocks scanned and remat": lambda: _scanned(_dino_config())}
 
 
 def _dino_batch(config, seed):
@@ -389,8 +391,7 @@ def test_dino_steps_match_official_pytorch(tmp_path, case):
     config = DINO_CASES[case]()
     task = dino.build_task(config, str(tmp_path))
     setup = task.train_step.keywords["setup"]
-    assert setup.student.backbone.scan_blocks == setup.teacher.backbone.scan_blocks == bool(
-        config.model.get("scan_blocks"))
+    assert setup.student.backbone.scan_blocks == setup.teacher.backbone.remat == bool(config.model.get("scan_blocks"))
     assert task.length.steps_per_epoch == 2
     state = jax.jit(task.init)(jax.random.key(0))
     assert ("weight_g" in state.params["head"]["last_layer"]) == (not config.model.norm_last_layer)
@@ -702,7 +703,7 @@ def _deit_batch(config, num_classes, seed):
 
 DEIT_CASES = {
     "hard": (("hard", 0.5, 1.0), _deit_config, STEPS),
-    "hard, blocks scanned": (("hard", 0.5, 1.0), lambda *distill: _scanned(_deit_config(*distill)), STEPS),
+    "hard, blocks scanned and remat": (("hard", 0.5, 1.0), lambda *distill: _scanned(_deit_config(*distill)), STEPS),
     "soft": (("soft", 0.3, 3.0), _deit_config, STEPS),
     "hard, mixup/cutmix, drop path, per-epoch lr, EMA": (("hard", 0.5, 1.0), _deit_recipe_config, 4),
     "soft, mixup/cutmix, drop path, per-epoch lr, EMA": (("soft", 0.5, 1.0), _deit_recipe_config, 4),
@@ -715,7 +716,7 @@ def test_deit_steps_match_official_pytorch(tmp_path, case):
     config = make_config(*distill)
     task = deit.build_task(config, str(tmp_path))
     setup = task.train_step.keywords["setup"]
-    assert setup.model.scan_blocks == bool(config.model.get("scan_blocks"))
+    assert (setup.model.scan_blocks, setup.model.remat) == (bool(config.model.get("scan_blocks")),) * 2
     num_classes = 10  # digits
     state = jax.jit(task.init)(jax.random.key(0))
     reference = OfficialDeit(config, state.params, task.frozen["params"], task.length.steps_per_epoch, num_classes,
