@@ -60,11 +60,14 @@ def in_memory(name: str, images: np.ndarray, labels: np.ndarray, num_classes: in
         images = np.repeat(images.reshape(images.shape[:3] + (1,)), 3, axis=-1)
     if images.dtype != np.uint8:
         raise DataError(f"{name}: images must be uint8, got {images.dtype}")
-    images_t = tf.constant(images)
-    labels_t = tf.constant(np.asarray(labels, np.int32))
+    tensors = []  # made at the first read (eagerly, outside any tf.function): a source that only reports its
+    # size and classes (a train-step benchmark, say) needs no TensorFlow
 
     def load(index):
-        return {"image": tf.gather(images_t, index), "label": tf.gather(labels_t, index)}
+        if not tensors:
+            with tf.init_scope():
+                tensors.extend([tf.constant(images), tf.constant(np.asarray(labels, np.int32))])
+        return {"image": tf.gather(tensors[0], index), "label": tf.gather(tensors[1], index)}
 
     return Source(name, len(images), num_classes, load=load, class_names=class_names,
                   arrays=(images[..., 0] if gray else images, np.asarray(labels, np.int32)))

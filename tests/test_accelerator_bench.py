@@ -1,0 +1,38 @@
+"""experiments/accelerator_bench.py, the GPU measurements prepared for a session lent an accelerator, works
+here: its TensorFlow-free batch has the real pipeline's shapes, and it runs a step with the stand-in."""
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import accelerator_bench  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["deit_s_regnety", "dino_vits16"])
+def test_the_batch_shaped_from_the_config_is_the_pipeline_s(name):
+    from vitdistill import bench, methods
+    from vitdistill.data import pipeline
+
+    file, arg, overrides = accelerator_bench.MEASUREMENTS[name]
+    config = bench.bench_config(accelerator_bench.load_config(file, arg, overrides, batch_scale=4 / 256), "config")
+    with tempfile.TemporaryDirectory() as workdir:
+        task = methods.get(config.method).build_task(config, workdir)
+        real = pipeline.random_batch(task.data, config.batch_size)
+    shaped = accelerator_bench.random_batch_of(config, task.data.source.num_classes)
+    assert {k: (v.shape, v.dtype) for k, v in shaped.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}
+    assert len(shaped) == (2 if config.method == "deit" else 13)  # DINO: 2 global + 10 local crops + the label
+
+
+def test_a_step_is_measured_without_tensorflow(tmp_path):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "accelerator_bench.py"),
+                          "--without_tensorflow", "--only=deit_ti_smoke", "--steps=1", f"--out={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = open(tmp_path / "accelerator_bench.jsonl").read().splitlines()[-1]
+    assert '"what": "deit_train_step"' in line and '"error"' not in line and '"batch": 4' in line, line
