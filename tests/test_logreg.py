@@ -48,11 +48,15 @@ def test_fit_reaches_scipys_optimum_of_the_same_objective(l2):
     x, y = _problem()
     kernel, bias, optimum = _scipy_optimum(x, y, 4, l2)
     ours = logistic.fit(x, y, num_classes=4, l2=l2, max_iter=1000, tol=1e-6)
-    assert ours["iterations"] < 1000
     assert abs(ours["objective"] - optimum) < 1e-5 * max(1.0, abs(optimum))
+    # The gradient-norm stop works: at 1e-5 it ends the fit early. (At 1e-6, float32's rounding can keep the
+    # norm above tol at the optimum: seen at l2 1e-3 on one machine, objective 2.5e-8 from SciPy's, 1000 iterations.)
+    assert logistic.fit(x, y, num_classes=4, l2=l2, max_iter=1000, tol=1e-5)["iterations"] < 100
     # The objective is strictly convex for l2 > 0: one minimiser. Logits are unique; the bias up to a constant.
-    np.testing.assert_allclose(np.asarray(ours["kernel"]), kernel, atol=2e-3)
-    np.testing.assert_allclose(np.asarray(ours["bias"]) - np.mean(ours["bias"]), bias - bias.mean(), atol=2e-3)
+    # At l2 1e-3 the objective is so flat along the bias that float32 pins it to about 3e-3 (seen: 3.1e-3 off
+    # SciPy's float64 minimiser, objective 2.5e-8 off); 2e-3 held on another machine.
+    np.testing.assert_allclose(np.asarray(ours["kernel"]), kernel, atol=5e-3)
+    np.testing.assert_allclose(np.asarray(ours["bias"]) - np.mean(ours["bias"]), bias - bias.mean(), atol=5e-3)
 
 
 def test_the_bias_is_not_regularised_its_softmax_is_the_class_frequencies_when_weights_are_forced_to_zero():
