@@ -560,7 +560,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_the_last_good_checkpoint_re
     """A real full disk (no monkeypatching): nano DINO checkpointing every step on a 1 MiB tmpfs. The save that
     does not fit stops the run with exit status 2 and one line naming the step, the cause and the last good
     checkpoint, with no traceback; the workdir copied to another disk, as the line says, resumes from that
-    checkpoint and ends bit-identical to an uninterrupted run. Passed alone twice; failed once in the full suite
+    checkpoint and ends bit-identical to an uninterrupted run. Passed alone; failed once in the full suite
     (pytest -n 2): after the one line, orbax's writer threads printed asyncio "Event loop is closed"
     tracebacks, which `_quiet_orbax_errors` does not catch. Kept out of the default run until that is fixed."""
     import re
