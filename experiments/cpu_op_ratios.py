@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.modules.setdefault("triton", None)  # PyTorch's triton import crashes beside TensorFlow's; unused on CPU
 
@@ -24,14 +23,9 @@ B, T, D, H = 4, 197, 384, 6
 
 
 def _median_ms(call, reps):
-    call()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
+    from vitdistill.bench import median_seconds
+
+    return 1e3 * median_seconds(call, reps, warmup=1)
 
 
 def cases():
