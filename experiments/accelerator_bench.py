@@ -119,10 +119,9 @@ def random_batch_of(config, num_classes: int, seed: int = 0) -> dict:
 
 
 def load_config(file: str, arg, overrides: dict, batch_scale: float):
-    spec = importlib.util.spec_from_file_location("config", os.path.join(ROOT, "configs", file))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
+    from vitdistill import recipes
+
+    config = recipes.from_file(os.path.join(ROOT, "configs", file), arg)
     for key, value in overrides.items():
         node = config
         *parents, leaf = key.split(".")

@@ -8,7 +8,6 @@ distillation, with soft distillation (tau 3, lambda 0.1 as in the paper) and wit
 Re-running resumes or reuses finished runs. Needs `apt-get install dataset-fashion-mnist`.
 """
 import argparse
-import importlib.util
 import json
 import os
 import time
@@ -19,11 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(arg):
-    spec = importlib.util.spec_from_file_location("fashion_mnist_deit", os.path.join(ROOT, "configs",
-                                                                                     "fashion_mnist_deit.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    from vitdistill import recipes
+
+    return recipes.from_file(os.path.join(ROOT, "configs", "fashion_mnist_deit.py"), arg)
 
 
 def main():

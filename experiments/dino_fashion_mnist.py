@@ -17,7 +17,6 @@ images, and is scored once on the 2,000. The network at initialisation is the DI
 """
 import argparse
 import functools
-import importlib.util
 import json
 import os
 import time
@@ -29,11 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config():
-    path = os.path.join(ROOT, "configs", "dino_fashion_mnist.py")
-    spec = importlib.util.spec_from_file_location("dino_fashion_mnist", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    from vitdistill import recipes
+
+    return recipes.from_file(os.path.join(ROOT, "configs", "dino_fashion_mnist.py"))
 
 
 def raw_pixel_knn(config) -> float:

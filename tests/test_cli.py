@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from ml_collections import config_flags
 
-from vitdistill import models
+from vitdistill import models, recipes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -22,7 +21,7 @@ def _main(*args, timeout=600):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_config_loads_and_names_a_known_model(path):
-    config = config_flags.config_flags._LoadConfigModule("config", path).get_config()
+    config = recipes.from_file(path)
     assert config.method in ("deit", "dino", "linear", "knn", "logreg")
     assert config.model.name in models.MODELS
     if config.method == "deit" and config.distill.kind != "none":
@@ -125,8 +124,20 @@ def test_bench_prints_one_json_object_per_measurement_and_compares_in_turns(tmp_
     assert line["ratio_min"] <= line["ratio"] <= line["ratio_max"]
 
 
+def test_bench_sizes_a_small_data_recipe_to_its_data_as_a_run_does():
+    """A small-data recipe leaves its epochs and sizes open until the run reads its data; the bench sizes it
+    the same way (before: a TypeError traceback on `config.epochs`)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-m", "vitdistill.bench", "--config=configs/dino_small_data.py",
+                          "--data=config", "--what=step,pipeline", "--steps=1", "--config.batch_size=8"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert [line["what"] for line in lines] == ["dino_train_step", "pipeline_dino"]
+
+
 def _config(path, arg=None):
-    return config_flags.config_flags._LoadConfigModule("config", path).get_config(*([arg] if arg else []))
+    return recipes.from_file(path, arg)
 
 
 def test_dino_vits16_is_the_readme_command_it_cites_and_boost_is_the_readmes_boosted_one():

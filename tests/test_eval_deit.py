@@ -1,7 +1,6 @@
 """configs/eval_deit.py: the top-1 of a converted official-layout distilled DeiT, nothing trained, per head
 (class token, distillation token, and their average, DeiT's eval forward) equals what the same weights in
 timm's VisionTransformerDistilled score on the same preprocessed images, image by image."""
-import importlib.util
 import os
 
 import numpy as np
@@ -21,10 +20,9 @@ except ImportError:
 
 
 def _config(arg):
-    spec = importlib.util.spec_from_file_location("eval_deit", os.path.join(REPO, "configs", "eval_deit.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    from vitdistill import recipes
+
+    return recipes.from_file(os.path.join(REPO, "configs", "eval_deit.py"), arg)
 
 
 @needs_torch

@@ -254,10 +254,11 @@ def main(argv):
     from vitdistill.errors import UserError
 
     tf.config.set_visible_devices([], "GPU")
-    from vitdistill import methods
+    from vitdistill import methods, small_data
 
-    config = bench_config(FLAGS.config, FLAGS.data)
     try:
+        small_data.size_to_data(FLAGS.config)  # a small-data recipe, sized to its own data as a run would be
+        config = bench_config(FLAGS.config, FLAGS.data)
         for what in FLAGS.what:
             if what not in ("step", "pipeline"):
                 raise UserError(f"--what={what}: valid are step, pipeline")

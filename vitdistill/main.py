@@ -104,9 +104,10 @@ def _unknown_override(argv) -> str:
     config_arg = _config_arg(argv)
     if config_arg is None:
         return ""
-    path, _, arg = config_arg.partition(":")
+    from vitdistill import recipes
+
     try:
-        config = config_flags.config_flags._LoadConfigModule("config", path).get_config(*([arg] if arg else []))
+        config = recipes.from_file(config_arg)
     except Exception:  # the flag parser reports a config file that does not load
         return ""
     for override in (a for a in argv if a.startswith("--config.")):

@@ -284,3 +284,17 @@ def knn_eval(model: str = "vit_small_patch16_224") -> ConfigDict:
         "features_dir": _opt(str),     # write the features there as .npy; a later run reads them back
     })
     return _run(c, epochs=0.0, batch_size=256)
+
+
+def from_file(path: str, arg: str | None = None) -> ConfigDict:
+    """The config of a config file, as `--config=PATH[:ARG]` loads it: `get_config(ARG)`, or `get_config()`
+    without one. `path` may carry the `:ARG` itself (`configs/deit_small_data.py:none`)."""
+    import importlib.util
+    import os
+
+    if arg is None and ":" in os.path.basename(path):
+        path, _, arg = path.rpartition(":")
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
