@@ -10,7 +10,7 @@ Per data set, with no per-dataset setting (each recipe sizes itself, `vitdistill
   the hard-distilled micro DeiT (heads averaged), top-1 on the test split.
 Each part's wall time is its training's (2 CPU cores here). Results go to ROOT/results.json and the table to
 ROOT/table.md; a finished part is read back, not re-run. Needs `apt-get install dataset-fashion-mnist`;
-about 75 minutes on 2 CPU cores. `--datasets` and `--max_steps` (a smoke test) narrow it.
+about 85 minutes on 2 CPU cores. `--datasets` and `--max_steps` (a smoke test) narrow it.
 """
 import argparse
 import json

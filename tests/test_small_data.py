@@ -138,3 +138,18 @@ def test_a_step_budget_below_one_is_refused_by_name_without_a_traceback(tmp_path
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stderr[-2000:]
     assert "config.small_data.steps=0" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("recipe", [small_data.small_dino_recipe, small_data.small_deit_recipe])
+def test_a_recipe_for_a_source_that_is_not_built_in_names_the_way_to_a_folder(recipe):
+    from vitdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"not 'folder'.*config.data.source='folder' and config.data.data_dir"):
+        recipe("folder")
+
+
+def test_the_small_dino_recipe_uses_the_official_knn_protocol_up_to_a_cap():
+    """Every training image in the bank and every test image a query (Fashion-MNIST's 60,000 and 10,000 whole),
+    capped for folders larger than small data."""
+    config = small_data.small_dino_recipe("fashion_mnist")
+    assert (config.knn.train_limit, config.knn.eval_limit) == (60_000, 10_000)
