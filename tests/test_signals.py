@@ -219,7 +219,7 @@ def test_a_second_ctrl_c_ends_the_process_outside_the_steps_and_goes_to_the_loop
     try:
         stops.exit_at_once = lambda: exits.append("exit")
         os.kill(os.getpid(), signal.SIGINT)
-        assert stops.received == "SIGINT" and stops.should_stop(0) and stops.reason == "Ctrl-C (SIGINT)"
+        assert stops.received == "SIGINT" and stops.should_stop() and stops.reason == "Ctrl-C (SIGINT)"
         with pytest.raises(KeyboardInterrupt):  # the stub exit returns; the real one never does
             os.kill(os.getpid(), signal.SIGINT)
         assert exits == ["exit"]

@@ -253,7 +253,7 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
     stops.in_training_steps = True
     try:
         while step < total_steps:
-            if stops.should_stop(step):
+            if stops.should_stop():
                 last_saved = _save_before_stopping(checkpoints, step, state, metrics, last_saved)
                 raise Preempted(f"{task.name}: stopped by {stops.reason} at step {step}/{total_steps}; "
                                 f"{_where_saved(last_saved, workdir)}. Re-run the same command to resume.", step)

@@ -20,7 +20,8 @@ from typing import Callable, Optional
 
 
 class StopRequests:
-    """Owns SIGTERM / SIGINT while installed; `should_stop(step)` is asked at every step boundary."""
+    """Owns SIGTERM / SIGINT while installed; `should_stop()` is asked at every step boundary and between an
+    evaluation's batches."""
 
     def __init__(self):
         self.received: Optional[str] = None
@@ -67,14 +68,10 @@ class StopRequests:
         if self._multi_process:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    def should_stop(self, step: int) -> bool:
-        """True when the run must stop before training step `step` (the same answer on every process)."""
-        return self._stop_now()
-
-    def _stop_now(self) -> bool:
-        """Whether to stop at this check. With several processes the answer is agreed on: JAX's preemption
-        sync manager, told of a SIGTERM on any process, picks the check after the furthest one any process
-        has made, and all of them stop there. The checks are counted (not numbered by step) so that those
+    def should_stop(self) -> bool:
+        """Whether to stop at this check (the same answer on every process). With several processes the
+        answer is agreed on: JAX's preemption sync manager, told of a SIGTERM on any process, picks the check
+        after the furthest one any process has made, and all of them stop there. The checks are counted (not numbered by step) so that those
         between an evaluation's batches, which every process makes at the same batches, join the count."""
         if self._multi_process:
             from jax.experimental import multihost_utils
@@ -126,7 +123,7 @@ def check_during_eval():
     """Called between an evaluation's batches (by every process, at the same batches): raises `EvalStopped`
     once a stop was requested, or, with several processes, once they agreed on this check to stop at."""
     stops = _active
-    if stops is not None and stops._stop_now():
+    if stops is not None and stops.should_stop():
         from vitdistill.errors import EvalStopped
 
         raise EvalStopped(f"stopped by {stops.reason} during an evaluation, whose results are not written", -1)
