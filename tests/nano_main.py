@@ -16,8 +16,12 @@ from vitdistill import main, models  # noqa: E402
 
 def _sigterm_at_eval_check(n: int) -> None:
     """SIGTERM to this process just before the n-th check an evaluation makes between its batches (set by
-    $NANO_SIGTERM_AT_EVAL_CHECK, for the multi-process tests)."""
+    $NANO_SIGTERM_AT_EVAL_CHECK, for the multi-process tests), then a 2 s pause before that check. JAX's
+    preemption notice reaches the other processes asynchronously; on a loaded machine the 26 checks of the
+    nano k-NN were sometimes all made before it arrived (the processes then agreed on the step-0 boundary,
+    1 of 3 full-suite runs and 1 of 3 runs beside test_signals, on 2026-12-04). The pause is what a real evaluation batch gives it."""
     import signal
+    import time
 
     from vitdistill.train import preemption
 
@@ -27,6 +31,7 @@ def _sigterm_at_eval_check(n: int) -> None:
         calls.append(1)
         if len(calls) == n:
             os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(2)
         real()
 
     preemption.check_during_eval = check
