@@ -10,7 +10,9 @@ Per data set, with no per-dataset setting (each recipe sizes itself, `vitdistill
   the hard-distilled micro DeiT (heads averaged), top-1 on the test split.
 Each part's wall time is its training's (2 CPU cores here). Results go to ROOT/results.json and the table to
 ROOT/table.md; a finished part is read back, not re-run. Needs `apt-get install dataset-fashion-mnist`;
-about 85 minutes on 2 CPU cores. `--datasets` and `--max_steps` (a smoke test) narrow it.
+about 85 minutes on 2 CPU cores. `--datasets` and `--max_steps` (a smoke test) narrow it; after a change to
+one method's rules, `--rerun=dino --previous=experiments/results/small_data_table.json` re-runs that method's
+parts and takes the others from the earlier table.
 """
 import argparse
 import json
@@ -46,12 +48,17 @@ def logistic_probe(dino_config, backbone: str, workdir: str) -> dict:
     return {"l2": final["l2"], "top1": final["top1"]}
 
 
-def dataset_parts(source: str, root: str, max_steps) -> dict:
-    """Every measurement of one data set (each part read back from `root` when done before)."""
+PARTS = {"dino": ("dino",), "deit": ("deit_teacher", "deit_none", "deit_hard")}
+
+
+def dataset_parts(source: str, root: str, max_steps, previous: dict) -> dict:
+    """Every measurement of one data set (each part read back from `root` when done before, or taken from
+    `previous`: {part: result} of an earlier table)."""
     from vitdistill import small_data
 
     path = os.path.join(root, source, "results.json")
     results = json.load(open(path)) if os.path.exists(path) else {}
+    results = {**previous, **results}
 
     def part(name, compute):
         if name not in results:
@@ -120,7 +127,17 @@ def main():
     parser.add_argument("--root", default="/tmp/vitdistill/small_data_table")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, of " + ", ".join(DATASETS))
     parser.add_argument("--max_steps", type=int, default=None, help="cut every run short (a smoke test)")
+    parser.add_argument("--rerun", default=",".join(PARTS), help="methods to run (comma-separated, of dino, deit); "
+                        "the others' parts are taken from --previous")
+    parser.add_argument("--previous", default=None, help="an earlier results.json (the table's other parts)")
     args = parser.parse_args()
+    rerun = args.rerun.split(",")
+    if any(method not in PARTS for method in rerun):
+        sys.exit(f"--rerun: {args.rerun!r} is not a comma-separated list of {', '.join(PARTS)}")
+    kept = [part for method in PARTS if method not in rerun for part in PARTS[method]]
+    if kept and not args.previous:
+        sys.exit(f"--rerun={args.rerun} leaves {', '.join(kept)} to an earlier table: pass --previous=PATH")
+    earlier = json.load(open(args.previous)) if kept else {}
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
@@ -130,7 +147,10 @@ def main():
     for source in args.datasets.split(","):
         if source not in DATASETS:
             sys.exit(f"--datasets: {source!r} is not one of {', '.join(DATASETS)}")
-        results = dataset_parts(source, args.root, args.max_steps)
+        if kept and any(part not in earlier.get(source, {}) for part in kept):
+            sys.exit(f"--previous={args.previous} has no {', '.join(kept)} for {source}")
+        previous = {part: earlier[source][part] for part in kept}
+        results = dataset_parts(source, args.root, args.max_steps, previous)
         config = small_data.small_dino_recipe(source)
         facts = small_data.facts_of(config.data)
         results["facts"] = f"{facts.train_size:,}, {facts.image_side} px, {facts.num_classes}"
