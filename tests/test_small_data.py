@@ -13,9 +13,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_the_rules_give_the_values_their_docstrings_state():
-    # 16 tokens a global crop whatever the images: digits' 8 px and fashion_small's 14 px are trained at 16 px
-    # (4-px patches), Fashion-MNIST at its 28 px (7-px patches), photographs at 32 px (8-px patches).
+    # DeiT: 16 tokens a global crop whatever the images: digits' 8 px and fashion_small's 14 px are trained at
+    # 16 px (4-px patches), Fashion-MNIST at its 28 px (7-px patches), photographs at 32 px (8-px patches)...
     assert [small_data.global_crop_size(s) for s in (8, 14, 16, 17, 28, 224)] == [16, 16, 16, 20, 28, 32]
+    # ... but DINO trains at 16 px whatever the side (28-px letters gained nothing in 7-px patches).
+    for side in (8, 28, 224):
+        dino = small_data.dino_settings(small_data.DataFacts("", 60_000, side, 10), steps=1200, batch_size=64)
+        assert (dino["data.image_size"], dino["model.patch_size"], dino["multicrop.local_size"]) == (16, 4, 8)
     # K: the largest power of two <= the training images, within [64, 1024].
     assert [small_data.output_dim(n) for n in (10, 100, 300, 1023, 1024, 1438, 60_000)] == [
         64, 64, 256, 512, 1024, 1024, 1024]
@@ -107,12 +111,15 @@ def test_one_command_trains_either_method_on_a_users_folder(tmp_path, config):
         + (["--config.teacher.train.max_steps=2", "--config.teacher.train.batch_size=16"] if "deit" in config else []),
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    # 80 images of 20 px: trained at 20 px in 5-px patches, K 64, the run's 1,200 steps as 240 epochs of 5 steps
+    # 80 images of 20 px: K 64, the run's 1,200 steps as 240 epochs of 5 steps; DeiT trains at 20 px in 5-px
+    # patches, DINO at 16 px in 4-px patches
     assert "sized to folder:" in run.stdout and "(80 images, 20 px, 2 classes)" in run.stdout
-    assert "data.image_size=20, model.patch_size=5" in run.stdout and "epochs=240" in run.stdout
+    assert "epochs=240" in run.stdout
     if "dino" in config:
+        assert "data.image_size=16, model.patch_size=4" in run.stdout
         assert "model.out_dim=64" in run.stdout and "k-NN" in run.stdout
     else:
+        assert "data.image_size=20, model.patch_size=5" in run.stdout
         assert "teacher.train.data.image_size=20" in run.stdout and "distillation=hard" in run.stdout
 
 
