@@ -16,7 +16,8 @@ def test_the_rules_give_the_values_their_docstrings_state():
     # DeiT: 16 tokens a global crop whatever the images: digits' 8 px and fashion_small's 14 px are trained at
     # 16 px (4-px patches), Fashion-MNIST at its 28 px (7-px patches), photographs at 32 px (8-px patches)...
     assert [small_data.global_crop_size(s) for s in (8, 14, 16, 17, 28, 224)] == [16, 16, 16, 20, 28, 32]
-    # ... but DINO trains at 16 px whatever the side (28-px letters gained nothing in 7-px patches).
+    # ... but DINO trains at 16 px whatever the side (held-out 28-px letters: k-NN gains -0.38 and +1.69 in
+    # 7-px patches, +6.19 and +8.92 at 16 px; small_data.DINO_SIDE).
     for side in (8, 28, 224):
         dino = small_data.dino_settings(small_data.DataFacts("", 60_000, side, 10), steps=1200, batch_size=64)
         assert (dino["data.image_size"], dino["model.patch_size"], dino["multicrop.local_size"]) == (16, 4, 8)

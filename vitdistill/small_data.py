@@ -230,23 +230,18 @@ def global_crop_size(image_side: int) -> int:
     return int(min(32, max(16, 4 * math.ceil(image_side / 4))))
 
 
+# DINO's training resolution: 16 px (4x4 patches of 4 px) whatever the images' side, larger crops resized down.
+# Same 16 tokens, same cost, as `global_crop_size`, which DINO followed until 2026-12-04 (the same for images of
+# 16 px and less) and DeiT still follows.
+#
+# Chosen on a data set the README's table does not score, capital letters in 21 fonts at 28 px
+# (`experiments/heldout_letters.py`; every run in experiments/results/heldout_letters_dino.json): at 28 px in
+# 7-px patches the recipe's k-NN gain was -0.38 and +1.69 (seeds 0, 1); at 16 px in 4-px patches +6.19 and
+# +8.92. Of the other single changes tried there at 28 px (seed 0) none came near: teacher temperature 0.03
+# +3.54, 0.04 +4.85, a 300-step warm-up and frozen last layer +3.08, half the lr +1.81, centre momentum 0.8
+# -0.62; 16 px with temperature 0.03 gave +5.46. Digits (8 px) and fashion_small (14 px) were trained at 16 px
+# already; Fashion-MNIST (28 px) is the one scored set this changes.
 DINO_SIDE = 16
-
-
-def dino_crop_size(image_side: int) -> int:
-    """DINO's training resolution: 16 px (4x4 patches of 4 px) whatever the images' side, larger crops resized
-    down. Same 16 tokens, same cost, as `global_crop_size`, which DINO followed until 2026-12-04 (the same for
-    images of 16 px and less) and DeiT still follows.
-
-    Chosen on a data set the README's table does not score, capital letters in 21 fonts at 28 px
-    (`experiments/heldout_letters.py`; every run in experiments/results/heldout_letters_dino.json): at 28 px in
-    7-px patches the recipe's k-NN gain was -0.38 and +1.69 (seeds 0, 1); at 16 px in 4-px patches +6.19 and
-    +8.92. Of the other single changes tried there at 28 px (seed 0) none came near: teacher temperature 0.03
-    +3.54, 0.04 +4.85, a 300-step warm-up and frozen last layer +3.08, half the lr +1.81, centre momentum 0.8
-    -0.62; 16 px with temperature 0.03 gave +5.46. Digits (8 px) and fashion_small (14 px) were trained at
-    16 px already; Fashion-MNIST (28 px) is the one scored set this changes."""
-    del image_side
-    return DINO_SIDE
 
 
 def output_dim(train_size: int) -> int:
@@ -278,20 +273,19 @@ def regularisation(passes: float) -> float:
     return float(min(1.0, max(0.0, passes / 300.0)))
 
 
-def _scale(facts: DataFacts, batch_size: int) -> tuple:
-    """(training resolution, steps per epoch) of the data at this batch; an epoch at least one step (a batch
-    larger than the data is refused later, by name, when the run's length is computed)."""
-    return global_crop_size(facts.image_side), max(1, facts.train_size // batch_size)
+def _steps_per_epoch(facts: DataFacts, batch_size: int) -> int:
+    """At least one step (a batch larger than the data is refused later, by name, when the run's length is
+    computed)."""
+    return max(1, facts.train_size // batch_size)
 
 
 def dino_settings(facts: DataFacts, *, steps: int, batch_size: int) -> dict:
-    """Config key -> value for DINO on this data in `steps` steps. The rules: `dino_crop_size` (16 tokens a
+    """Config key -> value for DINO on this data in `steps` steps. The rules: `DINO_SIDE` (16 tokens a
     global crop, local crops half its side: 4 tokens), `output_dim`, `warmup_steps` (lr warm-up and frozen
     last layer), `teacher_momentum`; the blur's largest sigma the official 2 px at 224 scaled to the crop (and
     1.2x, as `small_dino`). Fixed, from `small_dino`: teacher temperature 0.02 throughout (with a batch of 64,
     0.04 drifts towards uniform), lr 2.5e-4 at batch 64, local crops of 10-40 % of the image."""
-    per_epoch = _scale(facts, batch_size)[1]
-    size = dino_crop_size(facts.image_side)
+    size, per_epoch = DINO_SIDE, _steps_per_epoch(facts, batch_size)
     warm = warmup_steps(steps)
     return {
         "data.image_size": size,
@@ -311,7 +305,7 @@ def deit_settings(facts: DataFacts, *, steps: int, batch_size: int) -> dict:
     """Config key -> value for a micro DeiT on this data in `steps` steps: `global_crop_size` with 16 tokens,
     `warmup_steps`, and RandAugment's magnitude, erasing and drop path at `regularisation` of the official
     9, 0.25 and 0.1 (RandAugment off below magnitude 1)."""
-    size, per_epoch = _scale(facts, batch_size)
+    size, per_epoch = global_crop_size(facts.image_side), _steps_per_epoch(facts, batch_size)
     strength = regularisation(steps * batch_size / facts.train_size)
     magnitude = round(9 * strength)
     return {
@@ -329,7 +323,7 @@ def deit_settings(facts: DataFacts, *, steps: int, batch_size: int) -> dict:
 def teacher_settings(facts: DataFacts, *, steps: int, batch_size: int) -> dict:
     """The CNN teacher of `small_deit_recipe`: half the student's steps at its resolution (a ResNet learns
     small images in a few hundred steps; on digits 330 steps gave 96.4 %)."""
-    size, per_epoch = _scale(facts, batch_size)
+    size, per_epoch = global_crop_size(facts.image_side), _steps_per_epoch(facts, batch_size)
     teacher_steps = max(1, steps // 2)
     return {"data.image_size": size, "epochs": teacher_steps / per_epoch,
             "optim.warmup_epochs": min(teacher_steps // 4, 100) / per_epoch}

@@ -71,8 +71,9 @@ class StopRequests:
     def should_stop(self) -> bool:
         """Whether to stop at this check (the same answer on every process). With several processes the
         answer is agreed on: JAX's preemption sync manager, told of a SIGTERM on any process, picks the check
-        after the furthest one any process has made, and all of them stop there. The checks are counted (not numbered by step) so that those
-        between an evaluation's batches, which every process makes at the same batches, join the count."""
+        after the furthest one any process has made, and all of them stop there. The checks are counted (not
+        numbered by step) so that those between an evaluation's batches, which every process makes at the same
+        batches, join the count."""
         if self._multi_process:
             from jax.experimental import multihost_utils
 
