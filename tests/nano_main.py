@@ -20,21 +20,10 @@ def _sigterm_at_eval_check(n: int) -> None:
     preemption notice reaches the other processes asynchronously; on a loaded machine the 26 checks of the
     nano k-NN were sometimes all made before it arrived (the processes then agreed on the step-0 boundary,
     1 of 3 full-suite runs and 1 of 3 runs beside test_signals, on 2026-12-04). The pause is what a real evaluation batch gives it."""
-    import signal
-    import time
-
+    from sigterm_at_check import sigterm_at_check
     from vitdistill.train import preemption
 
-    calls, real = [], preemption.check_during_eval
-
-    def check():
-        calls.append(1)
-        if len(calls) == n:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(2)
-        real()
-
-    preemption.check_during_eval = check
+    preemption.check_during_eval = sigterm_at_check(n, preemption.check_during_eval, pause=2.0)
 
 
 if __name__ == "__main__":

@@ -237,19 +237,14 @@ def test_a_second_ctrl_c_ends_the_process_outside_the_steps_and_goes_to_the_loop
 
 
 def _signal_at_check(monkeypatch, n):
-    """SIGTERM to this process just before the n-th check an evaluation makes between its batches."""
+    """SIGTERM to this process just before the n-th check an evaluation makes between its batches; the calls
+    made so far are returned."""
+    from sigterm_at_check import sigterm_at_check
     from vitdistill.train import preemption
 
-    calls, real = [], preemption.check_during_eval
-
-    def check():
-        calls.append(1)
-        if len(calls) == n:
-            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next line
-        real()
-
+    check = sigterm_at_check(n, preemption.check_during_eval)
     monkeypatch.setattr(preemption, "check_during_eval", check)
-    return calls
+    return check.calls
 
 
 def test_sigterm_during_the_knn_before_training_stops_it_between_batches(tmp_path, monkeypatch):
