@@ -12,7 +12,8 @@ Each part's wall time is its training's (2 CPU cores here). Results go to ROOT/r
 ROOT/table.md; a finished part is read back, not re-run. Needs `apt-get install dataset-fashion-mnist`;
 about 85 minutes on 2 CPU cores. `--datasets` and `--max_steps` (a smoke test) narrow it; after a change to
 one method's rules, `--rerun=dino --previous=experiments/results/small_data_table.json` re-runs that method's
-parts and takes the others from the earlier table.
+parts and takes the others from the earlier table, and `--dino_seeds=0,1 --rerun=none --previous=...` adds
+DINO runs with other seeds (the table's DINO columns are then means over the seeds, each seed's gain beside).
 """
 import argparse
 import json
@@ -51,7 +52,12 @@ def logistic_probe(dino_config, backbone: str, workdir: str) -> dict:
 PARTS = {"dino": ("dino",), "deit": ("deit_teacher", "deit_none", "deit_hard")}
 
 
-def dataset_parts(source: str, root: str, max_steps, previous: dict) -> dict:
+def dino_part(seed: int) -> str:
+    """The results' key of the DINO run with this seed (seed 0's is "dino", as before seeds were added)."""
+    return "dino" if seed == 0 else f"dino_seed{seed}"
+
+
+def dataset_parts(source: str, root: str, max_steps, previous: dict, dino_seeds=(0,)) -> dict:
     """Every measurement of one data set (each part read back from `root` when done before, or taken from
     `previous`: {part: result} of an earlier table)."""
     from vitdistill import small_data
@@ -76,15 +82,19 @@ def dataset_parts(source: str, root: str, max_steps, previous: dict) -> dict:
         config.progress_bar = False
         return config
 
-    def dino():
-        config = shorten(small_data.small_dino_recipe(source))
-        workdir = os.path.join(root, source, "dino")
-        final, seconds = run(config, workdir)
-        with open(os.path.join(workdir, "knn_at_init.json")) as f:
-            at_init = json.load(f)["knn_top1"]
-        probe = logistic_probe(config, workdir, os.path.join(root, source, "dino_logreg"))
-        return {"knn_init": at_init, "knn": final["knn_top1"], "logreg": probe["top1"], "l2": probe["l2"],
-                "seconds": seconds, "steps": int(final["step"]), "sized": small_data.sized_settings(config)}
+    def dino(seed):
+        def compute():
+            config = shorten(small_data.small_dino_recipe(source))
+            config.seed = seed
+            workdir = os.path.join(root, source, dino_part(seed))
+            final, seconds = run(config, workdir)
+            with open(os.path.join(workdir, "knn_at_init.json")) as f:
+                at_init = json.load(f)["knn_top1"]
+            probe = logistic_probe(config, workdir, os.path.join(root, source, dino_part(seed) + "_logreg"))
+            return {"knn_init": at_init, "knn": final["knn_top1"], "logreg": probe["top1"], "l2": probe["l2"],
+                    "seconds": seconds, "steps": int(final["step"]), "seed": seed,
+                    "sized": small_data.sized_settings(config)}
+        return compute
 
     def deit(kind):
         def compute():
@@ -101,7 +111,8 @@ def dataset_parts(source: str, root: str, max_steps, previous: dict) -> dict:
             return row
         return compute
 
-    part("dino", dino)
+    for seed in dino_seeds:
+        part(dino_part(seed), dino(seed))
     for kind in ("teacher", "none", "hard"):
         part(f"deit_{kind}", deit(kind))
     return results
@@ -112,11 +123,20 @@ def table(all_results: dict) -> str:
              "| CNN teacher | DeiT no distillation (% of teacher) | DeiT hard distillation | DeiT min (3 runs) |",
              "|---|---|---|---|---|---|---|---|"]
     for source, r in all_results.items():
-        d, t, n, h = r["dino"], r["deit_teacher"], r["deit_none"], r["deit_hard"]
+        runs = [r[key] for key in sorted(k for k in r if k.startswith("dino"))]  # "dino" (seed 0) first
+        t, n, h = r["deit_teacher"], r["deit_none"], r["deit_hard"]
         minutes = (t["seconds"] + n["seconds"] + h["seconds"]) / 60
+
+        def mean(key):
+            return 100 * sum(d[key] for d in runs) / len(runs)
+
+        gain = mean("knn") - mean("knn_init")
+        seeds = "" if len(runs) == 1 else " [" + ", ".join(
+            f"{100 * (d['knn'] - d['knn_init']):+.2f}" for d in runs) + f"; mean of {len(runs)} seeds]"
+        probes = "" if len(runs) == 1 else " [" + ", ".join(f"{100 * d['logreg']:.2f}" for d in runs) + "]"
         lines.append(
-            f"| {source} ({r['facts']}) | {100 * d['knn_init']:.2f} -> {100 * d['knn']:.2f} "
-            f"({100 * (d['knn'] - d['knn_init']):+.2f}) | {100 * d['logreg']:.2f} | {d['seconds'] / 60:.1f} "
+            f"| {source} ({r['facts']}) | {mean('knn_init'):.2f} -> {mean('knn'):.2f} ({gain:+.2f}){seeds} "
+            f"| {mean('logreg'):.2f}{probes} | {max(d['seconds'] for d in runs) / 60:.1f} "
             f"| {100 * t['top1']:.2f} | {100 * n['top1']:.2f} ({100 * n['top1'] / t['top1']:.0f} %) "
             f"| {100 * h['top1']:.2f} | {minutes:.1f} |")
     return "\n".join(lines)
@@ -127,11 +147,17 @@ def main():
     parser.add_argument("--root", default="/tmp/vitdistill/small_data_table")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, of " + ", ".join(DATASETS))
     parser.add_argument("--max_steps", type=int, default=None, help="cut every run short (a smoke test)")
-    parser.add_argument("--rerun", default=",".join(PARTS), help="methods to run (comma-separated, of dino, deit); "
-                        "the others' parts are taken from --previous")
+    parser.add_argument("--rerun", default=",".join(PARTS), help="methods to run (comma-separated, of dino, deit, or "
+                        "none); the others' parts are taken from --previous")
+    parser.add_argument("--dino_seeds", default="0", help="comma-separated seeds of the DINO runs (seed 0's part is "
+                        "the one --rerun and --previous speak of)")
     parser.add_argument("--previous", default=None, help="an earlier results.json (the table's other parts)")
     args = parser.parse_args()
-    rerun = args.rerun.split(",")
+    rerun = [] if args.rerun == "none" else args.rerun.split(",")
+    try:
+        dino_seeds = tuple(int(seed) for seed in args.dino_seeds.split(","))
+    except ValueError:
+        sys.exit(f"--dino_seeds: {args.dino_seeds!r} is not a comma-separated list of integers")
     if any(method not in PARTS for method in rerun):
         sys.exit(f"--rerun: {args.rerun!r} is not a comma-separated list of {', '.join(PARTS)}")
     kept = [part for method in PARTS if method not in rerun for part in PARTS[method]]
@@ -150,7 +176,10 @@ def main():
         if kept and any(part not in earlier.get(source, {}) for part in kept):
             sys.exit(f"--previous={args.previous} has no {', '.join(kept)} for {source}")
         previous = {part: earlier[source][part] for part in kept}
-        results = dataset_parts(source, args.root, args.max_steps, previous)
+        if "dino" not in rerun:  # runs with other seeds, too, come from the earlier table where it has them
+            previous.update({dino_part(seed): earlier[source][dino_part(seed)] for seed in dino_seeds
+                             if seed != 0 and dino_part(seed) in earlier.get(source, {})})
+        results = dataset_parts(source, args.root, args.max_steps, previous, dino_seeds)
         config = small_data.small_dino_recipe(source)
         facts = small_data.facts_of(config.data)
         results["facts"] = f"{facts.train_size:,}, {facts.image_side} px, {facts.num_classes}"
