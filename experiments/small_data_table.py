@@ -123,7 +123,8 @@ def table(all_results: dict) -> str:
              "| CNN teacher | DeiT no distillation (% of teacher) | DeiT hard distillation | DeiT min (3 runs) |",
              "|---|---|---|---|---|---|---|---|"]
     for source, r in all_results.items():
-        runs = [r[key] for key in sorted(k for k in r if k.startswith("dino"))]  # "dino" (seed 0) first
+        # in seed order (seed 0's run, "dino", has no "seed" of its own in tables from before seeds were added)
+        runs = sorted((r[key] for key in r if key.startswith("dino")), key=lambda d: d.get("seed", 0))
         t, n, h = r["deit_teacher"], r["deit_none"], r["deit_hard"]
         minutes = (t["seconds"] + n["seconds"] + h["seconds"]) / 60
 
