@@ -96,7 +96,8 @@ class DinoHealth:
                 f"outputs (marginal entropy {marginal:.2f}; below {self.floor:g}, one per "
                 f"{IMAGES_PER_OUTPUT} images, over the last {len(self.recent)} logged steps; row entropy "
                 f"{entropy:.2f}). Try, one at a time: stronger centring (config.dino.center_momentum 0.9 -> "
-                "0.8), a softer teacher (raise config.dino.teacher_temp, e.g. 0.02 -> 0.04), a lower peak lr "
+                "0.8), a slower teacher (raise config.dino.momentum_teacher, e.g. 0.96 -> 0.99), a softer teacher "
+                "(raise config.dino.teacher_temp, e.g. 0.02 -> 0.04), a lower peak lr "
                 "or a longer warm-up (config.optim.lr, config.optim.warmup_epochs), a longer frozen last "
                 f"layer (config.optim.freeze_last_layer). ({URL}/225, /273)")
         return "\n".join(said) or None
