@@ -299,9 +299,10 @@ MIN_SMALL_MOMENTUM = 0.99
 def dino_settings(facts: DataFacts, *, steps: int, batch_size: int) -> dict:
     """Config key -> value for DINO on this data in `steps` steps. The rules: `DINO_SIDE` (16 tokens a
     global crop, local crops half its side: 4 tokens), `output_dim`, `warmup_steps` (lr warm-up and frozen
-    last layer), `teacher_momentum` at least `MIN_SMALL_MOMENTUM`; the blur's largest sigma the official 2 px at 224 scaled to the crop (and
-    1.2x, as `small_dino`). Fixed, from `small_dino`: teacher temperature 0.02 throughout (with a batch of 64,
-    0.04 drifts towards uniform), lr 2.5e-4 at batch 64, local crops of 10-40 % of the image."""
+    last layer), `teacher_momentum` at least `MIN_SMALL_MOMENTUM`; the blur's largest sigma the official 2 px
+    at 224 scaled to the crop (and 1.2x, as `small_dino`). Fixed, from `small_dino`: teacher temperature 0.02
+    throughout (with a batch of 64, 0.04 drifts towards uniform), lr 2.5e-4 at batch 64, local crops of 10-40 %
+    of the image."""
     size, per_epoch = DINO_SIDE, _steps_per_epoch(facts, batch_size)
     warm = warmup_steps(steps)
     return {
