@@ -16,6 +16,11 @@ down (PIL's box filter), e.g. one shaped like scikit-learn's digits (1,430 image
 
     python experiments/heldout_letters.py --root=/tmp/vitdistill/letters8 --side=8 --train_per_class=55 \
         --test_per_class=20
+
+`--classes=N` keeps the first N letters, e.g. digits' shape in classes too (10 classes of 144 / 36 at 8 px):
+
+    python experiments/heldout_letters.py --root=/tmp/vitdistill/letters8c10 --side=8 --classes=10 \
+        --train_per_class=144 --test_per_class=36
 """
 import argparse
 import os
@@ -58,11 +63,11 @@ def draw(letter: str, font_file: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def write(root: str, *, train_per_class: int = 400, test_per_class: int = 100, seed: int = 0,
-          side: int = SIDE) -> None:
+          side: int = SIDE, classes: int = len(LETTERS)) -> None:
     fonts = font_files()
     rng = np.random.default_rng(seed)
     for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for letter in LETTERS:
+        for letter in LETTERS[:classes]:
             folder = os.path.join(root, split, letter)
             os.makedirs(folder, exist_ok=True)
             for i in range(count):
@@ -78,11 +83,14 @@ def main():
     parser.add_argument("--side", type=int, default=SIDE, help="image side in px (at most 28)")
     parser.add_argument("--train_per_class", type=int, default=400)
     parser.add_argument("--test_per_class", type=int, default=100)
+    parser.add_argument("--classes", type=int, default=len(LETTERS), help="the first N letters (2 to 26)")
     args = parser.parse_args()
-    if not 1 <= args.side <= SIDE or args.train_per_class < 1 or args.test_per_class < 1:
-        parser.error(f"--side must be 1 to {SIDE} and the counts at least 1")
-    write(args.root, train_per_class=args.train_per_class, test_per_class=args.test_per_class, side=args.side)
-    print(f"wrote {len(LETTERS)} classes to {args.root}/train and {args.root}/test")
+    if (not 1 <= args.side <= SIDE or args.train_per_class < 1 or args.test_per_class < 1
+            or not 2 <= args.classes <= len(LETTERS)):
+        parser.error(f"--side must be 1 to {SIDE}, the counts at least 1 and --classes 2 to {len(LETTERS)}")
+    write(args.root, train_per_class=args.train_per_class, test_per_class=args.test_per_class, side=args.side,
+          classes=args.classes)
+    print(f"wrote {args.classes} classes to {args.root}/train and {args.root}/test")
 
 
 if __name__ == "__main__":

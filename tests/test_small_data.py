@@ -8,6 +8,7 @@ import pytest
 
 from vitdistill import small_data
 from vitdistill.data import sources
+from vitdistill.train import schedules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,6 +46,8 @@ def test_a_recipe_is_sized_from_its_training_split(source, side, images, classes
     assert round(config.epochs * per_epoch) == 1200
     assert round(config.optim.warmup_epochs * per_epoch) == 200 == round(config.optim.freeze_last_layer * per_epoch)
     assert config.model.out_dim == 1024 and config.dino.momentum_teacher == 0.99  # the rule 0.96, floored
+    # DINO's official linear rule, 5e-4 x batch / 256, as the run applies it
+    assert schedules.scaled_lr(config.optim.lr, config.batch_size, config.optim.lr_reference_batch) == 1.25e-4
     line = small_data.describe(config, chosen)
     assert f"{images:,} images, {side} px, {classes} classes" in line and "dino.momentum_teacher=0.99" in line
 
