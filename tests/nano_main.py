@@ -4,7 +4,9 @@ which start whole processes (two with jax.distributed, SIGTERM, resumes) compile
     python tests/nano_main.py --config=tests/nano_config.py:dino --workdir=DIR [flags of vitdistill.main]
 """
 import os
+import signal
 import sys
+import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,8 +28,49 @@ def _sigterm_at_eval_check(n: int) -> None:
     preemption.check_during_eval = sigterm_at_check(n, preemption.check_during_eval, pause=2.0)
 
 
+def _signals_in_first_step_call(spec: str) -> None:
+    """$NANO_SIGNALS_IN_FIRST_STEP, e.g. `SIGTERM@0.5` or `SIGINT@0.5,SIGINT@0.8`: each signal is sent to this
+    process, by a timer thread, that many seconds into the first call of the train step, the call that traces
+    and compiles it (seconds with an empty compilation cache). A signal placed on a timeline measured from
+    outside landed elsewhere whenever the load on the machine changed between the runs (in the init, or
+    after the last step); this one lands in the compile. Before each, a `nano:` line on stderr says whether
+    that call was still running, which the tests check."""
+    from vitdistill.train import loop
+
+    plan = [(signal.Signals[name], float(at)) for name, at in (item.split("@") for item in spec.split(","))]
+    real = loop.jit_train_step
+
+    def jit_train_step(*args, **kwargs):
+        step, state = real(*args, **kwargs), []
+
+        def send(signum, at):
+            where = "while it was running" if state == ["running"] else "after it had returned"
+            print(f"nano: {signum.name} sent {at:.2f} s into the first train step's call, {where}",
+                  file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signum)
+
+        def first_call_signalled(*a, **k):
+            if state:
+                return step(*a, **k)
+            state.append("running")
+            for signum, at in plan:
+                timer = threading.Timer(at, send, (signum, at))
+                timer.daemon = True
+                timer.start()
+            try:
+                return step(*a, **k)
+            finally:
+                state[0] = "returned"
+
+        return first_call_signalled
+
+    loop.jit_train_step = jit_train_step
+
+
 if __name__ == "__main__":
     models.MODELS.update(legacy_workdirs.NANO_MODELS)
     if os.environ.get("NANO_SIGTERM_AT_EVAL_CHECK"):
         _sigterm_at_eval_check(int(os.environ["NANO_SIGTERM_AT_EVAL_CHECK"]))
+    if os.environ.get("NANO_SIGNALS_IN_FIRST_STEP"):
+        _signals_in_first_step_call(os.environ["NANO_SIGNALS_IN_FIRST_STEP"])
     app.run(main.main, flags_parser=main._parse_flags)

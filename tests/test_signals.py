@@ -11,8 +11,12 @@ while it evaluates at the end. Each interrupted run must end in one of the outco
 - killed by the default handler: only before vitdistill's handlers exist, with nothing written.
 
 Then the same command re-run without a signal must end exactly as the uninterrupted run: the same final
-loss, bit for bit, and the same k-NN. The default suite interrupts one workdir three times (while compiling, while
-training, twice Ctrl-C while starting); the slow test signals 20 moments drawn at random over the whole run.
+loss, bit for bit, and the same k-NN. The default suite interrupts one workdir three times (while the first step
+compiles, while training, twice Ctrl-C while the first step compiles); the slow test signals 20 moments drawn at
+random over the whole run. The signals during the compile come from a timer thread of the process itself
+($NANO_SIGNALS_IN_FIRST_STEP): sent from the test at a moment taken from the uninterrupted run's timeline they
+landed elsewhere when the machine's load changed between the runs (in the set-up before the first step, or
+after the last one; 2 failures on 2026-12-04, both beside other training runs).
 """
 import json
 import os
@@ -34,13 +38,17 @@ COMMAND = [sys.executable, "-u", os.path.join(TESTS, "nano_main.py"), "--config=
 class Run:
     """One process of COMMAND, its output lines with the time (s since the start) at which each came."""
 
-    def __init__(self, workdir, cache):
+    def __init__(self, workdir, cache, signals_in_first_step=None):
         """`cache`: the persistent compilation cache's directory. A run signalled while it compiles gets an
-        empty one, as the uninterrupted run had, so that its timeline is the one measured."""
+        empty one, as the uninterrupted run had, so that its timeline is the one measured.
+        `signals_in_first_step`: $NANO_SIGNALS_IN_FIRST_STEP of tests/nano_main.py (signals the process sends
+        itself while its first train step compiles)."""
         self.checkpoints_before = _checkpoint_steps(workdir)
         self.start = time.monotonic()
+        env = dict(os.environ, **({"NANO_SIGNALS_IN_FIRST_STEP": signals_in_first_step}
+                                  if signals_in_first_step else {}))
         self.process = subprocess.Popen(COMMAND + [f"--workdir={workdir}", f"--jax_cache_dir={cache}"],
-                                        cwd=os.path.dirname(TESTS),
+                                        cwd=os.path.dirname(TESTS), env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines = {"stdout": [], "stderr": []}
         self.readers = [threading.Thread(target=self._read, args=(stream, name), daemon=True)
@@ -78,6 +86,16 @@ class Run:
         for reader in self.readers:
             reader.join(timeout=30)
         return rc
+
+    def sent_in_first_step(self, count):
+        """Waits for the process to end; asserts it sent itself `count` signals while its first step's call
+        (trace and compile) was running, and returns when the first was sent (s since the start)."""
+        self.process.wait(timeout=600)
+        for reader in self.readers:
+            reader.join(timeout=30)
+        sent = [(t, line) for t, line in self.lines["stderr"] if line.startswith("nano: ")]
+        assert len(sent) == count and all("while it was running" in line for _, line in sent), sent
+        return sent[0][0]
 
     def text(self, name="stderr"):
         return "\n".join(line for _, line in self.lines[name])
@@ -165,17 +183,17 @@ def resumed_ends_as_uninterrupted(workdir, reference, what):
 
 
 def test_signals_while_compiling_training_and_starting_are_never_lost(tmp_path, reference):
-    """One workdir, interrupted three times, then finished: SIGTERM while the first step is being prepared
-    (tf.data traced, the step compiled), SIGTERM while training and a Ctrl-C once that run has printed its
+    """One workdir, interrupted three times, then finished: SIGTERM while the first step is being traced and
+    compiled (half a second into that call), SIGTERM while training and a Ctrl-C once that run has printed its
     stop line (it is exiting: the status stays 0), then Ctrl-C twice while the resumed run compiles (the
     second stops it at once: exit 130). Each run ends in one line, saves what it trained, and the last
     re-run ends bit for bit as the uninterrupted run."""
-    workdir, t = str(tmp_path), reference["timeline"]
-    run = Run(workdir, str(tmp_path / "empty_jax_cache"))
-    sent = run.signal_when(_has_config(workdir), 0.5 * (t["first_step"] - t["config_written"]), signal.SIGTERM)
+    workdir = str(tmp_path)
+    run = Run(workdir, str(tmp_path / "empty_jax_cache"), signals_in_first_step="SIGTERM@0.5")
+    sent = run.sent_in_first_step(1)
     assert interrupted(run, workdir, sent) == "stopped"
     before = _checkpoint_steps(workdir)
-    assert before and before[-1] <= 1, before  # nothing but (at most) the step the signal came during
+    assert before == [1], before  # the step the signal came during, nothing more
 
     run = Run(workdir, reference["cache"])  # the steps compiled by the uninterrupted run: faster, same numbers
     logged = lambda: any(f"step {before[-1] + 2}/" in line for _, line in run.lines["stdout"] + run.lines["stderr"])
@@ -184,9 +202,9 @@ def test_signals_while_compiling_training_and_starting_are_never_lost(tmp_path, 
     assert interrupted(run, workdir, sent) == "stopped"  # the Ctrl-C while exiting killed it before: status -2
     assert before[-1] + 2 <= _checkpoint_steps(workdir)[-1] < STEPS, _checkpoint_steps(workdir)
 
-    run = Run(workdir, str(tmp_path / "empty_jax_cache_2"))  # both while its first step compiles (seconds)
-    sent = run.signal_when(_has_config(workdir), 0.5 * (t["first_step"] - t["config_written"]), signal.SIGINT,
-                           then=(0.3, signal.SIGINT))
+    run = Run(workdir, str(tmp_path / "empty_jax_cache_2"),  # both while its first step compiles (seconds)
+              signals_in_first_step="SIGINT@0.5,SIGINT@0.8")
+    sent = run.sent_in_first_step(2)
     assert interrupted(run, workdir, sent, signal.SIGINT, at_once=True) == "stopped"
     resumed_ends_as_uninterrupted(workdir, reference, "after three interruptions")
 
