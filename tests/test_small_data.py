@@ -50,6 +50,11 @@ def test_a_recipe_is_sized_from_its_training_split(source, side, images, classes
     assert schedules.scaled_lr(config.optim.lr, config.batch_size, config.optim.lr_reference_batch) == 1.25e-4
     line = small_data.describe(config, chosen)
     assert f"{images:,} images, {side} px, {classes} classes" in line and "dino.momentum_teacher=0.99" in line
+    # the line names the peak lr the run applies, so that an --config.optim.lr given for another batch shows
+    assert line.endswith("; peak lr 0.000125 (optim.lr 0.0005 given for optim.lr_reference_batch=256, at batch 64)")
+    config.unlock()
+    config.optim.lr = 1.25e-4  # as --config.optim.lr=1.25e-4 would: still given for batch 256, a quarter applied
+    assert "peak lr 3.125e-05 (optim.lr 0.000125 given" in small_data.describe(config, chosen)
 
 
 def test_settings_given_on_the_command_line_are_kept_and_the_teacher_reads_the_students_data():

@@ -18,6 +18,7 @@ from ml_collections import ConfigDict, config_dict
 
 from vitdistill import recipes
 from vitdistill.errors import ConfigError
+from vitdistill.train import schedules
 
 SOURCES = {  # source -> (eval split, image size)
     "digits": ("test", 32),
@@ -487,5 +488,10 @@ def describe(config: ConfigDict, sized: dict) -> str:
 
     facts = sized["data"]
     settings = ", ".join(f"{key}={show(value)}" for key, value in sized.items() if key != "data")
+    # the peak lr the run applies: optim.lr is given for optim.lr_reference_batch (an --config.optim.lr is too)
+    opt = config.optim
+    peak = schedules.scaled_lr(opt.lr, config.batch_size, opt.lr_reference_batch)
     return (f"small-data recipe ({config.small_data.kind}, {config.small_data.steps} steps) sized to {facts.name} "
-            f"({facts.train_size:,} images, {facts.image_side} px, {facts.num_classes} classes): {settings}")
+            f"({facts.train_size:,} images, {facts.image_side} px, {facts.num_classes} classes): {settings}; "
+            f"peak lr {show(float(peak))} (optim.lr {show(float(opt.lr))} given for optim.lr_reference_batch="
+            f"{opt.lr_reference_batch}, at batch {config.batch_size})")
