@@ -184,8 +184,9 @@ class Attention(nn.Module):
     With `fused` (the default), `jax.nn.dot_product_attention` runs cuDNN's fused (flash) attention on a
     GPU with half-precision inputs, when nobody collects the weights (the `intermediates` collection is
     not mutable: not attention maps or probes) and attention dropout is off. Everywhere else the weights are
-    computed explicitly (einsum, float32 softmax): on XLA:CPU that is as fast as XLA's own formulation of
-    `dot_product_attention` (0.95x-1.0x in one-process A/B runs of a DeiT-S step).
+    computed explicitly (heads-first batched matmuls, float32 softmax); with tokens first and einsum this
+    path was already as fast on XLA:CPU as XLA's own formulation of `dot_product_attention` (0.95x-1.0x in
+    one-process A/B runs of a DeiT-S step).
     """
 
     num_heads: int
@@ -199,19 +200,22 @@ class Attention(nn.Module):
         dim = x.shape[-1]
         head_dim = dim // self.num_heads
         qkv = _dense(3 * dim, self.dtype, self.param_dtype, 'qkv')(x)
+        kernel = fused_attention_kernel(qkv.dtype) if self.fused else None
         # timm's layout of the fused projection: [q | k | v], each split into heads.
-        q, k, v = einops.rearrange(qkv, 'b t (qkv h d) -> qkv b t h d', qkv=3, h=self.num_heads)
-        kernel = fused_attention_kernel(q.dtype) if self.fused else None
         if kernel is not None and not self.is_mutable_collection('intermediates') and not (
                 train and self.attn_drop_rate > 0):
             weights = None
+            q, k, v = einops.rearrange(qkv, 'b t (qkv h d) -> qkv b t h d', qkv=3, h=self.num_heads)
             out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5, implementation=kernel)
+            out = einops.rearrange(out, 'b t h d -> b t (h d)')
         else:
-            logits = jnp.einsum('bqhd,bkhd->bhqk', q * head_dim**-0.5, k)
+            # Heads first ([b, h, t, d]) so both products are plain batched matmuls: 4 % faster on XLA:CPU
+            # than contracting [b, t, h, d] with einsum (experiments/attention_variants.py).
+            q, k, v = einops.rearrange(qkv, 'b t (qkv h d) -> qkv b h t d', qkv=3, h=self.num_heads)
+            logits = (q * head_dim**-0.5) @ jnp.swapaxes(k, -1, -2)
             weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
             dropped = nn.Dropout(self.attn_drop_rate, deterministic=not train)(weights).astype(self.dtype)
-            out = jnp.einsum('bhqk,bkhd->bqhd', dropped, v)
-        out = einops.rearrange(out, 'b t h d -> b t (h d)')
+            out = einops.rearrange(dropped @ v, 'b h t d -> b t (h d)')
         return _dense(dim, self.dtype, self.param_dtype, 'proj')(out), weights
 
 
