@@ -8,7 +8,8 @@ is used by the package: it records what was tried for the CPU step (README, "Spe
     python experiments/attention_variants.py --out=experiments/results/attention_variants.json
 
 Variants:
-- `model`: the package's attention (qkv rearranged to [3, b, t, h, d], einsums over b t h d, float32 softmax).
+- `model`: the package's attention as it is now. Until 1c67091 (the runs in the results JSON): qkv rearranged to
+  [3, b, t, h, d], einsums over b t h d, float32 softmax; since then heads first, as `heads_first` below.
 - `slices`: qkv reshaped to [b, t, 3, h, d] and sliced, no transpose of the whole projection.
 - `heads_first`: q, k, v transposed to [b, h, t, d] and multiplied with `@` (timm's layout).
 - `own_softmax`: the model's layout with softmax written out (exp of the row-max-shifted logits over their sum).
