@@ -71,56 +71,77 @@ def compiled_step(name: str, batch: int):
     if VARIANTS[name] is not None:
         vit.Attention = type(f"Attention_{name}", (MODEL_ATTENTION,), {"__call__": nn.compact(VARIANTS[name])})
     try:
-        model = models.create("deit_small_patch16_224")
-        images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 224, 224, 3)), jnp.float32)
-        params = model.init(jax.random.PRNGKey(0), images[:1], train=False)["params"]
-
-        def loss(p):
-            out = model.apply({"params": p}, images, train=False)
-            return jnp.mean((out[0] if isinstance(out, (tuple, list)) else out) ** 2)
-
-        step = jax.jit(jax.value_and_grad(loss))
-        start = time.perf_counter()
-        result = jax.block_until_ready(step(params))
-        return step, params, result, time.perf_counter() - start
+        return grad_step(batch)
     finally:
         vit.Attention = MODEL_ATTENTION
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def grad_step(batch: int):
+    """A DeiT-S built from the model code as it stands (patched or not), its forward and backward pass jitted
+    (loss mean(logits^2), `batch` random 224-px images): (step, params, first result, compile seconds)."""
+    model = models.create("deit_small_patch16_224")
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 224, 224, 3)), jnp.float32)
+    params = model.init(jax.random.PRNGKey(0), images[:1], train=False)["params"]
+
+    def loss(p):
+        out = model.apply({"params": p}, images, train=False)
+        return jnp.mean((out[0] if isinstance(out, (tuple, list)) else out) ** 2)
+
+    step = jax.jit(jax.value_and_grad(loss))
+    start = time.perf_counter()
+    result = jax.block_until_ready(step(params))
+    return step, params, result, time.perf_counter() - start
+
+
+def arguments(doc: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--out", default="")
-    args = parser.parse_args()
-    steps = {name: compiled_step(name, args.batch) for name in VARIANTS}
-    reference = jax.tree_util.tree_leaves_with_path(steps["model"][2][1])
-    times = {name: [] for name in VARIANTS}
-    for _ in range(args.rounds):
-        for name, (step, params, _, _) in steps.items():
+    return parser.parse_args()
+
+
+def in_turns(steps: dict, rounds: int) -> dict:
+    """Each compiled (step, params, ...) run once a round, in turns: name -> median seconds of rounds 3 on."""
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, (step, params, *_) in steps.items():
             start = time.perf_counter()
             jax.block_until_ready(step(params))
             times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(seconds[2:])) for name, seconds in times.items()}
+
+
+def save(path: str, doc: str, args: argparse.Namespace, rows: list) -> None:
+    """Appends this run's rows to the results JSON at `path` (its "runs")."""
+    record = {"what": doc.splitlines()[0], "batch": args.batch, "rounds": args.rounds,
+              "machine": f"{platform.processor() or platform.machine()}, {jax.device_count()} CPU device(s)",
+              "jax": jax.__version__, "rows": rows}
+    runs = []
+    try:
+        with open(path) as f:
+            runs = json.load(f)["runs"]
+    except FileNotFoundError:
+        pass
+    with open(path, "w") as f:
+        json.dump({"runs": runs + [record]}, f, indent=1)
+        f.write("\n")
+
+
+def main():
+    args = arguments(__doc__)
+    steps = {name: compiled_step(name, args.batch) for name in VARIANTS}
+    reference = jax.tree_util.tree_leaves_with_path(steps["model"][2][1])
+    medians = in_turns(steps, args.rounds)
     rows = []
     for name, (_, _, (loss, grads), compile_s) in steps.items():
         theirs = dict((jax.tree_util.keystr(k), v) for k, v in jax.tree_util.tree_leaves_with_path(grads))
         diff = max(float(jnp.max(jnp.abs(v - theirs[jax.tree_util.keystr(k)]))) for k, v in reference)
-        rows.append({"variant": name, "median_s": float(np.median(times[name][2:])), "compile_s": compile_s,
+        rows.append({"variant": name, "median_s": medians[name], "compile_s": compile_s,
                      "max_grad_diff": diff, "loss": float(loss)})
         print(f"{name:12s} {rows[-1]['median_s']:.4f} s  compile {compile_s:.1f} s  max grad diff {diff:.2e}")
     if args.out:
-        record = {"what": __doc__.splitlines()[0], "batch": args.batch, "rounds": args.rounds,
-                  "machine": f"{platform.processor() or platform.machine()}, {jax.device_count()} CPU device(s)",
-                  "jax": jax.__version__, "rows": rows}
-        runs = []
-        try:
-            with open(args.out) as f:
-                runs = json.load(f)["runs"]
-        except FileNotFoundError:
-            pass
-        with open(args.out, "w") as f:
-            json.dump({"runs": runs + [record]}, f, indent=1)
-            f.write("\n")
+        save(args.out, __doc__, args, rows)
 
 
 if __name__ == "__main__":
