@@ -93,6 +93,13 @@ def grad_step(batch: int):
     return step, params, result, time.perf_counter() - start
 
 
+def max_grad_diff(grads, reference) -> float:
+    """The largest absolute difference between two gradient trees, leaf by leaf matched on their paths."""
+    theirs = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(reference)}
+    return max(float(jnp.max(jnp.abs(v - theirs[jax.tree_util.keystr(k)])))
+               for k, v in jax.tree_util.tree_leaves_with_path(grads))
+
+
 def arguments(doc: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
@@ -131,12 +138,10 @@ def save(path: str, doc: str, args: argparse.Namespace, rows: list) -> None:
 def main():
     args = arguments(__doc__)
     steps = {name: compiled_step(name, args.batch) for name in VARIANTS}
-    reference = jax.tree_util.tree_leaves_with_path(steps["model"][2][1])
     medians = in_turns(steps, args.rounds)
     rows = []
     for name, (_, _, (loss, grads), compile_s) in steps.items():
-        theirs = dict((jax.tree_util.keystr(k), v) for k, v in jax.tree_util.tree_leaves_with_path(grads))
-        diff = max(float(jnp.max(jnp.abs(v - theirs[jax.tree_util.keystr(k)]))) for k, v in reference)
+        diff = max_grad_diff(grads, steps["model"][2][1])
         rows.append({"variant": name, "median_s": medians[name], "compile_s": compile_s,
                      "max_grad_diff": diff, "loss": float(loss)})
         print(f"{name:12s} {rows[-1]['median_s']:.4f} s  compile {compile_s:.1f} s  max grad diff {diff:.2e}")
