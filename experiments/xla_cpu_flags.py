@@ -27,6 +27,11 @@ VARIANTS = {
     "concurrency_scheduler": "--xla_cpu_enable_concurrency_optimized_scheduler=true",
     "ynn_fusions": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
     "fast_math": "--xla_cpu_enable_fast_math=true",
+    # Added 2026-12-05 (second batch): the compiler's runtime-first preset, the experimental tiling propagation
+    # of its tiled fusion emitter, and the older (pre-MLIR) fusion emitters in place of the new ones.
+    "opt_preset_fast_runtime": "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME",
+    "tiling_propagation": "--xla_cpu_experimental_enable_tiling_propagation=true",
+    "fusion_emitters_off": "--xla_cpu_use_fusion_emitters=false",
 }
 
 
