@@ -96,15 +96,16 @@ def install_tensorflow_standin() -> None:
 
 def batch_shapes(config) -> dict:
     """{name: (shape, dtype)} of a training batch of `config`, as its pipeline yields it (without building the
-    pipeline): DeiT an image and a label; DINO two global and `num_local` local crops, and the label."""
+    pipeline): DeiT an image (normalised) and a label; DINO two global and `num_local` local crops (uint8
+    levels, normalised in the step), and the label."""
     b = config.batch_size
     if config.method == "deit":
         side = config.data.image_size
         return {"image": ((b, side, side, 3), "float32"), "label": ((b,), "int32")}
     if config.method == "dino":
         mc = config.multicrop
-        views = {f"global_{i}": ((b, mc.global_size, mc.global_size, 3), "float32") for i in range(2)}
-        views.update({f"local_{i}": ((b, mc.local_size, mc.local_size, 3), "float32") for i in range(mc.num_local)})
+        views = {f"global_{i}": ((b, mc.global_size, mc.global_size, 3), "uint8") for i in range(2)}
+        views.update({f"local_{i}": ((b, mc.local_size, mc.local_size, 3), "uint8") for i in range(mc.num_local)})
         return {**views, "label": ((b,), "int32")}
     raise ValueError(f"no train step to measure for method {config.method!r}")
 
@@ -114,7 +115,7 @@ def random_batch_of(config, num_classes: int, seed: int = 0) -> dict:
 
     rng = np.random.RandomState(seed)
     return {name: (rng.randn(*shape).astype(dtype) if dtype == "float32"
-                   else rng.randint(0, num_classes, shape).astype(dtype))
+                   else rng.randint(0, 256 if dtype == "uint8" else num_classes, shape).astype(dtype))
             for name, (shape, dtype) in sorted(batch_shapes(config).items())}
 
 

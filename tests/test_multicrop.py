@@ -195,6 +195,35 @@ def test_views_names_shapes_and_determinism():
     assert not np.allclose(got["local_0"], got["local_1"])
 
 
+@pytest.mark.parametrize("image_ops", ["pil", "tf"])
+def test_training_views_are_levels_the_step_normalises_to_the_bit(image_ops):
+    """The DINO training pipeline ships uint8 levels; `normalize_levels` inside the jitted step must give the very
+    floats the pipeline's own normalisation (float32 (x - 255 mean) / (255 std), torchvision's) would have."""
+    import jax
+
+    from vitdistill.data import normalize_levels
+
+    image = sample_image("china", size=(80, 64))
+    seed = np.array([5, 2], np.int64)
+
+    def views(s, levels):
+        return mc.multicrop_views(image, s, global_size=32, local_size=16, num_local=2, image_ops=image_ops,
+                                  levels=levels)
+
+    levels = in_tf_data(lambda s: views(s, True), seed)
+    floats = in_tf_data(lambda s: views(s, False), seed)
+    on_device = jax.jit(lambda batch: {k: normalize_levels(v) for k, v in batch.items()})(levels)
+    for name in floats:
+        assert levels[name].dtype == np.uint8 and levels[name].std() > 5  # real images, not a constant
+        np.testing.assert_array_equal(np.asarray(on_device[name]), floats[name], err_msg=name)
+    # the formula written out: (level / 255 - mean) / std
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(np.asarray(on_device["global_0"]), (levels["global_0"] / 255.0 - mean) / std,
+                               atol=1e-5)
+    already = np.ones((2, 3), np.float32)
+    assert normalize_levels(already) is already  # float input counts as normalised
+
+
 def test_application_rates_and_crop_scales():
     height, width = 48, 64
     image = sample_image("flower", size=(width, height))

@@ -89,9 +89,10 @@ def dino_views(sources, boxes, sizes, flips, jitters, orders, factors, grays, bl
                       orders[v], factors[v], grays[v], blurs[v], sigmas[v], solarizes[v]) for v in range(len(sizes))]
 
 
-def tf_dino_views(sources, boxes, sizes, choices, *, active, method="bicubic"):
+def tf_dino_views(sources, boxes, sizes, choices, *, active, method="bicubic", dtype=tf.float32):
     """`dino_views` inside a TF graph, one `tf.numpy_function` for all the views of an image: each view's uint8
-    levels as float32 [size, size, 3]. `choices` are `multicrop.view_choices`' for each view."""
+    levels as `dtype` [size, size, 3] (tf.uint8: as Pillow made them, no cast). `choices` are
+    `multicrop.view_choices`' for each view."""
     def stack(key):
         return tf.stack([c[key] for c in choices])
 
@@ -107,7 +108,7 @@ def tf_dino_views(sources, boxes, sizes, choices, *, active, method="bicubic"):
         [tf.uint8] * len(sizes), stateful=False)
     if len(sizes) == 1 and not isinstance(views, (list, tuple)):
         views = [views]  # eagerly, a single output comes back bare
-    return [tf.cast(tf.ensure_shape(view, [size, size, 3]), tf.float32) for view, size in zip(views, sizes)]
+    return [tf.cast(tf.ensure_shape(view, [size, size, 3]), dtype) for view, size in zip(views, sizes)]
 
 
 # ----- DeiT: RandomResizedCrop, flip and timm's RandAugment (rand-m9-mstd0.5-inc1) as timm 0.3.2 calls Pillow -----

@@ -21,7 +21,7 @@ import optax
 from tensorflow.io import gfile
 
 from vitdistill import losses, models, weights
-from vitdistill.data import deit_transforms, multicrop, pipeline
+from vitdistill.data import deit_transforms, multicrop, normalize_levels, pipeline
 from vitdistill.data.sources import get_source
 from vitdistill.errors import ConfigError
 from vitdistill.evaluate import batched, knn
@@ -140,9 +140,10 @@ def step_rng(setup: DinoSetup, step):
 
 
 def train_step(state: DinoState, batch: dict, frozen=None, *, setup: DinoSetup):
-    """One DINO update: (state, {view name: crops}) -> (state, metrics). `frozen` is unused (no teacher input)."""
+    """One DINO update: (state, {view name: crops}) -> (state, metrics). `frozen` is unused (no teacher input).
+    Crops come as the pipeline makes them, uint8 levels normalised here (or float32, normalised already)."""
     del frozen
-    crops = [batch[name] for name in setup.views]
+    crops = [normalize_levels(batch[name]) for name in setup.views]
     global_crops = crops[:multicrop.NUM_GLOBAL_VIEWS]
     temp = setup.teacher_temp(state.step // setup.steps_per_epoch)
     teacher_out = teacher_outputs(state, global_crops, setup=setup)
@@ -197,7 +198,7 @@ def train_transform(config):
                              global_scale=tuple(mc.global_scale), local_scale=tuple(mc.local_scale),
                              num_local=mc.num_local, blur_sigma=tuple(mc.blur_sigma),
                              resize=deit_transforms.resize_of(config.data),
-                             image_ops=deit_transforms.image_ops_of(config.data))
+                             image_ops=deit_transforms.image_ops_of(config.data), levels=True)
 
 
 def knn_evaluator(config, mesh) -> Callable[..., dict]:
