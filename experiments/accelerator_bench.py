@@ -96,12 +96,13 @@ def install_tensorflow_standin() -> None:
 
 def batch_shapes(config) -> dict:
     """{name: (shape, dtype)} of a training batch of `config`, as its pipeline yields it (without building the
-    pipeline): DeiT an image (normalised) and a label; DINO two global and `num_local` local crops (uint8
-    levels, normalised in the step), and the label."""
+    pipeline): DeiT an image, its erase box (with erasing on) and a label; DINO two global and `num_local` local
+    crops, and the label. Images come as uint8 levels, normalised (and erased) in the step."""
     b = config.batch_size
     if config.method == "deit":
         side = config.data.image_size
-        return {"image": ((b, side, side, 3), "float32"), "label": ((b,), "int32")}
+        erase = {"erase": ((b, 6), "int32")} if config.augment.erase_prob > 0 else {}
+        return {"image": ((b, side, side, 3), "uint8"), **erase, "label": ((b,), "int32")}
     if config.method == "dino":
         mc = config.multicrop
         views = {f"global_{i}": ((b, mc.global_size, mc.global_size, 3), "uint8") for i in range(2)}
@@ -114,9 +115,14 @@ def random_batch_of(config, num_classes: int, seed: int = 0) -> dict:
     import numpy as np
 
     rng = np.random.RandomState(seed)
-    return {name: (rng.randn(*shape).astype(dtype) if dtype == "float32"
-                   else rng.randint(0, 256 if dtype == "uint8" else num_classes, shape).astype(dtype))
-            for name, (shape, dtype) in sorted(batch_shapes(config).items())}
+    def fill(name, shape, dtype):
+        if dtype == "float32":
+            return rng.randn(*shape).astype(dtype)
+        if name == "erase":
+            return np.zeros(shape, dtype)  # no erasing, as `pipeline.random_batch`
+        return rng.randint(0, 256 if dtype == "uint8" else num_classes, shape).astype(dtype)
+
+    return {name: fill(name, shape, dtype) for name, (shape, dtype) in sorted(batch_shapes(config).items())}
 
 
 def load_config(file: str, arg, overrides: dict, batch_scale: float):

@@ -25,7 +25,7 @@ def test_the_batch_shaped_from_the_config_is_the_pipeline_s(name):
         real = pipeline.random_batch(task.data, config.batch_size)
     shaped = accelerator_bench.random_batch_of(config, task.data.source.num_classes)
     assert {k: (v.shape, v.dtype) for k, v in shaped.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}
-    assert len(shaped) == (2 if config.method == "deit" else 13)  # DINO: 2 global + 10 local crops + the label
+    assert len(shaped) == (3 if config.method == "deit" else 13)  # DeiT: image, erase box, label; DINO: 12 crops, label
 
 
 def test_a_step_is_measured_without_tensorflow(tmp_path):

@@ -225,6 +225,60 @@ def test_deit_train_transform_composition():
     assert 0.01 < changed.mean() < 0.4
 
 
+@pytest.mark.parametrize("image_ops", ["pil", "tf"])
+def test_training_levels_and_erase_box_are_what_the_normalised_form_uses(image_ops):
+    """DeiT's training pipeline ships uint8 levels and the erase box; normalised on the device they must equal
+    the normalised form's image to the bit wherever the box leaves it, and the box must be where it erased."""
+    import jax
+
+    from vitdistill.data.device_ops import normalize_levels
+
+    image = sample_image("flower", size=(80, 60))
+    seeds = np.array([[k, 3] for k in range(12)], np.int64)
+    kwargs = dict(size=32, erase_prob=0.5, image_ops=image_ops)
+    floats = map_in_tf_data(lambda s: dt.deit_train_transform(image, s, **kwargs), seeds)
+    shipped = map_in_tf_data(lambda s: dt.deit_train_transform(image, s, levels=True, **kwargs), seeds)
+    assert shipped["image"].dtype == np.uint8 and shipped["erase"].shape == (12, 6)
+    normalised = np.asarray(jax.jit(normalize_levels)(shipped["image"]))
+    erased_any = 0
+    assert len(set(shipped["erase"][:, 5])) == 12  # each example its own noise seed
+    for f, n, (erase, top, left, height, width, _) in zip(floats, normalised, shipped["erase"]):
+        box = np.zeros((32, 32), bool)
+        if erase:
+            box[top:top + height, left:left + width] = True  # timm: img[:, top:top + h, left:left + w] = noise
+            erased_any += 1
+        np.testing.assert_array_equal(f[~box], n[~box])
+        assert np.all(f[box] != n[box]), "the normalised form erased elsewhere than the box says"
+    assert 0 < erased_any < 12
+
+
+def test_erase_boxes_fill_exactly_the_box_with_standard_normal_noise():
+    import jax
+
+    from vitdistill.data.device_ops import erase_boxes
+
+    images = np.full((3, 64, 48, 3), 7.0, np.float32)
+    boxes = np.array([[1, 5, 9, 40, 30, 11], [0, 0, 0, 64, 48, 12], [1, 63, 47, 1, 1, -13]], np.int32)
+    out = np.asarray(jax.jit(erase_boxes)(jax.random.key(0), images, boxes))
+    for image, (erase, top, left, height, width, _) in zip(out, boxes):
+        box = np.zeros((64, 48), bool)
+        if erase:
+            box[top:top + height, left:left + width] = True
+        assert np.all(image[~box] == 7.0) and np.all(image[box] != 7.0)
+    noise = out[0, 5:45, 9:39].reshape(-1, 3)  # 1,200 pixels x 3 channels
+    # N(0, 1): the mean within 4 standard errors, the standard deviation within 4 of its (sqrt(1 / 2n))
+    assert abs(noise.mean()) < 4 / np.sqrt(noise.size) and abs(noise.std() - 1) < 4 / np.sqrt(2 * noise.size)
+    assert stats.kstest(noise.ravel(), "norm").pvalue > 1e-3
+    assert abs(np.corrcoef(noise[:, 0], noise[:, 1])[0, 1]) < 4 / np.sqrt(len(noise))  # channels drawn apart
+    # the noise follows the example's seed, not its row: rows reversed, each image erased as before
+    reversed_out = np.asarray(erase_boxes(jax.random.key(0), images, boxes[::-1]))
+    np.testing.assert_array_equal(reversed_out[::-1], out)
+    other_seed = boxes.copy()
+    other_seed[0, 5] = 99
+    assert not np.array_equal(np.asarray(erase_boxes(jax.random.key(0), images, other_seed))[0], out[0])
+    assert not np.array_equal(np.asarray(erase_boxes(jax.random.key(1), images, boxes))[0], out[0])
+
+
 def test_the_384_fine_tuning_recipe_evaluates_as_deits_build_transform():
     """DeiT's build_transform(is_train=False) with input_size 384, eval_crop_ratio 0.875:
     Resize(int(384 / 0.875) = 438, bicubic), CenterCrop(384)."""

@@ -32,13 +32,15 @@ MOMENTS_ATOL = 1e-4
 
 
 def _the_fixtures_code(monkeypatch):
-    """Six deliberate changes since the fixtures were written, undone for the reproduction so that it keeps
+    """Seven deliberate changes since the fixtures were written, undone for the reproduction so that it keeps
     checking everything else: mixup draws per device (the test's config sets one group), the CutMix box
     follows timm 0.3.2 (the fixtures' code used later timm's, a pixel longer on odd sides), weights start
     from timm's trunc_normal_(std=.02) (the fixtures' code used Flax's truncated_normal(0.02), truncated at
     2 standard deviations), and every resize is PIL's, in uint8 levels (the fixtures' code kept TF's float
     resize, unrounded), RandAugment applied by Pillow (the fixtures' code: TF ops, image_ops='tf'
-    here) and erasing's noise drawn for the box alone (the fixtures' code drew a whole image's)."""
+    here), erasing's noise drawn for the box alone (the fixtures' code drew a whole image's), and DeiT's
+    images normalised and erased in the pipeline (today's ships uint8 levels and the erase box; the step
+    normalises and draws the noise, from JAX's generator instead of TF's)."""
     import functools
 
     import flax.linen as nn
@@ -62,6 +64,13 @@ def _the_fixtures_code(monkeypatch):
         noise = tf.random.stateless_normal(shape, noise_seed, dtype=image.dtype)
         return tf.cond(erase, lambda: tf.where(inside, noise, image), lambda: image)
 
+    in_the_pipeline = deit_transforms.deit_train_transform
+
+    def normalised_and_erased_in_the_pipeline(image, seed, *, levels=False, **kwargs):
+        del levels
+        return {"image": in_the_pipeline(image, seed, **kwargs)}  # float32: the step takes it as it is
+
+    monkeypatch.setattr(deit_transforms, "deit_train_transform", normalised_and_erased_in_the_pipeline)
     monkeypatch.setattr(deit_transforms, "resize_levels", unrounded_resize)
     monkeypatch.setattr(deit_transforms, "random_erasing", full_image_noise_erasing)
     monkeypatch.setattr(deit_transforms, "image_ops_of", lambda data: "tf")

@@ -201,7 +201,7 @@ def test_training_views_are_levels_the_step_normalises_to_the_bit(image_ops):
     floats the pipeline's own normalisation (float32 (x - 255 mean) / (255 std), torchvision's) would have."""
     import jax
 
-    from vitdistill.data import normalize_levels
+    from vitdistill.data.device_ops import normalize_levels
 
     image = sample_image("china", size=(80, 64))
     seed = np.array([5, 2], np.int64)

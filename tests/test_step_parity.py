@@ -695,10 +695,23 @@ def _deit_recipe_config(kind, alpha, tau):
     return config
 
 
-def _deit_batch(config, num_classes, seed):
+def _deit_batch(config, num_classes, seed, levels=False):
+    """Normal images, or with `levels` uint8 levels as the training pipeline ships them (erase boxes off)."""
     rng = np.random.RandomState(100 + seed)
     s, b = config.data.image_size, config.batch_size
-    return {"image": rng.randn(b, s, s, 3).astype(np.float32), "label": rng.randint(0, num_classes, b).astype(np.int32)}
+    images = rng.randint(0, 256, (b, s, s, 3)).astype(np.uint8) if levels else rng.randn(b, s, s, 3).astype(np.float32)
+    batch = {"image": images, "label": rng.randint(0, num_classes, b).astype(np.int32)}
+    if levels:
+        batch["erase"] = np.zeros((b, 6), np.int32)
+    return batch
+
+
+def torchvision_normalised(batch):
+    """The batch as the official pipeline hands its levels to the model: ToTensor (/ 255), Normalize (ImageNet)."""
+    functional = pytest.importorskip("torchvision.transforms.functional")
+    images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).float().div(255)
+    images = functional.normalize(images, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    return {**batch, "image": images.permute(0, 2, 3, 1).numpy()}
 
 
 DEIT_CASES = {
@@ -707,6 +720,8 @@ DEIT_CASES = {
     "soft": (("soft", 0.3, 3.0), _deit_config, STEPS),
     "hard, mixup/cutmix, drop path, per-epoch lr, EMA": (("hard", 0.5, 1.0), _deit_recipe_config, 4),
     "soft, mixup/cutmix, drop path, per-epoch lr, EMA": (("soft", 0.5, 1.0), _deit_recipe_config, 4),
+    # the training pipeline's form: uint8 levels, normalised in the step; the reference gets torchvision's
+    "hard, uint8 levels normalised in the step": (("hard", 0.5, 1.0), _deit_config, 2),
 }
 
 
@@ -723,8 +738,9 @@ def test_deit_steps_match_official_pytorch(tmp_path, case):
                              groups=setup.mixing.groups)
     train_step = jax.jit(task.train_step)
     lr_sum, modes, dropped = 0.0, set(), 0
+    levels = "uint8 levels" in case
     for it in range(steps):
-        batch = _deit_batch(config, num_classes, it)
+        batch = _deit_batch(config, num_classes, it, levels=levels)
         mix_rng, drop_rng = deit.step_rngs(setup, it)
         draws, masks = None, []
         if setup.mixing.mixes:
@@ -738,7 +754,7 @@ def test_deit_steps_match_official_pytorch(tmp_path, case):
             dropped += sum(int((~keep).sum()) for _, keep in masks)
         state, metrics = train_step(state, batch, task.frozen)
         metrics = jax.device_get(metrics)
-        want = reference.step(it, batch, draws, masks)
+        want = reference.step(it, torchvision_normalised(batch) if levels else batch, draws, masks)
         lr_sum += want["lr"]
         print(f"DeiT {case} step {it}: loss {float(metrics['loss']):.7f} vs {want['loss']:.7f}, "
               f"lr {float(metrics['lr']):.4e} vs {want['lr']:.4e}")

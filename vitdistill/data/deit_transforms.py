@@ -176,6 +176,17 @@ def sample_erase_box(seed, height, width, *, p=0.25, scale=(0.02, 1 / 3), ratio=
     return erase, _random_int(top_seed, height - erase_h), _random_int(left_seed, width - erase_w), erase_h, erase_w
 
 
+def erase_box(seed, height, width, p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), max_attempts=10):
+    """The box `random_erasing` with this seed erases, as int32 [6] (`device_ops.ERASE_FIELDS`: erase, top,
+    left, height, width, and a seed for its noise from the one `random_erasing` draws it with), for
+    `device_ops.erase_boxes` to fill in the step."""
+    box_seed, noise_seed = split_seed(seed, 2)
+    erase, top, left, erase_h, erase_w = sample_erase_box(box_seed, height, width, p=p, scale=scale, ratio=ratio,
+                                                          attempts=max_attempts)
+    noise = tf.random.stateless_uniform([], noise_seed, minval=None, maxval=None, dtype=tf.int32)
+    return tf.stack([tf.cast(erase, tf.int32), top, left, erase_h, erase_w, noise])
+
+
 def random_erasing(image_normalised, seed, p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), max_attempts=10):
     """timm RandomErasing(p, mode='pixel', max_count=1) on a normalised image: one box of N(0, 1) noise."""
     box_seed, noise_seed = split_seed(seed, 2)
@@ -195,19 +206,9 @@ def random_erasing(image_normalised, seed, p=0.25, scale=(0.02, 1 / 3), ratio=(0
     return tf.cond(erase, erased, lambda: image_normalised)
 
 
-def deit_train_transform(image_uint8, seed, *, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                         interpolation="bicubic", hflip=0.5, rand_augment=True, ra_num_ops=2,
-                         ra_magnitude=9.0, ra_magnitude_std=0.5, ra_prob=0.5, erase_prob=0.25, resize="pil",
-                         image_ops="pil"):
-    """DeiT's training augmentation of one image -> float32 [size, size, 3], normalised.
-
-    Keywords are named like `config.augment`; `hflip=0`, `rand_augment=False` (or None) and
-    `erase_prob=0` switch those steps off. `image_ops` says who applies the crop, flip and RandAugment
-    drawn here: 'pil' Pillow's own calls, as timm 0.3.2 makes them (`pil_ops.deit_view`; the crop's resize
-    too unless resize='tf'), 'tf' the TF ops (`resize_levels`, `randaugment`). Erasing, on the normalised
-    tensor as in timm, is TF's in both.
-    """
-    crop_seed, flip_seed, ra_seed, erase_seed = split_seed(seed, 4)
+def _deit_levels(image_uint8, crop_seed, flip_seed, ra_seed, *, size, scale, ratio, interpolation, hflip,
+                 rand_augment, ra_num_ops, ra_magnitude, ra_magnitude_std, ra_prob, resize, image_ops, dtype):
+    """The crop, flip and RandAugment of `deit_train_transform`: the view's levels as `dtype` (float32 or uint8)."""
     if image_ops == "pil":
         shape = tf.shape(image_uint8)
         box = tf.stack(sample_crop_box(crop_seed, shape[0], shape[1], scale=scale, ratio=ratio))
@@ -219,15 +220,44 @@ def deit_train_transform(image_uint8, seed, *, size=224, scale=(0.08, 1.0), rati
         else:
             params = {"op": tf.zeros([0], tf.int32), "apply": tf.zeros([0], tf.bool),
                       "magnitude": tf.zeros([0]), "sign": tf.zeros([0])}
-        image = pil_ops.tf_deit_view(image_uint8, box, size, flip, params, fill=RA_FILL, method=interpolation)
-    else:
-        image = random_resized_crop(image_uint8, crop_seed, size, scale=scale, ratio=ratio, method=interpolation,
-                                    resize=resize)
-        if hflip > 0:
-            image = horizontal_flip(image, flip_seed, p=hflip)
-        if rand_augment:
-            image = _rand_augment(image, ra_seed, num_ops=ra_num_ops, magnitude=ra_magnitude,
-                                  magnitude_std=ra_magnitude_std, prob=ra_prob, interpolation=interpolation)
+        return pil_ops.tf_deit_view(image_uint8, box, size, flip, params, fill=RA_FILL, method=interpolation,
+                                    dtype=dtype)
+    image = random_resized_crop(image_uint8, crop_seed, size, scale=scale, ratio=ratio, method=interpolation,
+                                resize=resize)
+    if hflip > 0:
+        image = horizontal_flip(image, flip_seed, p=hflip)
+    if rand_augment:
+        image = _rand_augment(image, ra_seed, num_ops=ra_num_ops, magnitude=ra_magnitude,
+                              magnitude_std=ra_magnitude_std, prob=ra_prob, interpolation=interpolation)
+    return image if dtype == tf.float32 else tf.saturate_cast(tf.round(image), dtype)  # whole levels: exact
+
+
+def deit_train_transform(image_uint8, seed, *, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                         interpolation="bicubic", hflip=0.5, rand_augment=True, ra_num_ops=2,
+                         ra_magnitude=9.0, ra_magnitude_std=0.5, ra_prob=0.5, erase_prob=0.25, resize="pil",
+                         image_ops="pil", levels=False):
+    """DeiT's training augmentation of one image -> float32 [size, size, 3], normalised.
+
+    Keywords are named like `config.augment`; `hflip=0`, `rand_augment=False` (or None) and
+    `erase_prob=0` switch those steps off. `image_ops` says who applies the crop, flip and RandAugment
+    drawn here: 'pil' Pillow's own calls, as timm 0.3.2 makes them (`pil_ops.deit_view`; the crop's resize
+    too unless resize='tf'), 'tf' the TF ops (`resize_levels`, `randaugment`). Erasing, on the normalised
+    tensor as in timm, is TF's in both.
+
+    With `levels` (DeiT's training pipeline): {'image': the uint8 levels before normalisation, 'erase': the
+    erase box drawn for them (`erase_box`, only with `erase_prob` > 0)}, for the step to normalise and erase
+    (`device_ops`). The image and the box are those the normalised form uses; only the noise is drawn elsewhere.
+    """
+    crop_seed, flip_seed, ra_seed, erase_seed = split_seed(seed, 4)
+    image = _deit_levels(image_uint8, crop_seed, flip_seed, ra_seed, size=size, scale=scale, ratio=ratio,
+                         interpolation=interpolation, hflip=hflip, rand_augment=rand_augment, ra_num_ops=ra_num_ops,
+                         ra_magnitude=ra_magnitude, ra_magnitude_std=ra_magnitude_std, ra_prob=ra_prob,
+                         resize=resize, image_ops=image_ops, dtype=tf.uint8 if levels else tf.float32)
+    if levels:
+        out = {"image": image}
+        if erase_prob > 0:
+            out["erase"] = erase_box(erase_seed, size, size, p=erase_prob)
+        return out
     image = normalize(image)
     if erase_prob > 0:
         image = random_erasing(image, erase_seed, p=erase_prob)

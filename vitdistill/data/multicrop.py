@@ -281,7 +281,7 @@ def multicrop_views(image_uint8, seed, *, global_size=224, local_size=96, global
     """DINO's views of one image: {'global_0', 'global_1', 'local_0', ..., 'local_{num_local-1}'}.
 
     Each view normalised (float32), or with `levels` its uint8 levels, for the train step to normalise on the
-    device (`normalize_levels`): the DINO training pipeline's form, which leaves 10 views' cast and
+    device (`device_ops.normalize_levels`): the DINO training pipeline's form, which leaves 10 views' cast and
     normalisation (1.6 of the 2.5 ms of TF work an image at 2x224 + 8x96, one core) off the host and ships a
     quarter of the bytes. `global_*_probs` hold one probability per global view. With `return_params`,
     returns (views, params) where params[name] records each view's crop box and which ops were applied.

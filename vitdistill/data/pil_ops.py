@@ -185,10 +185,10 @@ def deit_view(image, box, size, method, flip, ops, applies, magnitudes, signs, f
     return np.asarray(picture, np.uint8)
 
 
-def tf_deit_view(image_uint8, box, size: int, flip, params, *, fill, method="bicubic"):
-    """`deit_view` inside a TF graph (one `tf.numpy_function`): float32 levels [size, size, 3]. `params` are
+def tf_deit_view(image_uint8, box, size: int, flip, params, *, fill, method="bicubic", dtype=tf.float32):
+    """`deit_view` inside a TF graph (one `tf.numpy_function`): its levels as `dtype` [size, size, 3]. `params` are
     `randaugment.sample_params`' (empty [0]-shaped ones for no RandAugment)."""
     view = tf.numpy_function(
         deit_view, [image_uint8, box, size, method, flip, params["op"], params["apply"], params["magnitude"],
                     params["sign"], tf.constant(fill, tf.int32)], tf.uint8, stateful=False)
-    return tf.cast(tf.ensure_shape(view, [size, size, 3]), tf.float32)
+    return tf.cast(tf.ensure_shape(view, [size, size, 3]), dtype)

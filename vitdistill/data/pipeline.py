@@ -138,7 +138,7 @@ def train_dataset(source: Source, transform: Transform, *, seed: int, global_bat
 def random_batch(data: TrainData, global_batch: int, seed: int = 0) -> dict:
     """Random numpy inputs shaped as `data`'s training batches of `global_batch` examples (from the
     pipeline's element spec): normal images (uint8 ones uniform over 0..255), labels uniform over the source's
-    classes. For benchmarks and tests of a step."""
+    classes, DeiT's erase boxes all off. For benchmarks and tests of a step."""
     import numpy as np
 
     spec = train_dataset(data.source, data.transform, seed=0, global_batch=global_batch,
@@ -151,6 +151,8 @@ def random_batch(data: TrainData, global_batch: int, seed: int = 0) -> dict:
             batch[name] = rng.randn(*shape).astype(dtype)
         elif dtype == np.uint8:
             batch[name] = rng.randint(0, 256, shape).astype(dtype)
+        elif name == "erase":
+            batch[name] = np.zeros(shape, dtype)
         else:
             batch[name] = rng.randint(0, data.source.num_classes, shape).astype(dtype)
     return batch

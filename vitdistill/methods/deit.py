@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from vitdistill import losses, models, weights
-from vitdistill.data import deit_transforms, mixup, pipeline
+from vitdistill.data import deit_transforms, device_ops, mixup, pipeline
 from vitdistill.data.sources import Source, get_source
 from vitdistill.errors import ConfigError
 from vitdistill.evaluate import batched
@@ -195,11 +195,27 @@ def step_rngs(setup: DeitSetup, step):
     return mix_rng, drop_rng
 
 
+def erase_rng(setup: DeitSetup):
+    """The random-erasing noise key, which `device_ops.erase_boxes` folds with each example's own noise seed
+    (drawn in the pipeline from its stream position, so a resumed run, or one on another topology, erases
+    alike). A stream of its own: `step_rngs`' keys are as they were before the erasing moved into the step."""
+    return jax.random.key(setup.seed + 2)
+
+
+def train_images(batch: dict, rng):
+    """The batch's images as the model takes them: the pipeline's uint8 levels normalised, and its erase boxes
+    (if any) filled with noise (`device_ops`); float32 images pass as they are (normalised, erased already)."""
+    images = device_ops.normalize_levels(batch["image"])
+    if "erase" in batch:
+        images = device_ops.erase_boxes(rng, images, batch["erase"])
+    return images
+
+
 def train_step(state: DeitState, batch: dict, teacher_variables, *, setup: DeitSetup):
-    """One DeiT update: (state, {'image', 'label'}, the teacher's variables or {}) -> (state, metrics)."""
+    """One DeiT update: (state, {'image', 'label'[, 'erase']}, the teacher's variables or {}) -> (state, metrics)."""
     mix_rng, drop_rng = step_rngs(setup, state.step)
-    images, targets = mixed_targets(mix_rng, batch["image"], batch["label"], num_classes=setup.num_classes,
-                                    mixing=setup.mixing)
+    images, targets = mixed_targets(mix_rng, train_images(batch, erase_rng(setup)), batch["label"],
+                                    num_classes=setup.num_classes, mixing=setup.mixing)
     teacher_logits = None
     if setup.teacher is not None:
         teacher_logits = jax.lax.stop_gradient(setup.teacher.apply(teacher_variables, images, train=False))
@@ -239,8 +255,9 @@ def train_transform(config):
         deit_transforms.deit_train_transform, size=config.data.image_size, scale=tuple(aug.scale),
         ratio=tuple(aug.ratio), hflip=aug.hflip, rand_augment=aug.rand_augment, ra_num_ops=aug.ra_num_ops,
         ra_magnitude=aug.ra_magnitude, ra_magnitude_std=aug.ra_magnitude_std, erase_prob=aug.erase_prob,
-        resize=deit_transforms.resize_of(config.data), image_ops=deit_transforms.image_ops_of(config.data))
-    return lambda image, seed: {"image": augment(image, seed)}
+        resize=deit_transforms.resize_of(config.data), image_ops=deit_transforms.image_ops_of(config.data),
+        levels=True)
+    return augment  # {'image': uint8 levels, 'erase': the erase box}: the step normalises and erases
 
 
 def eval_transform(config):

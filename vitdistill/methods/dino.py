@@ -21,7 +21,8 @@ import optax
 from tensorflow.io import gfile
 
 from vitdistill import losses, models, weights
-from vitdistill.data import deit_transforms, multicrop, normalize_levels, pipeline
+from vitdistill.data import deit_transforms, multicrop, pipeline
+from vitdistill.data.device_ops import normalize_levels
 from vitdistill.data.sources import get_source
 from vitdistill.errors import ConfigError
 from vitdistill.evaluate import batched, knn
