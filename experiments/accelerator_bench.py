@@ -112,17 +112,9 @@ def batch_shapes(config) -> dict:
 
 
 def random_batch_of(config, num_classes: int, seed: int = 0) -> dict:
-    import numpy as np
+    from vitdistill.data import pipeline
 
-    rng = np.random.RandomState(seed)
-    def fill(name, shape, dtype):
-        if dtype == "float32":
-            return rng.randn(*shape).astype(dtype)
-        if name == "erase":
-            return np.zeros(shape, dtype)  # no erasing, as `pipeline.random_batch`
-        return rng.randint(0, 256 if dtype == "uint8" else num_classes, shape).astype(dtype)
-
-    return {name: fill(name, shape, dtype) for name, (shape, dtype) in sorted(batch_shapes(config).items())}
+    return pipeline.random_arrays(batch_shapes(config), num_classes, seed)
 
 
 def load_config(file: str, arg, overrides: dict, batch_scale: float):

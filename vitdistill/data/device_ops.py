@@ -37,10 +37,11 @@ def erase_boxes(rng, images, boxes):
     set, its rows top:top+height and columns left:left+width get N(0, 1) noise, every pixel and channel its own
     draw. An image's noise comes from `rng` folded with its box's `noise_seed`, so it follows the example, not
     its row: the same whatever the batch's order, its split over devices or the step."""
-    erase, top, left, height, width = (boxes[:, i].astype(jnp.int32)[:, None, None, None] for i in range(5))
+    fields = dict(zip(ERASE_FIELDS, (boxes[:, i].astype(jnp.int32) for i in range(len(ERASE_FIELDS)))))
+    erase, top, left, height, width = (fields[k][:, None, None, None] for k in ERASE_FIELDS[:5])
     rows = jnp.arange(images.shape[1], dtype=jnp.int32)[None, :, None, None]
     cols = jnp.arange(images.shape[2], dtype=jnp.int32)[None, None, :, None]
     inside = (erase > 0) & (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
-    keys = jax.vmap(lambda seed: jax.random.fold_in(rng, seed))(boxes[:, 5].astype(jnp.uint32))
+    keys = jax.vmap(lambda seed: jax.random.fold_in(rng, seed))(fields["noise_seed"].astype(jnp.uint32))
     noise = jax.vmap(lambda key: jax.random.normal(key, images.shape[1:], images.dtype))(keys)
     return jnp.where(inside, noise, images)

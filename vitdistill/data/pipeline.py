@@ -137,16 +137,23 @@ def train_dataset(source: Source, transform: Transform, *, seed: int, global_bat
 
 def random_batch(data: TrainData, global_batch: int, seed: int = 0) -> dict:
     """Random numpy inputs shaped as `data`'s training batches of `global_batch` examples (from the
-    pipeline's element spec): normal images (uint8 ones uniform over 0..255), labels uniform over the source's
-    classes, DeiT's erase boxes all off. For benchmarks and tests of a step."""
-    import numpy as np
-
+    pipeline's element spec), as `random_arrays` fills them. For benchmarks and tests of a step."""
     spec = train_dataset(data.source, data.transform, seed=0, global_batch=global_batch,
                          repeats=data.repeats).element_spec
+    shapes = {name: (tuple(s.shape), s.dtype.as_numpy_dtype) for name, s in spec.items()}
+    return random_arrays(shapes, data.source.num_classes, seed)
+
+
+def random_arrays(shapes: dict, num_classes: int, seed: int = 0) -> dict:
+    """{name: (shape, dtype)} -> random numpy arrays, filled in name order: normal images (uint8 ones uniform
+    over 0..255), labels uniform over `num_classes`, DeiT's erase boxes all off. Needs no TensorFlow
+    (experiments/accelerator_bench.py shapes its batches from the config)."""
+    import numpy as np
+
     rng = np.random.RandomState(seed)
     batch = {}
-    for name in sorted(spec):
-        shape, dtype = tuple(spec[name].shape), spec[name].dtype.as_numpy_dtype
+    for name in sorted(shapes):
+        shape, dtype = shapes[name][0], np.dtype(shapes[name][1])
         if np.issubdtype(dtype, np.floating):
             batch[name] = rng.randn(*shape).astype(dtype)
         elif dtype == np.uint8:
@@ -154,7 +161,7 @@ def random_batch(data: TrainData, global_batch: int, seed: int = 0) -> dict:
         elif name == "erase":
             batch[name] = np.zeros(shape, dtype)
         else:
-            batch[name] = rng.randint(0, data.source.num_classes, shape).astype(dtype)
+            batch[name] = rng.randint(0, num_classes, shape).astype(dtype)
     return batch
 
 
