@@ -9,7 +9,8 @@ initialised). `pipeline_{method}`: the tf.data pipeline alone (decode + the conf
 by scikit-learn's two sample JPEGs as PyTorch's reference pipeline is.
 
 Every line carries `what`, `images_per_sec` (source images), `step_ms` (median), `flops_per_step` (XLA's
-count for the step, 0 for the pipeline), `peak_rss_mb` and the device; a step also `compile_s`,
+count for the step, 0 for the pipeline), `peak_rss_mb`, `allocator` (the malloc library the process has
+mapped: see vitdistill/allocator.py) and the device; a step also `compile_s`,
 `tflops_per_sec`, `matmul_peak_tflops` (a large matmul in the step's compute dtype, timed in the same
 run) and `utilisation` (their ratio), and `device_peak_mb` where the backend reports its memory.
 
@@ -30,6 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+from vitdistill import allocator  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file, configs/NAME.py[:ARG].", lock_config=False)
@@ -148,7 +150,8 @@ class StepBench:
                 "images_per_sec": config.batch_size / seconds, "step_ms": 1000 * seconds,
                 "flops_per_step": self.flops, "tflops_per_sec": tflops, "matmul_peak_tflops": self.peak,
                 "utilisation": tflops / self.peak, "compile_s": self.compile_s, "peak_rss_mb": peak_rss_mb(),
-                "device_peak_mb": device_peak_mb(), "device": self.device, "devices": jax.device_count()}
+                "device_peak_mb": device_peak_mb(), "device": self.device, "devices": jax.device_count(),
+                "allocator": allocator.in_use()}
 
 
 class PipelineBench:
@@ -173,7 +176,7 @@ class PipelineBench:
         extra = {"n_local": config.multicrop.num_local} if config.method == "dino" else {}
         return {"what": f"pipeline_{config.method}", "batch": config.batch_size, **extra,
                 "images_per_sec": config.batch_size / seconds, "step_ms": 1000 * seconds, "flops_per_step": 0,
-                "peak_rss_mb": peak_rss_mb(), "cpus": os.cpu_count()}
+                "peak_rss_mb": peak_rss_mb(), "cpus": os.cpu_count(), "allocator": allocator.in_use()}
 
 
 def default_reference() -> str:
@@ -278,4 +281,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    allocator.reexec_under_tcmalloc()  # as vitdistill.main runs: see vitdistill/allocator.py
     app.run(main)

@@ -178,4 +178,7 @@ def _parse_flags(argv):
 
 
 if __name__ == "__main__":
+    from vitdistill import allocator
+
+    allocator.reexec_under_tcmalloc()  # XLA:CPU's per-step temporaries: see vitdistill/allocator.py
     app.run(main, flags_parser=_parse_flags)
