@@ -293,6 +293,10 @@ def _steps_per_epoch(facts: DataFacts, batch_size: int) -> int:
 # worse there by more than 1.5 points on the mean of 3 seeds: 0.99 gained +8.04, +7.35, +6.96 (mean 7.45) against
 # +6.19, +8.92, +7.81 (7.64), on fewer than 8 outputs at 1, 0, 0 logged steps against 9, 16, 5; seed 2 warned
 # of a drift towards uniform at step 660 (row entropy 76 % of log K) and still gained +6.96.
+# Bracketed later on the held-out sets at the halved lr (four seeds each, experiments/results/README.md): 0.98
+# lost (28-px letters mean +6.98 against +7.85, 10-class 8-px letters +2.78 against +4.86), and the official
+# 0.996 left the teacher near its initialisation (28-px letters +0.93: over 1,200 steps its momentum sums
+# 1 - m to about 2.4, so it still holds about 9 % of its initial weights at the end).
 # The quick starts (`small_dino`) keep the plain rule they were measured with (digits: 0.96, k-NN 70.19).
 MIN_SMALL_MOMENTUM = 0.99
 
