@@ -3,7 +3,7 @@
     python -m vitdistill.main --config=configs/dino_small_data.py --workdir=DIR \
         [--config.data.source=folder --config.data.data_dir=ROOT]   # ROOT/train/<class>/*, ROOT/val/<class>/*
 
-By default scikit-learn's digits (no download). A micro ViT learns from 2 global crops of 16 tokens and 4
+By default scikit-learn's digits (no download). A micro ViT learns from 2 global crops of 16 tokens and 6
 local crops of 4 tokens for 1,200 steps at batch 64 (`--config.small_data.steps=N`), about 10 minutes on 2
 CPU cores whatever the data, at 16 px in 4-px patches whatever the images' side. The output dimension, run
 length in epochs, warm-up, frozen last layer and teacher momentum follow from the training split's size by
