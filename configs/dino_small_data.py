@@ -6,7 +6,7 @@
 By default scikit-learn's digits (no download). A micro ViT learns from 2 global crops of 16 tokens and 6
 local crops of 4 tokens for 1,200 steps at batch 64 (`--config.small_data.steps=N`), about 10 minutes on 2
 CPU cores whatever the data, at 16 px in 4-px patches whatever the images' side. The output dimension, run
-length in epochs, warm-up, frozen last layer and teacher momentum follow from the training split's size by
+length in epochs, warm-up, frozen last layer, teacher momentum and lr follow from the training split's size by
 the rules of `small_data.dino_settings` (the first line of the run prints what they chose); a value given on
 the command line is kept. k-NN (k 20, T 0.07) is measured at initialisation and at the end; the labels are
 used for nothing else. The same recipe, unchanged, is the README's three-dataset table

@@ -57,6 +57,27 @@ def test_a_recipe_is_sized_from_its_training_split(source, side, images, classes
     assert "peak lr 3.125e-05 (optim.lr 0.000125 given" in small_data.describe(config, chosen)
 
 
+def test_dino_doubles_the_linear_rule_for_a_run_of_fewer_than_two_passes():
+    def lr(images, steps=1200, batch=64):
+        return small_data.dino_settings(small_data.DataFacts("", images, 28, 10), steps=steps, batch_size=batch)[
+            "optim.lr"]
+
+    # optim.lr is given for a batch of 256: 5e-4 is the linear rule (1.25e-4 applied at 64), 1e-3 twice it.
+    assert lr(60_000) == 1e-3                  # Fashion-MNIST: 1,200 x 64 / 60,000 = 1.28 passes
+    assert lr(38_400) == 5e-4                  # exactly 2 passes keeps the rule
+    assert lr(10_400) == lr(1_438) == 5e-4     # the 28-px letters (7.4 passes), digits (53)
+    assert lr(60_000, steps=2400) == 5e-4      # the same data over a longer run: 2.56 passes
+    config = small_data.small_dino_recipe("digits")
+    config.lock()
+    config.optim.lr = 2e-3                     # as --config.optim.lr=2e-3 would: kept
+    config.small_data.steps = 20               # 20 x 64 / 1,438 = 0.89 passes
+    chosen = small_data.size_to_data(config)
+    assert config.optim.lr == 2e-3 and "optim.lr" not in chosen
+    config = small_data.small_dino_recipe("digits", steps=20)
+    chosen = small_data.size_to_data(config)
+    assert config.optim.lr == chosen["optim.lr"] == 1e-3
+
+
 def test_settings_given_on_the_command_line_are_kept_and_the_teacher_reads_the_students_data():
     config = small_data.small_deit_recipe("digits", distill="hard", steps=600)
     config.lock()
