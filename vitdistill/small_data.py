@@ -442,7 +442,8 @@ def small_dino_recipe(source: str = "digits", *, steps: int = STEP_BUDGET) -> Co
     those in about half a minute on 2 CPU cores. (It was 10,000 and 2,000 until 2026-12-04: on Fashion-MNIST,
     2,000 queries put a standard error of about 1 point on each accuracy.)"""
     config = small_dino(source, image_size=16, local_size=8, num_local=SMALL_DINO_LOCAL_CROPS, epochs=1.0)
-    config.optim.lr, config.optim.lr_reference_batch = SMALL_DINO_LR  # min_lr stays small_dino's 2.5e-6
+    # optim.lr is sized to the data (`dino_lr`), given for this batch; min_lr stays small_dino's 2.5e-6
+    config.optim.lr_reference_batch = SMALL_DINO_LR[1]
     config.knn.train_limit = 60_000
     config.knn.eval_limit = 10_000
     return _mark(config, steps=steps, kind="dino")
