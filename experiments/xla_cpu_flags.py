@@ -32,6 +32,14 @@ VARIANTS = {
     "opt_preset_fast_runtime": "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME",
     "tiling_propagation": "--xla_cpu_experimental_enable_tiling_propagation=true",
     "fusion_emitters_off": "--xla_cpu_use_fusion_emitters=false",
+    # Added 2026-12-06 (third batch): oneDNN's fusions, which `--xla_cpu_use_onednn=true` alone does not turn on
+    # (the dots stay YNNPACK fusions; with a fusion type they become `onednn_fusion`s), and the memory-optimised
+    # scheduler.
+    "onednn_dot": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot",
+    "onednn_dot_eltwise": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot,eltwise",
+    "onednn_dot_eltwise_reduce":
+        "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce",
+    "memory_scheduler": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
 }
 
 

@@ -177,6 +177,18 @@ def _dense(features, dtype, param_dtype, name):
                     dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+def _on_rows(layer, x):
+    """`layer` (a per-token Dense) applied to the tokens [..., c] as one [n, c] matrix, reshaped back.
+
+    The same numbers, and a faster backward pass on XLA:CPU: with [b, t, c] activations the weight gradient
+    contracts two dimensions, and XLA:CPU then materialises a transposed copy of the activation gradient for
+    it (for fc1 a [1536, b t] copy, with GELU's backward fusion computed twice). On rows the gradient is one
+    plain contraction. DeiT-S forward and backward at batch 4: 578.6 -> 540.0 ms (in turns in one process,
+    medians of 10 rounds; `experiments/token_rows.py`, README's speed section)."""
+    y = layer(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection; also returns the softmax weights, or None
     where a fused kernel ran.
@@ -199,7 +211,7 @@ class Attention(nn.Module):
     def __call__(self, x, *, train: bool):
         dim = x.shape[-1]
         head_dim = dim // self.num_heads
-        qkv = _dense(3 * dim, self.dtype, self.param_dtype, 'qkv')(x)
+        qkv = _on_rows(_dense(3 * dim, self.dtype, self.param_dtype, 'qkv'), x)
         kernel = fused_attention_kernel(qkv.dtype) if self.fused else None
         # timm's layout of the fused projection: [q | k | v], each split into heads.
         if kernel is not None and not self.is_mutable_collection('intermediates') and not (
@@ -216,7 +228,7 @@ class Attention(nn.Module):
             weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
             dropped = nn.Dropout(self.attn_drop_rate, deterministic=not train)(weights).astype(self.dtype)
             out = einops.rearrange(dropped @ v, 'b h t d -> b t (h d)')
-        return _dense(dim, self.dtype, self.param_dtype, 'proj')(out), weights
+        return _on_rows(_dense(dim, self.dtype, self.param_dtype, 'proj'), out), weights
 
 
 def fused_attention_kernel(dtype) -> str | None:
@@ -243,9 +255,9 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         dim = x.shape[-1]
-        x = _dense(self.hidden_dim, self.dtype, self.param_dtype, 'fc1')(x)
+        x = _on_rows(_dense(self.hidden_dim, self.dtype, self.param_dtype, 'fc1'), x)
         x = gelu(x)
-        return _dense(dim, self.dtype, self.param_dtype, 'fc2')(x)
+        return _on_rows(_dense(dim, self.dtype, self.param_dtype, 'fc2'), x)
 
 
 def _layer_norm(dtype, param_dtype, name):
