@@ -312,6 +312,30 @@ def test_grouped_conv_split_per_group_equals_one_grouped_convolution(stride):
     assert (changed[:4] > 0).all() and (changed[4:] == 0).all()
 
 
+@pytest.mark.parametrize('stride', [1, 2])
+def test_pointwise_conv_runs_as_a_matrix_product_with_the_convolutions_numbers(stride):
+    """On the CPU a 1x1 convolution without groups (RegNetY's conv1, conv3 and strided shortcut) is one matrix
+    product over the pixels it keeps; outputs and gradients are XLA's convolution's, odd sides included."""
+    from vitdistill.models.regnet import GroupedConv, conv_init
+
+    x = jax.random.normal(jax.random.key(1), (2, 9, 9, 12))
+    pointwise = GroupedConv(20, 1, stride, 1, conv_init(1), split=True)
+    variables = pointwise.init(jax.random.key(0), x)
+    assert variables['params']['kernel'].shape == (1, 1, 12, 20)
+
+    def conv(params, x):
+        return jax.lax.conv_general_dilated(x, params['kernel'], (stride, stride), [(0, 0), (0, 0)],
+                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+    out = pointwise.apply(variables, x)
+    assert out.shape == (2, 9 // stride + 9 % stride, 9 // stride + 9 % stride, 20)
+    np.testing.assert_allclose(out, conv(variables['params'], x), rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(lambda p, x: jnp.sum(jnp.sin(f(p, x))), argnums=(0, 1))(variables['params'], x)
+             for f in (lambda p, x: pointwise.apply({'params': p}, x), conv)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def _loss_and_grads(model, params, images):
     def loss(params):
         out = model.apply({'params': params}, images, train=True, rngs={'dropout': jax.random.key(3)})
