@@ -20,8 +20,6 @@ import statistics
 import tempfile
 import time
 
-import jax
-
 from vitdistill.models import vit
 
 import attention_variants  # experiments/, on the path when this script runs

@@ -183,8 +183,8 @@ def _on_rows(layer, x):
     The same numbers, and a faster backward pass on XLA:CPU: with [b, t, c] activations the weight gradient
     contracts two dimensions, and XLA:CPU then materialises a transposed copy of the activation gradient for
     it (for fc1 a [1536, b t] copy, with GELU's backward fusion computed twice). On rows the gradient is one
-    plain contraction. DeiT-S forward and backward at batch 4: 578.6 -> 540.0 ms (in turns in one process,
-    medians of 10 rounds; `experiments/token_rows.py`, README's speed section)."""
+    plain contraction. DeiT-S forward and backward at batch 4: 572.0 -> 522.2 ms (in turns in one process,
+    medians of 12 rounds; `experiments/token_rows.py`, README's speed section)."""
     y = layer(x.reshape(-1, x.shape[-1]))
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
