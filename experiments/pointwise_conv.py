@@ -6,25 +6,18 @@ runs the matrix product on the CPU. Prints the largest difference between the tw
 
     python experiments/pointwise_conv.py
 """
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
+from vitdistill.bench import median_seconds
+
 WIDTHS = ((56, 224), (28, 448), (14, 1232), (7, 3024))  # (side, channels) of RegNetY-16GF's stages at 224 px
 
 
 def median_ms(fn, calls: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    return 1e3 * median_seconds(fn, calls, warmup=3)
 
 
 def main():

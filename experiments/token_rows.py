@@ -32,6 +32,18 @@ def _on_tokens(layer, x):
     return layer(x)
 
 
+def both_ways(build) -> dict:
+    """{"rows": build(), "tokens": build()}, the second with the Dense layers applied to [b, t, c] tokens."""
+    built = {}
+    for name, apply in (("rows", ON_ROWS), ("tokens", _on_tokens)):
+        vit._on_rows = apply
+        try:
+            built[name] = build()
+        finally:
+            vit._on_rows = ON_ROWS
+    return built
+
+
 def transposed_copies(step, params, tokens: int) -> int:
     """Copy fusions in the compiled program whose output puts the b t token rows last: [features, b t]."""
     text = step.lower(params).compile().as_text()
@@ -58,14 +70,8 @@ def train_steps(entry: str, batch: int, rounds: int) -> list:
     config.batch_size = batch
     small_data.size_to_data(config)
     config = bench.bench_config(config)
-    benches = {}
     with tempfile.TemporaryDirectory() as workdir:
-        for name, apply in (("rows", ON_ROWS), ("tokens", _on_tokens)):
-            vit._on_rows = apply
-            try:
-                benches[name] = bench.StepBench(methods.get(config.method).build_task(config, workdir), config)
-            finally:
-                vit._on_rows = ON_ROWS
+        benches = both_ways(lambda: bench.StepBench(methods.get(config.method).build_task(config, workdir), config))
         times = {name: [] for name in benches}
         for _ in range(rounds):
             for name, b in benches.items():
@@ -90,13 +96,7 @@ def main():
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated; empty: the model only")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    steps, rows = {}, []
-    for name, apply in (("rows", ON_ROWS), ("tokens", _on_tokens)):
-        vit._on_rows = apply
-        try:
-            steps[name] = attention_variants.grad_step(args.batch)
-        finally:
-            vit._on_rows = ON_ROWS
+    steps, rows = both_ways(lambda: attention_variants.grad_step(args.batch)), []
     medians = attention_variants.in_turns({name: s[:2] for name, s in steps.items()}, args.rounds)
     reference = steps["tokens"][2][1]
     for name, (step, params, (loss, grads), compile_s) in steps.items():
