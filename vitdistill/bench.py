@@ -9,16 +9,20 @@ initialised). `pipeline_{method}`: the tf.data pipeline alone (decode + the conf
 by scikit-learn's two sample JPEGs as PyTorch's reference pipeline is.
 
 Every line carries `what`, `images_per_sec` (source images), `step_ms` (median), `flops_per_step` (XLA's
-count for the step, 0 for the pipeline), `peak_rss_mb`, `allocator` (the malloc library the process has
-mapped: see vitdistill/allocator.py) and the device; a step also `compile_s`,
-`tflops_per_sec`, `matmul_peak_tflops` (a large matmul in the step's compute dtype, timed in the same
-run) and `utilisation` (their ratio), and `device_peak_mb` where the backend reports its memory.
+count for the step as built with XLA's own dots, 0 for the pipeline), `peak_rss_mb`, `allocator` (the
+malloc library the process has mapped: see vitdistill/allocator.py) and the device; a step also
+`compile_s`, `gemm` (what runs the Dense products: `mkl` or `xla (why)`, see vitdistill/cpu_gemm.py),
+`tflops_per_sec`, `matmul_peak_tflops` (a large matmul in the step's compute dtype through the same
+library, timed in the same run) and `utilisation` (their ratio), and `device_peak_mb` where the backend
+reports its memory.
 
 `--compare` runs `shared/bench/torch_reference.py` (the same steps in PyTorch with timm's models, the
 pipelines with torchvision and a DataLoader) for the same config, in turns with ours (`--rounds`, each
 of `--steps` timed steps), and adds `torch_images_per_sec` and `ratio` (ours / PyTorch, the median of
 the rounds' ratios, so a machine whose speed drifts still compares like with like).
 """
+import dataclasses
+import functools
 import json
 import os
 import resource
@@ -85,14 +89,16 @@ def bench_config(config, data: str = "sample_images"):
 
 def matmul_peak_tflops(dtype) -> float:
     """TFLOP/s of a large square matmul in `dtype` on the first device: the peak the step's utilisation is
-    measured against (the same machine, the same moment, the same library)."""
+    measured against (the same machine, the same moment, the same library: MKL's where the step's Dense layers
+    use it, `vitdistill.cpu_gemm`)."""
     import jax
-    import jax.numpy as jnp
+
+    from vitdistill import cpu_gemm
 
     size = 1024 if jax.default_backend() == "cpu" else 8192
     a = jax.random.normal(jax.random.key(0), (size, size), dtype)
     b = jax.random.normal(jax.random.key(1), (size, size), dtype)
-    matmul = jax.jit(jnp.dot)
+    matmul = jax.jit(lambda a, b: cpu_gemm.dot_general(a, b, (((1,), (0,)), ((), ()))))
     seconds = median_seconds(lambda: matmul(a, b).block_until_ready(), 5)
     return 2 * size**3 / seconds / 1e12
 
@@ -111,7 +117,7 @@ class StepBench:
     def __init__(self, task, config):
         import jax
 
-        from vitdistill import models
+        from vitdistill import cpu_gemm, models
         from vitdistill.data import pipeline
         from vitdistill.train import loop, sharding
 
@@ -126,7 +132,13 @@ class StepBench:
                                                                                     self.frozen)
         self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - start
-        cost = self.compiled.cost_analysis()
+        # XLA counts no FLOPs inside custom calls: count the step as built with XLA's own dots (a new partial,
+        # so that jit traces it afresh rather than reusing the trace above).
+        with cpu_gemm.xla_dots():
+            counting = dataclasses.replace(task, train_step=functools.partial(task.train_step))
+            counted = loop.jit_train_step(counting, mesh, state_shardings, self.frozen).lower(
+                self.state, self.batch, self.frozen)
+        cost = counted.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         self.flops = float((cost or {}).get("flops", 0.0))
         self.peak = matmul_peak_tflops(models.compute_dtype(config.model.get("dtype", "float32")))
@@ -144,6 +156,8 @@ class StepBench:
     def result(self, seconds: float) -> dict:
         import jax
 
+        from vitdistill import cpu_gemm
+
         tflops = self.flops / seconds / 1e12
         config = self.config
         return {"what": f"{config.method}_train_step", "model": config.model.name, "batch": config.batch_size,
@@ -151,7 +165,7 @@ class StepBench:
                 "flops_per_step": self.flops, "tflops_per_sec": tflops, "matmul_peak_tflops": self.peak,
                 "utilisation": tflops / self.peak, "compile_s": self.compile_s, "peak_rss_mb": peak_rss_mb(),
                 "device_peak_mb": device_peak_mb(), "device": self.device, "devices": jax.device_count(),
-                "allocator": allocator.in_use()}
+                "allocator": allocator.in_use(), "gemm": cpu_gemm.status()}
 
 
 class PipelineBench:

@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitdistill import cpu_gemm
 from vitdistill.models.vit import VisionTransformer, torch_default_init, trunc_normal_02
 
 
@@ -29,7 +30,7 @@ class DinoHead(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         dense = dict(kernel_init=trunc_normal_02, bias_init=nn.initializers.zeros,
-                     dtype=self.dtype, param_dtype=self.param_dtype)
+                     dtype=self.dtype, param_dtype=self.param_dtype, dot_general=cpu_gemm.dot_general)
         index = 0
         for _ in range(2):
             x = nn.Dense(self.hidden_dim, name=f'mlp_{index}', **dense)(x)
@@ -103,7 +104,9 @@ class WeightNormLinear(nn.Module):
         # The product runs in the compute dtype but accumulates and returns float32: the logits that the loss
         # divides by a temperature of 0.04 and sharpens are not rounded to bfloat16's 8 bits (AMP's are fp16
         # from an fp32 accumulation; its softmax runs in fp32).
-        logits = jnp.matmul(x.astype(self.dtype), v.astype(self.dtype), preferred_element_type=jnp.float32)
+        # (cpu_gemm: MKL's float32 product on a one-device CPU process where installed, else lax's.)
+        logits = cpu_gemm.dot_general(x.astype(self.dtype), v.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
         return logits * scale
 
 

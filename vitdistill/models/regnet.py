@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitdistill import cpu_gemm
 from vitdistill.models.resnet import batch_norm
 
 
@@ -72,7 +73,8 @@ class GroupedConv(nn.Module):
         split = jax.default_backend() == 'cpu' if self.split is None else self.split
         if split and self.kernel == 1 and self.groups == 1:
             pixels = x[:, ::self.stride, ::self.stride, :]
-            out = pixels.reshape(-1, in_features) @ kernel[0, 0]
+            # (cpu_gemm: MKL's float32 product on a one-device CPU process where installed, else lax's.)
+            out = cpu_gemm.dot_general(pixels.reshape(-1, in_features), kernel[0, 0], (((1,), (0,)), ((), ())))
             return out.reshape(*pixels.shape[:-1], self.features)
         if self.groups == 1 or not split:
             return conv(x, kernel, feature_group_count=self.groups)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitdistill import cpu_gemm
 from vitdistill.errors import ConfigError
 
 def trunc_normal(std: float, a: float = -2.0, b: float = 2.0):
@@ -173,8 +174,9 @@ class PatchEmbed(nn.Module):
 
 
 def _dense(features, dtype, param_dtype, name):
+    # cpu_gemm.dot_general: MKL's float32 products on a one-device CPU process where installed, else lax's.
     return nn.Dense(features, kernel_init=trunc_normal_02, bias_init=nn.initializers.zeros,
-                    dtype=dtype, param_dtype=param_dtype, name=name)
+                    dtype=dtype, param_dtype=param_dtype, dot_general=cpu_gemm.dot_general, name=name)
 
 
 def _on_rows(layer, x):

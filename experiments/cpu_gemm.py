@@ -1,0 +1,118 @@
+"""DeiT-S's Dense products on the CPU: XLA's dots against MKL's through vitdistill.cpu_gemm, with PyTorch's
+(MKL as well) for reference, then the train steps built each way, in turns in one process.
+
+    python experiments/cpu_gemm.py [--turns=5] [--per_turn=3] [--configs=deit_s,deit_s_distilled,dino_vits16]
+        [--out=experiments/results/cpu_gemm.json]
+
+Products: per Dense layer of a block (qkv, proj, fc1, fc2 over the 788 tokens of a batch of 4), the forward
+product x w, and the two gradient products ȳ wᵀ and xᵀ ȳ, each jitted alone, medians of 30 calls. Steps: the
+loop's jitted step (vitdistill.bench.StepBench) at batch 4, one built with `VITDISTILL_CPU_GEMM=xla` and one
+with MKL, timed in turns (`--turns` turns of `--per_turn` steps each); medians of the rounds' medians.
+Runs in a one-device process (unset XLA_FLAGS' host device count).
+"""
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("turns", 5, "Turns of the two steps.")
+flags.DEFINE_integer("per_turn", 3, "Timed steps per turn.")
+flags.DEFINE_list("configs", ["deit_s", "deit_s_distilled", "dino_vits16"], "configs/NAME.py to build steps of.")
+flags.DEFINE_string("out", None, "Write the results here as JSON.")
+
+ROWS = 788  # 4 images x 197 tokens
+SHAPES = {"qkv": (384, 1152), "proj": (384, 384), "fc1": (384, 1536), "fc2": (1536, 384)}
+
+
+def median_ms(fn, calls=30):
+    from vitdistill import bench
+
+    return 1000 * bench.median_seconds(fn, calls, warmup=3)
+
+
+def products():
+    import jax
+    import numpy as np
+    import torch
+
+    from vitdistill import cpu_gemm
+
+    rng = np.random.default_rng(0)
+    rows = {}
+    for name, (cin, cout) in SHAPES.items():
+        x, w, g = (rng.standard_normal(s).astype(np.float32) for s in ((ROWS, cin), (cin, cout), (ROWS, cout)))
+        forms = {
+            "forward": ((x, w), lambda a, b: a @ b, lambda a, b: cpu_gemm._gemm(a, b), lambda a, b: a @ b),
+            "input_grad": ((g, w), lambda a, b: a @ b.T, lambda a, b: cpu_gemm._gemm(a, b, tb=True),
+                           lambda a, b: a @ b.t()),
+            "weight_grad": ((x, g), lambda a, b: a.T @ b, lambda a, b: cpu_gemm._gemm(a, b, ta=True),
+                            lambda a, b: a.t() @ b),
+        }
+        for form, (args, xla_fn, mkl_fn, torch_fn) in forms.items():
+            jargs = [jax.numpy.asarray(a) for a in args]
+            targs = [torch.from_numpy(a) for a in args]
+            xla_j, mkl_j = jax.jit(xla_fn), jax.jit(mkl_fn)
+            rows[f"{name}_{form}"] = {
+                "xla_ms": median_ms(lambda: xla_j(*jargs).block_until_ready()),
+                "mkl_ms": median_ms(lambda: mkl_j(*jargs).block_until_ready()),
+                "torch_ms": median_ms(lambda: torch_fn(*targs)),
+                "max_abs_difference": float(np.abs(np.asarray(xla_j(*jargs)) - np.asarray(mkl_j(*jargs))).max()),
+            }
+            print(f"{name:4s} {form:11s} " + " ".join(f"{k} {v:.3g}" for k, v in rows[f"{name}_{form}"].items()),
+                  flush=True)
+    totals = {k: sum(r[k] for r in rows.values()) for k in ("xla_ms", "mkl_ms", "torch_ms")}
+    print("a block's products: " + ", ".join(f"{k} {v:.2f}" for k, v in totals.items()), flush=True)
+    return {"rows": rows, "block_totals": totals}
+
+
+def steps(config_name):
+    import importlib
+
+    from vitdistill import bench, methods
+
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    module = importlib.import_module(config_name)
+    benches = {}
+    for choice in ("xla", "auto"):
+        os.environ["VITDISTILL_CPU_GEMM"] = choice  # read when the step is traced, in StepBench
+        config = bench.bench_config(module.get_config(None))
+        config.batch_size = 4
+        benches[choice] = bench.StepBench(methods.get(config.method).build_task(config, tempfile.mkdtemp()), config)
+    os.environ.pop("VITDISTILL_CPU_GEMM")
+    rounds = {choice: [] for choice in benches}
+    for _ in range(FLAGS.turns):
+        for choice, step in benches.items():
+            rounds[choice].append(1000 * step.time(FLAGS.per_turn))
+    result = {"xla_ms": statistics.median(rounds["xla"]), "mkl_ms": statistics.median(rounds["auto"]),
+              "rounds_xla_ms": rounds["xla"], "rounds_mkl_ms": rounds["auto"]}
+    print(f"{config_name}: step {result['xla_ms']:.1f} ms with XLA's dots, {result['mkl_ms']:.1f} with MKL's "
+          f"({result['xla_ms'] / result['mkl_ms']:.3f}x)", flush=True)
+    return result
+
+
+def main(argv):
+    del argv
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    from vitdistill import cpu_gemm
+
+    if cpu_gemm.status() != "mkl":
+        sys.exit(f"MKL's products are not in use here: {cpu_gemm.status()}")
+    results = {"products": products(), "steps": {name: steps(name) for name in FLAGS.configs},
+               "rounds": FLAGS.turns, "steps_per_round": FLAGS.per_turn, "batch": 4, "cpus": os.cpu_count()}
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    os.environ.pop("XLA_FLAGS", None)
+    app.run(main)

@@ -1,0 +1,81 @@
+"""MKL's float32 products for the Dense layers on a one-device CPU process (vitdistill/cpu_gemm.py): their
+numbers against float64 NumPy, where they are used and where not, and the messages when they cannot be."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from vitdistill import cpu_gemm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_COMPILER = bool(os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++"))
+
+
+@pytest.fixture
+def fresh_load(monkeypatch, tmp_path):
+    """A process state in which `_load` has not run, with its own build cache."""
+    monkeypatch.setattr(cpu_gemm, "_loaded", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+
+
+def test_an_unknown_choice_names_the_variable_and_the_choices(monkeypatch):
+    monkeypatch.setenv(cpu_gemm.CHOICE, "openblas")
+    with pytest.raises(cpu_gemm.CpuGemmError, match=r"VITDISTILL_CPU_GEMM='openblas'.*auto.*mkl.*xla"):
+        cpu_gemm.choice()
+
+
+def test_without_mkl_the_products_stay_with_xla_and_mkl_required_says_how_to_install(monkeypatch, fresh_load):
+    monkeypatch.setattr(cpu_gemm, "find_mkl", lambda: None)
+    monkeypatch.setattr(cpu_gemm.jax, "device_count", lambda: 1)
+    monkeypatch.setenv(cpu_gemm.CHOICE, "auto")
+    assert cpu_gemm.enabled() is False
+    assert cpu_gemm.status() == "xla (MKL is not installed (pip install mkl))"
+    monkeypatch.setenv(cpu_gemm.CHOICE, "mkl")
+    with pytest.raises(cpu_gemm.CpuGemmError, match=r"pip install mkl.*VITDISTILL_CPU_GEMM=auto"):
+        cpu_gemm.enabled()
+
+
+def test_a_failed_build_falls_back_to_xla_with_the_compilers_message(monkeypatch, fresh_load, tmp_path):
+    monkeypatch.setattr(cpu_gemm, "find_mkl", lambda: "/nonexistent/libmkl_rt.so.2")
+    monkeypatch.setattr(cpu_gemm.jax, "device_count", lambda: 1)
+    monkeypatch.setenv("CXX", "false")  # a compiler that fails
+    assert cpu_gemm.enabled() is False
+    assert cpu_gemm.status().startswith("xla (the MKL custom call could not be built or loaded: false failed")
+    assert not os.listdir(tmp_path / "vitdistill" / "native")  # no half-written library left in the cache
+
+
+def test_two_devices_keep_xlas_dots(monkeypatch, fresh_load):
+    """A sharded step must not gather its operands into one custom call: with several devices nothing loads."""
+    monkeypatch.setattr(cpu_gemm.jax, "device_count", lambda: 2)
+    monkeypatch.setattr(cpu_gemm, "_load", lambda: pytest.fail("loaded on a two-device process"))
+    assert cpu_gemm.enabled() is False
+    assert cpu_gemm.status() == "xla (not a one-device CPU process)"
+
+
+@pytest.mark.skipif(cpu_gemm.find_mkl() is None or not HAS_COMPILER,
+                    reason="needs MKL (pip install mkl, in the test extra) and a C++ compiler (g++)")
+def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", cpu_gemm.CHOICE)}  # one CPU device
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cpu_gemm_check.py")], capture_output=True,
+                          text=True, env={**env, "XDG_CACHE_HOME": str(tmp_path)}, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert facts["status"] == "mkl"
+    # Each of x @ w, g @ wᵀ and xᵀ @ g within float32 rounding of float64 NumPy: a wrong transpose, leading
+    # dimension or block offset in the custom call gives errors of order 1.
+    assert set(facts["products"]) == {"130x70x90", "40x256x2000", "60x200x50", "3x5x7", "1x1x1", "5x0x3", "0x4x3", "97x33x1"}
+    for shape, error in facts["products"].items():
+        assert error < 1e-5, (shape, error)
+    assert facts["vmap_error"] < 1e-6
+    # Float32 Dense products go to MKL unless VITDISTILL_CPU_GEMM=xla or within xla_dots(); bfloat16 ones never.
+    assert facts["dense_auto"] >= 1
+    assert facts["dense_xla"] == facts["dense_forced_xla"] == facts["bfloat16"] == 0
+    # A ViT (qkv, proj, fc1, fc2 and head per block): every Dense forward and both gradient products use MKL,
+    # and its loss and gradients are XLA's to float32 rounding.
+    assert facts["custom_calls_xla"] == 0
+    assert facts["custom_calls_mkl"] >= 3 * (4 * 2 + 1)
+    assert facts["loss_error"] < 1e-5
+    assert facts["grad_error"] < 1e-4
