@@ -23,19 +23,28 @@ def relative_error(ours, reference):
 
 
 def products():
-    """matmul and both of its gradient products against float64 NumPy, over shapes that split by rows (m >= n),
-    by columns, not at all (small), and that are empty or contract over nothing."""
+    """`product` and both of its gradients against float64 NumPy for each of the four transpose settings, over
+    shapes that split by rows (m >= n), by columns, by whole products of a batch, not at all (small), and that
+    are empty or contract over nothing."""
     rng = np.random.default_rng(0)
     errors = {}
-    for m, k, n in [(130, 70, 90), (40, 256, 2000), (60, 200, 50), (3, 5, 7), (1, 1, 1), (5, 0, 3), (0, 4, 3), (97, 33, 1)]:
-        x = rng.standard_normal((m, k)).astype(np.float32)
-        w = rng.standard_normal((k, n)).astype(np.float32)
-        g = rng.standard_normal((m, n)).astype(np.float32)
-        y, vjp = jax.vjp(jax.jit(cpu_gemm.matmul), jnp.asarray(x), jnp.asarray(w))
-        gx, gw = vjp(jnp.asarray(g))
-        x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
-        errors[f"{m}x{k}x{n}"] = max(relative_error(y, x64 @ w64), relative_error(gx, g64 @ w64.T),
-                                     relative_error(gw, x64.T @ g64))
+    shapes = [((), 130, 70, 90), ((), 40, 256, 2000), ((), 60, 200, 50), ((), 3, 5, 7), ((), 1, 1, 1), ((), 5, 0, 3),
+              ((), 0, 4, 3), ((), 97, 33, 1), ((6,), 50, 40, 60), ((2, 3), 70, 64, 70), ((1,), 90, 80, 100)]
+    for batch, m, k, n in shapes:
+        x = rng.standard_normal((*batch, m, k))
+        w = rng.standard_normal((*batch, k, n))
+        g = rng.standard_normal((*batch, m, n))
+        want = (x @ w, g @ np.swapaxes(w, -1, -2), np.swapaxes(x, -1, -2) @ g)
+        for ta in (False, True):
+            for tb in (False, True):
+                a = np.swapaxes(x, -1, -2) if ta else x  # stored as the product takes it
+                b = np.swapaxes(w, -1, -2) if tb else w
+                y, vjp = jax.vjp(jax.jit(lambda a, b: cpu_gemm.product(a, b, ta, tb)),
+                                 *(jnp.asarray(t, jnp.float32) for t in (a, b)))
+                grad_a, grad_b = vjp(jnp.asarray(g, jnp.float32))
+                got = (y, np.swapaxes(grad_a, -1, -2) if ta else grad_a, np.swapaxes(grad_b, -1, -2) if tb else grad_b)
+                name = "x".join(map(str, (*batch, m, k, n))) + f" ta={int(ta)} tb={int(tb)}"
+                errors[name] = max(relative_error(o, r) for o, r in zip(got, want))
     return errors
 
 

@@ -2,10 +2,12 @@
 
 XLA:CPU runs its matrix products with YNNPACK, whose float32 kernel on these AVX-512 machines reaches about
 148 GFLOP/s a core against MKL's 181 (the library PyTorch's CPU build uses): at DeiT-S's Dense shapes on
-2 cores, forward plus both gradient products took 30.8 ms a block with XLA's dots and 25.9 ms with MKL's
-(`experiments/cpu_gemm.py`). So on a one-device CPU process, the models' Dense layers (the ViT's qkv,
-proj, fc1, fc2 and heads, the DINO head's MLP) compute `x @ kernel` and its two gradient products with
-MKL's `cblas_sgemm`, called from the compiled step as an XLA FFI custom call
+2 cores, forward plus both gradient products took 31.45 ms a block with XLA's dots, 26.70 ms with MKL's and
+26.39 ms in PyTorch (`experiments/cpu_gemm.py`), and attention's six batched products 6.78 ms with XLA's
+against PyTorch's 2.61 (`experiments/attention_products.py`). So on a one-device CPU process, the models'
+Dense layers (the ViT's qkv, proj, fc1, fc2 and heads, the DINO head's MLP and last layer, RegNet's 1x1
+products) and the ViT's attention (q kᵀ and the weights times v) compute their products and both gradient
+products with MKL's `cblas_sgemm`, called from the compiled step as an XLA FFI custom call
 (`vitdistill/native/cpu_gemm.cc`). Results agree with XLA's dots to float32 rounding (about 1e-6
 relative); the parameters and checkpoints are the same.
 
@@ -17,6 +19,7 @@ otherwise, with one warning if MKL is there but the build fails), `mkl` (MKL or 
 """
 import contextlib
 import ctypes
+import functools
 import glob
 import hashlib
 import importlib.metadata
@@ -154,31 +157,51 @@ def status() -> str:
 
 
 def _gemm(a, b, *, ta: bool = False, tb: bool = False):
+    """op(a) @ op(b) over the last two dimensions (the leading ones, equal in both, index a batch) by MKL."""
     if not _load()["ok"]:
-        raise CpuGemmError(f"vitdistill.cpu_gemm.matmul: {_loaded['why']}")
-    m = a.shape[1] if ta else a.shape[0]
-    n = b.shape[0] if tb else b.shape[1]
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+        raise CpuGemmError(f"vitdistill.cpu_gemm: {_loaded['why']}")
+    m = a.shape[-1] if ta else a.shape[-2]
+    n = b.shape[-2] if tb else b.shape[-1]
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32),
+                            vmap_method="sequential")
     return call(a, b, ta=ta, tb=tb)
 
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def product(a, b, ta: bool = False, tb: bool = False):
+    """op(a) @ op(b) in float32 with MKL over the last two dimensions, op a transpose where `ta` / `tb` (a
+    [..., k, m] stands for its [..., m, k] transpose); both gradients with MKL too, as products with the
+    transposes folded in. CPU only; a CpuGemmError where MKL's products cannot be loaded. Models call it
+    through `dot_general` and `batched_matmul`, which check `enabled()`."""
+    return _gemm(a, b, ta=ta, tb=tb)
+
+
+def _product_fwd(a, b, ta, tb):
+    return _gemm(a, b, ta=ta, tb=tb), (a, b)
+
+
+def _product_bwd(ta, tb, residuals, grad):
+    a, b = residuals
+    # c = op(a) op(b): op(a)' = c' op(b)ᵀ and op(b)' = op(a)ᵀ c', transposed back where a or b is stored transposed.
+    grad_a = _gemm(b, grad, ta=tb, tb=True) if ta else _gemm(grad, b, tb=not tb)
+    grad_b = _gemm(grad, a, ta=True, tb=ta) if tb else _gemm(a, grad, ta=not ta)
+    return grad_a, grad_b
+
+
+product.defvjp(_product_fwd, _product_bwd)
+
+
 def matmul(x, w):
-    """x [m, k] @ w [k, n] in float32 with MKL; gradients x̄ = ȳ wᵀ and w̄ = xᵀ ȳ with MKL too (CPU only;
-    a CpuGemmError where MKL's products cannot be loaded). Models call it through `dot_general`."""
-    return _gemm(x, w)
+    """x [m, k] @ w [k, n] with MKL: `product(x, w)`."""
+    return product(x, w, False, False)
 
 
-def _matmul_fwd(x, w):
-    return _gemm(x, w), (x, w)
-
-
-def _matmul_bwd(residuals, grad):
-    x, w = residuals
-    return _gemm(grad, w, tb=True), _gemm(x, grad, ta=True)
-
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+def batched_matmul(a, b, *, tb: bool = False):
+    """a [..., m, k] @ b [..., k, n] (b [..., n, k] transposed where `tb`) for attention's products: MKL's where
+    `enabled()` and both are float32, else XLA's batched dot."""
+    if a.dtype == jnp.float32 and b.dtype == jnp.float32 and enabled():
+        return product(a, b, False, tb)
+    return a @ (jnp.swapaxes(b, -1, -2) if tb else b)
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):

@@ -1,10 +1,10 @@
-// Float32 matrix products for XLA:CPU through MKL's cblas_sgemm, as an XLA FFI custom call.
+// Float32 matrix products (plain or batched) for XLA:CPU through MKL's cblas_sgemm, as an XLA FFI custom call.
 //
 // Built and loaded by vitdistill/cpu_gemm.py (which says why). MKL is opened with dlopen at
-// vd_gemm_init, so this library links against nothing but libc and libdl. MKL runs sequentially; a
-// product is split into as many row (or column) blocks as XLA's intra-op pool has threads, and the
-// blocks are claimed by the calling thread and by tasks on that pool, so a pool busy with other work
-// leaves them to the caller rather than making it wait.
+// vd_gemm_init, so this library links against nothing but libc and libdl. MKL runs sequentially; the
+// work is split into as many blocks as XLA's intra-op pool has threads (whole products of a batch, else
+// rows or columns of each), and the blocks are claimed by the calling thread and by tasks on that pool,
+// so a pool busy with other work leaves them to the caller rather than making it wait.
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -32,23 +32,37 @@ struct Product {
   const float* a;
   const float* b;
   float* c;
-  int64_t m, n, k, lda, ldb;
-  bool ta, tb, split_rows;
+  int64_t batch, m, n, k, lda, ldb;
+  bool ta, tb;
+  int mode;  // kItems: blocks of whole products; kRows / kColumns: blocks of each product's rows / columns
   int64_t block, blocks;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
-  void Run(int64_t i) const {
-    int64_t length = split_rows ? m : n;
-    int64_t lo = i * block, hi = std::min(length, lo + block);
+  static constexpr int kItems = 0, kRows = 1, kColumns = 2;
+
+  void One(int64_t item, int64_t lo, int64_t hi) const {
+    const float* a_item = a + item * m * k;
+    const float* b_item = b + item * k * n;
+    float* c_item = c + item * m * n;
     int ta_flag = ta ? kTrans : kNoTrans, tb_flag = tb ? kTrans : kNoTrans;
-    if (split_rows) {  // rows lo..hi of op(a) and of c
-      const float* a_rows = ta ? a + lo : a + lo * lda;
-      sgemm(kRowMajor, ta_flag, tb_flag, hi - lo, n, k, 1.0f, a_rows, lda, b, ldb, 0.0f, c + lo * n, n);
-    } else {  // columns lo..hi of op(b) and of c
-      const float* b_cols = tb ? b + lo * ldb : b + lo;
-      sgemm(kRowMajor, ta_flag, tb_flag, m, hi - lo, k, 1.0f, a, lda, b_cols, ldb, 0.0f, c + lo, n);
+    if (mode == kColumns) {  // columns lo..hi of op(b) and of c
+      const float* b_cols = tb ? b_item + lo * ldb : b_item + lo;
+      sgemm(kRowMajor, ta_flag, tb_flag, m, hi - lo, k, 1.0f, a_item, lda, b_cols, ldb, 0.0f, c_item + lo, n);
+    } else {  // rows lo..hi of op(a) and of c
+      const float* a_rows = ta ? a_item + lo : a_item + lo * lda;
+      sgemm(kRowMajor, ta_flag, tb_flag, hi - lo, n, k, 1.0f, a_rows, lda, b_item, ldb, 0.0f, c_item + lo * n, n);
     }
+  }
+
+  void Run(int64_t i) const {
+    if (mode == kItems) {
+      for (int64_t item = i * block; item < std::min(batch, (i + 1) * block); ++item) One(item, 0, m);
+      return;
+    }
+    int64_t length = mode == kRows ? m : n;
+    int64_t lo = i * block, hi = std::min(length, lo + block);
+    for (int64_t item = 0; item < batch; ++item) One(item, lo, hi);
   }
 
   void Claim() {
@@ -59,30 +73,45 @@ struct Product {
   }
 };
 
-// c = op(a) op(b): op(a) is [m, k] (a is [k, m] when ta), op(b) is [k, n] (b is [n, k] when tb).
-ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                ffi::ResultBuffer<ffi::F32> c, bool ta, bool tb) {
+// c[i] = op(a[i]) op(b[i]) for each i of the leading dimensions (none for a plain product): op(a) is [m, k]
+// (a is [k, m] when ta), op(b) is [k, n] (b is [n, k] when tb).
+ffi::Error Gemm(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> c, bool ta,
+                bool tb) {
   if (sgemm == nullptr) return ffi::Error::Internal("vitdistill cpu_gemm: MKL was not loaded (vd_gemm_init)");
+  if (a.element_type() != ffi::F32 || b.element_type() != ffi::F32 || c->element_type() != ffi::F32)
+    return ffi::Error::InvalidArgument("vitdistill cpu_gemm: float32 operands only");
   auto ad = a.dimensions();
   auto bd = b.dimensions();
-  if (ad.size() != 2 || bd.size() != 2) return ffi::Error::InvalidArgument("vitdistill cpu_gemm: 2-D operands only");
-  int64_t m = ta ? ad[1] : ad[0], k = ta ? ad[0] : ad[1];
-  int64_t k_b = tb ? bd[1] : bd[0], n = tb ? bd[0] : bd[1];
+  size_t rank = ad.size();
+  if (rank < 2 || bd.size() != rank) return ffi::Error::InvalidArgument("vitdistill cpu_gemm: operand ranks");
+  int64_t batch = 1;
+  for (size_t i = 0; i + 2 < rank; ++i) {
+    if (ad[i] != bd[i]) return ffi::Error::InvalidArgument("vitdistill cpu_gemm: batch dimensions differ");
+    batch *= ad[i];
+  }
+  int64_t a0 = ad[rank - 2], a1 = ad[rank - 1], b0 = bd[rank - 2], b1 = bd[rank - 1];
+  int64_t m = ta ? a1 : a0, k = ta ? a0 : a1;
+  int64_t k_b = tb ? b1 : b0, n = tb ? b0 : b1;
   if (k != k_b) return ffi::Error::InvalidArgument("vitdistill cpu_gemm: contracting sizes differ");
-  if (m == 0 || n == 0) return ffi::Error::Success();
+  float* out = static_cast<float*>(c->untyped_data());
+  if (batch == 0 || m == 0 || n == 0) return ffi::Error::Success();
   if (k == 0) {
-    std::memset(c->typed_data(), 0, sizeof(float) * m * n);
+    std::memset(out, 0, sizeof(float) * batch * m * n);
     return ffi::Error::Success();
   }
   auto product = std::make_shared<Product>();
   Product& p = *product;
-  p.a = a.typed_data();
-  p.b = b.typed_data();
-  p.c = c->typed_data();
-  p.m = m, p.n = n, p.k = k, p.lda = ad[1], p.ldb = bd[1], p.ta = ta, p.tb = tb;
-  p.split_rows = m >= n;
-  int64_t length = p.split_rows ? m : n;
-  int64_t threads = m * n * k < kSplitBelow ? 1 : std::max<int64_t>(1, pool.num_threads());
+  p.a = static_cast<const float*>(a.untyped_data());
+  p.b = static_cast<const float*>(b.untyped_data());
+  p.c = out;
+  p.batch = batch, p.m = m, p.n = n, p.k = k, p.lda = a1, p.ldb = b1, p.ta = ta, p.tb = tb;
+  int64_t threads = batch * m * n * k < kSplitBelow ? 1 : std::max<int64_t>(1, pool.num_threads());
+  int64_t length;
+  if (batch >= threads) {
+    p.mode = Product::kItems, length = batch;
+  } else {
+    p.mode = m >= n ? Product::kRows : Product::kColumns, length = m >= n ? m : n;
+  }
   p.blocks = std::min(threads, length);
   p.block = (length + p.blocks - 1) / p.blocks;
   p.blocks = (length + p.block - 1) / p.block;
@@ -97,9 +126,9 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VdGemm, Gemm,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<bool>("ta")
                                   .Attr<bool>("tb"));
 
