@@ -27,6 +27,16 @@ def test_an_unknown_choice_names_the_variable_and_the_choices(monkeypatch):
         cpu_gemm.choice()
 
 
+def test_the_command_line_names_a_bad_choice_in_one_line(tmp_path):
+    env = {**os.environ, cpu_gemm.CHOICE: "bogus", "VITDISTILL_MALLOC": "system"}
+    done = subprocess.run([sys.executable, "-m", "vitdistill.main", "--config=configs/dino_quickstart.py:runlocal",
+                           f"--workdir={tmp_path}"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "vitdistill: VITDISTILL_CPU_GEMM='bogus': use auto (MKL where installed), mkl (required) or xla (never)")
+
+
 def test_without_mkl_the_products_stay_with_xla_and_mkl_required_says_how_to_install(monkeypatch, fresh_load):
     monkeypatch.setattr(cpu_gemm, "find_mkl", lambda: None)
     monkeypatch.setattr(cpu_gemm.jax, "device_count", lambda: 1)

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from vitdistill.errors import ConfigError
+
 CHOICE = "VITDISTILL_CPU_GEMM"
 TARGET = "vitdistill_cpu_gemm"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "cpu_gemm.cc")
@@ -43,8 +45,9 @@ _loaded: dict = {}  # {"ok": bool, "why": str}: the outcome of the one attempt a
 _forced_xla = threading.local()
 
 
-class CpuGemmError(RuntimeError):
-    """`VITDISTILL_CPU_GEMM=mkl` where MKL's products cannot be used, or an unknown choice."""
+class CpuGemmError(ConfigError):
+    """`VITDISTILL_CPU_GEMM=mkl` where MKL's products cannot be used, or an unknown choice: a UserError, so the
+    command-line tools print its one line without a traceback."""
 
 
 def choice(environ=os.environ) -> str:
