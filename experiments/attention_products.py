@@ -6,20 +6,17 @@ XLA's batched dots with the Dense layers on MKL in both, in turns in one process
 The loop's steps (vitdistill.bench.StepBench, batch 4); "XLA" builds them with `cpu_gemm.batched_matmul`
 replaced by the plain `a @ b`. Medians of the turns' medians. Needs `pip install -e '.[cpu]'`.
 """
-import importlib
 import os
 import statistics
 import sys
-import tempfile
 
 from absl import app, flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import cpu_gemm as gemm_experiment  # experiments/, on the path when this script runs; defines the flags below
+
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("turns", 4, "Turns of the two steps.")
-flags.DEFINE_integer("per_turn", 3, "Timed steps per turn.")
-flags.DEFINE_list("configs", ["deit_s", "dino_vits16"], "configs/NAME.py to build steps of.")
+FLAGS.set_default("turns", 4)
+FLAGS.set_default("configs", ["deit_s", "dino_vits16"])
 
 
 def xla_batched_matmul(a, b, *, tb=False):
@@ -29,15 +26,13 @@ def xla_batched_matmul(a, b, *, tb=False):
 
 
 def build(module, attention_on_mkl: bool):
-    from vitdistill import bench, cpu_gemm, methods
+    from vitdistill import cpu_gemm
 
-    config = bench.bench_config(module.get_config(None))
-    config.batch_size = 4
     real = cpu_gemm.batched_matmul
     if not attention_on_mkl:
         cpu_gemm.batched_matmul = xla_batched_matmul
     try:
-        return bench.StepBench(methods.get(config.method).build_task(config, tempfile.mkdtemp()), config)
+        return gemm_experiment.step_bench(module)
     finally:
         cpu_gemm.batched_matmul = real
 
@@ -51,14 +46,10 @@ def main(argv):
 
     if cpu_gemm.status() != "mkl":
         sys.exit(f"MKL's products are not in use here: {cpu_gemm.status()}")
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
     for name in FLAGS.configs:
-        module = importlib.import_module(name)
-        steps = {"XLA": build(module, False), "MKL": build(module, True)}
-        rounds = {k: [] for k in steps}
-        for _ in range(FLAGS.turns):
-            for k, step in steps.items():
-                rounds[k].append(1000 * step.time(FLAGS.per_turn))
+        module = gemm_experiment.config_module(name)
+        rounds = gemm_experiment.turns_ms({"XLA": build(module, False), "MKL": build(module, True)}, FLAGS.turns,
+                                          FLAGS.per_turn)
         print(name + ": attention's products on " + "; on ".join(
             f"{k} {statistics.median(v):.1f} ms (turns {', '.join(f'{x:.0f}' for x in v)})"
             for k, v in rounds.items()), flush=True)

@@ -10,6 +10,7 @@ loop's jitted step (vitdistill.bench.StepBench) at batch 4, one built with `VITD
 with MKL, timed in turns (`--turns` turns of `--per_turn` steps each); medians of the rounds' medians.
 Runs in a one-device process (unset XLA_FLAGS' host device count).
 """
+import importlib
 import json
 import os
 import statistics
@@ -72,24 +73,38 @@ def products():
     return {"rows": rows, "block_totals": totals}
 
 
-def steps(config_name):
-    import importlib
+def config_module(name):
+    """configs/NAME.py as a module."""
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    return importlib.import_module(name)
 
+
+def step_bench(module):
+    """The loop's step for the config `module` at batch 4, on benchmark data, compiled (as traced now)."""
     from vitdistill import bench, methods
 
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    module = importlib.import_module(config_name)
+    config = bench.bench_config(module.get_config(None))
+    config.batch_size = 4
+    return bench.StepBench(methods.get(config.method).build_task(config, tempfile.mkdtemp()), config)
+
+
+def turns_ms(benches: dict, turns: int, per_turn: int) -> dict:
+    """Each StepBench timed in turns, `turns` times: name -> the turns' median milliseconds."""
+    rounds = {name: [] for name in benches}
+    for _ in range(turns):
+        for name, step in benches.items():
+            rounds[name].append(1000 * step.time(per_turn))
+    return rounds
+
+
+def steps(config_name):
+    module = config_module(config_name)
     benches = {}
     for choice in ("xla", "auto"):
         os.environ["VITDISTILL_CPU_GEMM"] = choice  # read when the step is traced, in StepBench
-        config = bench.bench_config(module.get_config(None))
-        config.batch_size = 4
-        benches[choice] = bench.StepBench(methods.get(config.method).build_task(config, tempfile.mkdtemp()), config)
+        benches[choice] = step_bench(module)
     os.environ.pop("VITDISTILL_CPU_GEMM")
-    rounds = {choice: [] for choice in benches}
-    for _ in range(FLAGS.turns):
-        for choice, step in benches.items():
-            rounds[choice].append(1000 * step.time(FLAGS.per_turn))
+    rounds = turns_ms(benches, FLAGS.turns, FLAGS.per_turn)
     result = {"xla_ms": statistics.median(rounds["xla"]), "mkl_ms": statistics.median(rounds["auto"]),
               "rounds_xla_ms": rounds["xla"], "rounds_mkl_ms": rounds["auto"]}
     print(f"{config_name}: step {result['xla_ms']:.1f} ms with XLA's dots, {result['mkl_ms']:.1f} with MKL's "

@@ -132,13 +132,14 @@ class StepBench:
                                                                                     self.frozen)
         self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - start
-        # XLA counts no FLOPs inside custom calls: count the step as built with XLA's own dots (a new partial,
-        # so that jit traces it afresh rather than reusing the trace above).
-        with cpu_gemm.xla_dots():
-            counting = dataclasses.replace(task, train_step=functools.partial(task.train_step))
-            counted = loop.jit_train_step(counting, mesh, state_shardings, self.frozen).lower(
-                self.state, self.batch, self.frozen)
-        cost = counted.cost_analysis()
+        cost = self.compiled.cost_analysis()
+        if cpu_gemm.enabled():
+            # XLA counts no FLOPs inside custom calls: count the step as built with XLA's own dots (a new
+            # partial, so that jit traces it afresh rather than reusing the trace above).
+            with cpu_gemm.xla_dots():
+                counting = dataclasses.replace(task, train_step=functools.partial(task.train_step))
+                cost = loop.jit_train_step(counting, mesh, state_shardings, self.frozen).lower(
+                    self.state, self.batch, self.frozen).cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         self.flops = float((cost or {}).get("flops", 0.0))
         self.peak = matmul_peak_tflops(models.compute_dtype(config.model.get("dtype", "float32")))

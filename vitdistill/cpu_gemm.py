@@ -137,26 +137,32 @@ def xla_dots():
         _forced_xla.on = before
 
 
-def enabled() -> bool:
-    """Whether Dense layers traced now use MKL: a CPU backend with one device in one process, and the custom
-    call loaded (`VITDISTILL_CPU_GEMM` permitting; not within `xla_dots()`)."""
+def _unavailable() -> str | None:
+    """Why products traced now would not use MKL (None where they would), with `VITDISTILL_CPU_GEMM=mkl`'s
+    error where MKL cannot be loaded."""
     mode = choice()
-    if mode == "xla" or getattr(_forced_xla, "on", False) or jax.default_backend() != "cpu" or jax.device_count() != 1:
-        return False
+    if mode == "xla":
+        return f"{CHOICE}=xla"
+    if getattr(_forced_xla, "on", False):
+        return "within xla_dots()"
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return "not a one-device CPU process"
     loaded = _load()
     if mode == "mkl" and not loaded["ok"]:
         raise CpuGemmError(f"{CHOICE}=mkl, but {loaded['why']}; or set {CHOICE}=auto to fall back to XLA's dots")
-    return loaded["ok"]
+    return None if loaded["ok"] else loaded["why"]
+
+
+def enabled() -> bool:
+    """Whether Dense layers traced now use MKL: a CPU backend with one device in one process, and the custom
+    call loaded (`VITDISTILL_CPU_GEMM` permitting; not within `xla_dots()`)."""
+    return _unavailable() is None
 
 
 def status() -> str:
     """What traced products use now: 'mkl' or 'xla (why)' (for benchmark records)."""
-    if choice() == "xla":
-        return f"xla ({CHOICE}=xla)"
-    if jax.default_backend() != "cpu" or jax.device_count() != 1:
-        return "xla (not a one-device CPU process)"
-    loaded = _load()
-    return "mkl" if loaded["ok"] else f"xla ({loaded['why']})"
+    why = _unavailable()
+    return "mkl" if why is None else f"xla ({why})"
 
 
 def _gemm(a, b, *, ta: bool = False, tb: bool = False):
@@ -199,10 +205,14 @@ def matmul(x, w):
     return product(x, w, False, False)
 
 
+def _on_mkl(*arrays) -> bool:
+    return all(x.dtype == jnp.float32 for x in arrays) and enabled()
+
+
 def batched_matmul(a, b, *, tb: bool = False):
     """a [..., m, k] @ b [..., k, n] (b [..., n, k] transposed where `tb`) for attention's products: MKL's where
     `enabled()` and both are float32, else XLA's batched dot."""
-    if a.dtype == jnp.float32 and b.dtype == jnp.float32 and enabled():
+    if _on_mkl(a, b):
         return product(a, b, False, tb)
     return a @ (jnp.swapaxes(b, -1, -2) if tb else b)
 
@@ -211,9 +221,8 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     """`lax.dot_general` for `nn.Dense(dot_general=...)`: the Dense contraction ([..., k] · [k, n]) of two
     float32 arrays through `matmul` where `enabled()`, anything else through lax."""
     dense = (((lhs.ndim - 1,), (0,)), ((), ()))
-    if (lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32 and rhs.ndim == 2 and lhs.ndim >= 1
-            and tuple(map(tuple, dimension_numbers[0])) == dense[0] and not any(dimension_numbers[1])
-            and preferred_element_type in (None, jnp.float32) and enabled()):
+    if (rhs.ndim == 2 and tuple(tuple(map(tuple, part)) for part in dimension_numbers) == dense
+            and preferred_element_type in (None, jnp.float32) and _on_mkl(lhs, rhs)):
         out = matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
         return out.reshape(*lhs.shape[:-1], rhs.shape[1])
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
