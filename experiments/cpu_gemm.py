@@ -97,6 +97,17 @@ def turns_ms(benches: dict, turns: int, per_turn: int) -> dict:
     return rounds
 
 
+def ab_steps(build, before: str, after: str, what: str):
+    """For each of --configs, the steps `build(module, False)` (named `before`) and `build(module, True)`
+    (`after`) timed in turns; prints one line each: "<config>: <what> on <before> ... ms; on <after> ... ms"."""
+    for name in FLAGS.configs:
+        module = config_module(name)
+        rounds = turns_ms({before: build(module, False), after: build(module, True)}, FLAGS.turns, FLAGS.per_turn)
+        print(name + f": {what} on " + "; on ".join(
+            f"{k} {statistics.median(v):.1f} ms (turns {', '.join(f'{x:.0f}' for x in v)})"
+            for k, v in rounds.items()), flush=True)
+
+
 def steps(config_name):
     module = config_module(config_name)
     benches = {}

@@ -48,6 +48,60 @@ def products():
     return errors
 
 
+def softmax_reference(x, g):
+    """float64 softmax over the last axis and its vector-Jacobian product with cotangent g."""
+    e = np.exp(x - x.max(-1, keepdims=True))
+    y = e / e.sum(-1, keepdims=True)
+    return y, y * (g - (g * y).sum(-1, keepdims=True))
+
+
+def layer_norm_reference(x, scale, bias, g, eps):
+    """float64 LayerNorm (mean squared deviation) and the gradients of <LayerNorm(x), g> by x, scale, bias,
+    from the formula dx = rstd (g scale - mean(g scale) - xhat mean(g scale xhat))."""
+    mean = x.mean(-1, keepdims=True)
+    rstd = 1 / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+    xhat = (x - mean) * rstd
+    gs = g * scale
+    dx = rstd * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
+    rows = tuple(range(x.ndim - 1))
+    return xhat * scale + bias, dx, (g * xhat).sum(rows), g.sum(rows)
+
+
+def rows():
+    """The native softmax and LayerNorm and their gradients against float64 NumPy, over shapes split into
+    blocks across threads or not (small), with row lengths off the vector width, empty, and wide-ranging
+    inputs (softmax logits to +-60, where exp underflows; LayerNorm rows far from zero mean and constant)."""
+    rng = np.random.default_rng(1)
+    errors = {}
+    for shape, spread in [((4, 6, 197, 197), 3.0), ((3, 5), 1.0), ((700, 1), 1.0), ((2, 300, 33), 60.0),
+                          ((64, 1000), 10.0), ((0, 7), 1.0)]:
+        x = (rng.standard_normal(shape) * spread).astype(np.float32).astype(np.float64)  # the kernel's inputs
+        g = rng.standard_normal(shape).astype(np.float32).astype(np.float64)
+        y, vjp = jax.vjp(jax.jit(cpu_gemm.softmax), jnp.asarray(x, jnp.float32))
+        got = (y, *vjp(jnp.asarray(g, jnp.float32)))
+        want = softmax_reference(x, g)
+        errors["softmax " + "x".join(map(str, shape))] = max(relative_error(o, r) for o, r in zip(got, want))
+    for shape, offset in [((4, 197, 384), 0.5), ((3, 5), 0.0), ((2, 1000, 17), 100.0), ((1, 64), 0.0),
+                          ((0, 8), 0.0)]:
+        x = rng.standard_normal(shape) + offset
+        if shape == (3, 5):
+            x[1] = 2.5  # a constant row: variance 0, normalised by sqrt(eps)
+        x = x.astype(np.float32).astype(np.float64)
+        scale, bias, g = (rng.standard_normal(s).astype(np.float32).astype(np.float64) for s in
+                          (shape[-1:], shape[-1:], shape))
+        y, vjp = jax.vjp(jax.jit(lambda x, s, b: cpu_gemm.layer_norm(x, s, b, 1e-6)),
+                         *(jnp.asarray(t, jnp.float32) for t in (x, scale, bias)))
+        got = (y, *vjp(jnp.asarray(g, jnp.float32)))
+        want = layer_norm_reference(x, scale, bias, g, 1e-6)
+        errors["layer_norm " + "x".join(map(str, shape))] = max(relative_error(o, r) for o, r in zip(got, want))
+    nan_row = np.zeros((3, 40), np.float32)
+    nan_row[1, 7] = np.nan
+    out = np.asarray(cpu_gemm.softmax(jnp.asarray(nan_row)))
+    errors["softmax NaN stays in its row"] = 0.0 if (np.isnan(out[1]).all() and np.allclose(out[[0, 2]], 1 / 40)) \
+        else float("inf")
+    return errors
+
+
 def lowered_with(choice, fn, *args):
     """The lowering of a fresh wrapper of `fn` (the choice is read when jit traces, and jit keeps traces per
     function) under `VITDISTILL_CPU_GEMM=choice`."""
@@ -74,11 +128,13 @@ def vit_agreement():
         results[choice] = jax.jit(step)(params)
         text = jax.jit(step).lower(params).as_text()
         results[choice + "_custom_calls"] = text.count(cpu_gemm.TARGET)
+        results[choice + "_row_calls"] = text.count("vitdistill_softmax") + text.count("vitdistill_layer_norm")
     os.environ.pop(cpu_gemm.CHOICE, None)
     (loss_xla, grads_xla), (loss_mkl, grads_mkl) = results["xla"], results["auto"]
     grad_error = max(relative_error(a, b) for a, b in zip(jax.tree.leaves(grads_mkl), jax.tree.leaves(grads_xla)))
     return {"loss_error": relative_error(loss_mkl, loss_xla), "grad_error": grad_error,
-            "custom_calls_mkl": results["auto_custom_calls"], "custom_calls_xla": results["xla_custom_calls"]}
+            "custom_calls_mkl": results["auto_custom_calls"], "custom_calls_xla": results["xla_custom_calls"],
+            "row_calls_mkl": results["auto_row_calls"], "row_calls_xla": results["xla_row_calls"]}
 
 
 def main():
@@ -92,6 +148,7 @@ def main():
     print(json.dumps({
         "status": cpu_gemm.status(),
         "products": products(),
+        "rows": rows(),
         "dense_auto": lowered_with("auto", dense, x, w).count(cpu_gemm.TARGET),
         "dense_xla": lowered_with("xla", dense, x, w).count(cpu_gemm.TARGET),
         "dense_forced_xla": forced,

@@ -80,6 +80,11 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
     for shape, error in facts["products"].items():
         assert error < 1e-5, (shape, error)
     assert facts["vmap_error"] < 1e-6
+    # Softmax and LayerNorm with their gradients (the native row kernels) within float32 rounding of float64
+    # NumPy: a wrong row offset, block split, reduction or gradient term gives errors of order 1.
+    assert len(facts["rows"]) == 6 + 5 + 1
+    for case, error in facts["rows"].items():
+        assert error < 2e-5, (case, error)
     # Float32 Dense products go to MKL unless VITDISTILL_CPU_GEMM=xla or within xla_dots(); bfloat16 ones never.
     assert facts["dense_auto"] >= 1
     assert facts["dense_xla"] == facts["dense_forced_xla"] == facts["bfloat16"] == 0
@@ -87,5 +92,8 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
     # forward and with both gradients, uses MKL, and its loss and gradients are XLA's to float32 rounding.
     assert facts["custom_calls_xla"] == 0
     assert facts["custom_calls_mkl"] >= 3 * (2 * (4 + 2) + 1)
+    # ... and its softmax (forward, backward) and LayerNorms (two a block and the final one) the row kernels.
+    assert facts["row_calls_xla"] == 0
+    assert facts["row_calls_mkl"] >= 2 * (2 + 2 * 2 + 1)
     assert facts["loss_error"] < 1e-5
     assert facts["grad_error"] < 1e-4

@@ -3,17 +3,14 @@
 // Built and loaded by vitdistill/cpu_gemm.py (which says why). MKL is opened with dlopen at
 // vd_gemm_init, so this library links against nothing but libc and libdl. MKL runs sequentially; the
 // work is split into as many blocks as XLA's intra-op pool has threads (whole products of a batch, else
-// rows or columns of each), and the blocks are claimed by the calling thread and by tasks on that pool,
-// so a pool busy with other work leaves them to the caller rather than making it wait.
+// rows or columns of each), run by pool.h's ParallelFor.
 #include <dlfcn.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -36,8 +33,6 @@ struct Product {
   bool ta, tb;
   int mode;  // kItems: blocks of whole products; kRows / kColumns: blocks of each product's rows / columns
   int64_t block, blocks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
 
   static constexpr int kItems = 0, kRows = 1, kColumns = 2;
 
@@ -63,13 +58,6 @@ struct Product {
     int64_t length = mode == kRows ? m : n;
     int64_t lo = i * block, hi = std::min(length, lo + block);
     for (int64_t item = 0; item < batch; ++item) One(item, lo, hi);
-  }
-
-  void Claim() {
-    for (int64_t i; (i = next.fetch_add(1)) < blocks;) {
-      Run(i);
-      done.fetch_add(1, std::memory_order_release);
-    }
   }
 };
 
@@ -99,8 +87,7 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::R
     std::memset(out, 0, sizeof(float) * batch * m * n);
     return ffi::Error::Success();
   }
-  auto product = std::make_shared<Product>();
-  Product& p = *product;
+  Product p;
   p.a = static_cast<const float*>(a.untyped_data());
   p.b = static_cast<const float*>(b.untyped_data());
   p.c = out;
@@ -115,9 +102,7 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::R
   p.blocks = std::min(threads, length);
   p.block = (length + p.blocks - 1) / p.blocks;
   p.blocks = (length + p.block - 1) / p.block;
-  for (int64_t t = 1; t < p.blocks; ++t) pool.Schedule([product] { product->Claim(); });
-  p.Claim();
-  while (p.done.load(std::memory_order_acquire) < p.blocks) std::this_thread::yield();
+  vitdistill::ParallelFor(pool, p.blocks, [&p](int64_t i) { p.Run(i); });
   return ffi::Error::Success();
 }
 
