@@ -293,6 +293,42 @@ def test_a_second_ctrl_c_that_lands_in_a_gc_callback_is_delivered_after_it_not_l
     assert "Exception ignored" not in err and "Traceback" not in err, err
 
 
+def test_a_reposted_interrupt_comes_after_the_hook_returns_however_slowly_its_thread_starts(monkeypatch):
+    """The lost interrupt is posted again from a thread. On a loaded host (the whole suite on 2 cores) starting
+    that thread outlasted the fixed 10 ms the thread used to wait, and the interrupt landed inside the hook,
+    where it is lost as well: a second Ctrl-C during a compile then stopped the run a step later (the suite,
+    2026-12-06). Here the main thread stays in the hook 200 ms after the thread has started; the interrupt
+    must come after the hook has returned."""
+    from types import SimpleNamespace
+
+    from vitdistill.train.preemption import StopRequests
+
+    real_start = threading.Thread.start
+
+    def slow_start(thread):
+        real_start(thread)
+        deadline = time.monotonic() + 0.2
+        while time.monotonic() < deadline:
+            pass
+
+    stops = StopRequests().install(before_jax=True)
+    stops.received, stops.in_training_steps = "SIGINT", True  # the first Ctrl-C came; inside the steps
+    monkeypatch.setattr(threading.Thread, "start", slow_start)
+    try:
+        try:
+            sys.unraisablehook(SimpleNamespace(exc_type=KeyboardInterrupt, exc_value=KeyboardInterrupt(),
+                                               exc_traceback=None, err_msg=None, object=None))
+        except KeyboardInterrupt:
+            pytest.fail("the re-posted interrupt landed inside the hook")
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        with pytest.raises(KeyboardInterrupt):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                pass
+    finally:
+        stops.uninstall()
+
+
 def _signal_at_check(monkeypatch, n):
     """SIGTERM to this process just before the n-th check an evaluation makes between its batches; the calls
     made so far are returned."""

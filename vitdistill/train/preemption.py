@@ -33,6 +33,7 @@ class StopRequests:
         self.exit_at_once: Optional[Callable[[], None]] = None  # the entry point's: say so and end the process
         self.in_training_steps = False  # the loop's: it turns a second Ctrl-C into a save where it can
         self._sync_calls = 0  # several processes: the checks made so far, step boundaries and evaluation batches
+        self._in_hook = False  # the main thread is inside _redeliver_lost_interrupt
 
     def install(self, *, before_jax: bool = False) -> "StopRequests":
         """Takes SIGINT, and SIGTERM unless several processes run (JAX's preemption notifier, which
@@ -67,23 +68,42 @@ class StopRequests:
         """A second Ctrl-C's KeyboardInterrupt raised while the main thread ran a callback whose exceptions
         Python cannot propagate (a gc callback such as JAX's `_xla_gc_callback`, a `__del__`) is "ignored":
         printed as a traceback and lost, and the run went on to stop at the next step boundary instead of at
-        once (CI, 2026-12-05). Here it is dropped silently and the interrupt posted again from another thread a
-        little later: posted from here, the handler would run inside this hook, where it is lost the same way.
-        Should the re-posted one land in such a callback too, this repeats."""
+        once (CI, 2026-12-05). Here it is dropped silently and the interrupt posted again from another thread
+        once the main thread has left this hook: raised inside the hook, it would be lost the same way. Should
+        the re-posted one land in such a callback too, this repeats."""
         if (isinstance(unraisable.exc_value, KeyboardInterrupt) and self.received == "SIGINT"
                 and threading.current_thread() is threading.main_thread()):
+            self._in_hook = True
             try:
-                threading.Thread(target=_interrupt_main_soon, daemon=True).start()
-            except RuntimeError:  # the interpreter is shutting down: there is nothing left to interrupt
-                pass
+                self._post_interrupt_after_hook()
+            finally:
+                self._in_hook = False
         else:
             self._previous_unraisable_hook(unraisable)
+
+    def _post_interrupt_after_hook(self):
+        """Starts a thread that interrupts the main thread (SIGINT's handler again) once it is out of this
+        hook. A fixed delay was not enough: on a loaded host starting the thread could outlast it, and the
+        interrupt then landed inside the hook and was lost (CI-like load, 2026-12-06)."""
+        def post():
+            while self._in_hook:
+                time.sleep(0.001)
+            time.sleep(0.01)  # and out of the interpreter's unraisable-exception machinery around the hook
+            _thread.interrupt_main(signal.SIGINT)  # marks SIGINT pending: the handler runs at the next check
+
+        try:
+            threading.Thread(target=post, daemon=True).start()
+        except RuntimeError:  # the interpreter is shutting down: there is nothing left to interrupt
+            pass
 
     def _on_sigterm(self, signum, frame):
         self.received = self.received or "SIGTERM"
 
     def _on_sigint(self, signum, frame):
         if self.received == "SIGINT":  # the second Ctrl-C: stop now
+            if self._in_hook:  # raised here it would be lost with the hook's: post it again for after the hook
+                self._post_interrupt_after_hook()
+                return
             if self.exit_at_once is not None and not self.in_training_steps:
                 self.exit_at_once()  # here, not by unwinding: an orbax restore cut short by an exception leaves
             raise KeyboardInterrupt  # its worker threads posting to a closed event loop, each a traceback
@@ -107,11 +127,6 @@ class StopRequests:
     @property
     def reason(self) -> str:
         return {"SIGINT": "Ctrl-C (SIGINT)"}.get(self.received, "SIGTERM")
-
-
-def _interrupt_main_soon():
-    time.sleep(0.01)  # the main thread has left the hook that started this thread (microseconds) by then
-    _thread.interrupt_main(signal.SIGINT)  # marks SIGINT pending: the handler runs at the main thread's next check
 
 
 _installed: Optional[StopRequests] = None
