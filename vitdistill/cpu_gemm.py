@@ -180,10 +180,15 @@ def status() -> str:
     return "mkl" if why is None else f"xla ({why})"
 
 
-def _gemm(a, b, *, ta: bool = False, tb: bool = False):
-    """op(a) @ op(b) over the last two dimensions (the leading ones, equal in both, index a batch) by MKL."""
+def _require_loaded():
+    """The custom calls registered, or a CpuGemmError saying why not (for calls made outside `enabled()`)."""
     if not _load()["ok"]:
         raise CpuGemmError(f"vitdistill.cpu_gemm: {_loaded['why']}")
+
+
+def _gemm(a, b, *, ta: bool = False, tb: bool = False):
+    """op(a) @ op(b) over the last two dimensions (the leading ones, equal in both, index a batch) by MKL."""
+    _require_loaded()
     m = a.shape[-1] if ta else a.shape[-2]
     n = b.shape[-2] if tb else b.shape[-1]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32),
@@ -245,8 +250,8 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
 
 
 def _rows_call(name, *shapes):
-    if not _load()["ok"]:
-        raise CpuGemmError(f"vitdistill.cpu_gemm: {_loaded['why']}")
+    """cpu_rows.cc's handler `vitdistill_<name>` as a function with float32 results of `shapes`."""
+    _require_loaded()
     out = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
     return jax.ffi.ffi_call(f"vitdistill_{name}", out[0] if len(out) == 1 else out, vmap_method="sequential")
 
@@ -255,7 +260,7 @@ def _rows_call(name, *shapes):
 def softmax(x):
     """Softmax of float32 `x` over its last dimension in one pass of the native kernel (cpu_rows.cc), and
     its gradient dx = y (dy - <dy, y>) in one more. CPU only; models call it through `softmax_last`."""
-    return _rows_call("softmax", x.shape)(x)
+    return _softmax_fwd(x)[0]
 
 
 def _softmax_fwd(x):
@@ -281,9 +286,8 @@ def softmax_last(x):
 def layer_norm(x, scale, bias, eps: float):
     """LayerNorm of float32 `x` over its last dimension, (x - mean) / sqrt(var + eps) * scale + bias with
     the variance as the mean squared deviation (PyTorch's two passes), by the native kernel, and its
-    gradients (x, scale, bias) in one more pass. CPU only; models call it through `vit.LayerNorm`."""
-    rows = x.shape[:-1]
-    return _rows_call("layer_norm", x.shape, rows, rows)(x, scale, bias, eps=np.float32(eps))[0]
+    gradients (x, scale, bias) in one more pass. CPU only; models call it through `vit.NativeLayerNorm`."""
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
 
 
 def _layer_norm_fwd(x, scale, bias, eps):

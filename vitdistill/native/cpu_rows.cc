@@ -5,6 +5,7 @@
 // baseline x86-64 (GCC's target_clones picks one when the library loads), with an exp of our own that the
 // compiler vectorises: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial), within 2
 // ulp of the exact value on the inputs softmax gives it (x - max <= 0).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -129,16 +130,29 @@ void RowsOf(ffi::AnyBuffer::Dimensions dims, int64_t* rows, int64_t* n) {
   *n = dims.size() == 0 ? 1 : dims[dims.size() - 1];
 }
 
+// How many blocks `rows` rows of n elements are split into (one below kSerialBelow elements in all; none for
+// no rows).
+int64_t RowBlocks(ffi::ThreadPool& pool, int64_t rows, int64_t n) { return Blocks(pool, rows, n, kSerialBelow); }
+
+// run(block, lo, hi) for each of `blocks` equal ranges [lo, hi) of the rows that is not empty, over the pool.
+template <typename Run>
+void ForRowBlocks(ffi::ThreadPool& pool, int64_t rows, int64_t blocks, const Run& run) {
+  if (blocks <= 0) return;
+  int64_t per = (rows + blocks - 1) / blocks;
+  ParallelFor(pool, blocks, [&](int64_t i) {
+    int64_t lo = i * per, hi = std::min(rows, lo + per);
+    if (lo < hi) run(i, lo, hi);
+  });
+}
+
 ffi::Error Softmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
   int64_t rows, n;
   RowsOf(x.dimensions(), &rows, &n);
   if (n == 0) return ffi::Error::Success();
   const float* in = x.typed_data();
   float* out = y->typed_data();
-  int64_t blocks = Blocks(pool, rows, n, kSerialBelow), per = (rows + blocks - 1) / (blocks ? blocks : 1);
-  ParallelFor(pool, blocks, [&](int64_t i) {
-    int64_t lo = i * per, hi = std::min(rows, lo + per);
-    if (lo < hi) SoftmaxRows(in + lo * n, out + lo * n, hi - lo, n);
+  ForRowBlocks(pool, rows, RowBlocks(pool, rows, n), [&](int64_t, int64_t lo, int64_t hi) {
+    SoftmaxRows(in + lo * n, out + lo * n, hi - lo, n);
   });
   return ffi::Error::Success();
 }
@@ -148,11 +162,8 @@ ffi::Error SoftmaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffe
   int64_t rows, n;
   RowsOf(y.dimensions(), &rows, &n);
   if (n == 0) return ffi::Error::Success();
-  int64_t blocks = Blocks(pool, rows, n, kSerialBelow), per = (rows + blocks - 1) / (blocks ? blocks : 1);
-  ParallelFor(pool, blocks, [&](int64_t i) {
-    int64_t lo = i * per, hi = std::min(rows, lo + per);
-    if (lo < hi) SoftmaxGradRows(y.typed_data() + lo * n, dy.typed_data() + lo * n, dx->typed_data() + lo * n,
-                                 hi - lo, n);
+  ForRowBlocks(pool, rows, RowBlocks(pool, rows, n), [&](int64_t, int64_t lo, int64_t hi) {
+    SoftmaxGradRows(y.typed_data() + lo * n, dy.typed_data() + lo * n, dx->typed_data() + lo * n, hi - lo, n);
   });
   return ffi::Error::Success();
 }
@@ -165,12 +176,9 @@ ffi::Error LayerNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   if (scale.element_count() != static_cast<size_t>(d) || bias.element_count() != static_cast<size_t>(d))
     return ffi::Error::InvalidArgument("vitdistill cpu_rows: LayerNorm scale and bias must match the last dimension");
   if (d == 0) return ffi::Error::Success();
-  int64_t blocks = Blocks(pool, rows, d, kSerialBelow), per = (rows + blocks - 1) / (blocks ? blocks : 1);
-  ParallelFor(pool, blocks, [&](int64_t i) {
-    int64_t lo = i * per, hi = std::min(rows, lo + per);
-    if (lo < hi)
-      LayerNormRows(x.typed_data() + lo * d, scale.typed_data(), bias.typed_data(), y->typed_data() + lo * d,
-                    mean->typed_data() + lo, rstd->typed_data() + lo, hi - lo, d, eps);
+  ForRowBlocks(pool, rows, RowBlocks(pool, rows, d), [&](int64_t, int64_t lo, int64_t hi) {
+    LayerNormRows(x.typed_data() + lo * d, scale.typed_data(), bias.typed_data(), y->typed_data() + lo * d,
+                  mean->typed_data() + lo, rstd->typed_data() + lo, hi - lo, d, eps);
   });
   return ffi::Error::Success();
 }
@@ -186,14 +194,12 @@ ffi::Error LayerNormGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   std::fill(ds, ds + d, 0.0f);
   std::fill(db, db + d, 0.0f);
   if (d == 0 || rows == 0) return ffi::Error::Success();
-  int64_t blocks = Blocks(pool, rows, d, kSerialBelow), per = (rows + blocks - 1) / blocks;
+  int64_t blocks = RowBlocks(pool, rows, d);
   std::vector<float> partial(static_cast<size_t>(blocks) * 2 * d, 0.0f);
-  ParallelFor(pool, blocks, [&](int64_t i) {
-    int64_t lo = i * per, hi = std::min(rows, lo + per);
+  ForRowBlocks(pool, rows, blocks, [&](int64_t i, int64_t lo, int64_t hi) {
     float* sums = partial.data() + i * 2 * d;
-    if (lo < hi)
-      LayerNormGradRows(x.typed_data() + lo * d, scale.typed_data(), mean.typed_data() + lo, rstd.typed_data() + lo,
-                        dy.typed_data() + lo * d, dx->typed_data() + lo * d, sums, sums + d, hi - lo, d);
+    LayerNormGradRows(x.typed_data() + lo * d, scale.typed_data(), mean.typed_data() + lo, rstd.typed_data() + lo,
+                      dy.typed_data() + lo * d, dx->typed_data() + lo * d, sums, sums + d, hi - lo, d);
   });
   for (int64_t i = 0; i < blocks; ++i) {  // in block order: the same sums whichever thread ran which block
     const float* sums = partial.data() + i * 2 * d;
