@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitdistill import cpu_gemm
-from vitdistill.models import vit
+from vitdistill.models import regnet, vit
 
 
 def relative_error(ours, reference):
@@ -102,6 +102,81 @@ def rows():
     return errors
 
 
+def conv_reference(x, w, g, stride, pad):
+    """A grouped convolution (NHWC x, HWIO w) and its gradients for cotangent g, in float64 NumPy, tap by tap."""
+    k, _, group_in, out = w.shape
+    groups = x.shape[-1] // group_in
+    group_out = out // groups
+    n, ho, wo = g.shape[:3]
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    xg = xp.reshape(*xp.shape[:3], groups, group_in)
+    wg = w.reshape(k, k, group_in, groups, group_out)
+    gg = g.reshape(n, ho, wo, groups, group_out)
+    y, dxp, dw = np.zeros((n, ho, wo, groups, group_out)), np.zeros_like(xg), np.zeros_like(wg)
+    for kh in range(k):
+        for kw in range(k):
+            window = (slice(None), slice(kh, kh + stride * (ho - 1) + 1, stride),
+                      slice(kw, kw + stride * (wo - 1) + 1, stride))
+            y += np.einsum("nhwgi,igo->nhwgo", xg[window], wg[kh, kw])
+            dxp[window] += np.einsum("nhwgo,igo->nhwgi", gg, wg[kh, kw])
+            dw[kh, kw] += np.einsum("nhwgi,nhwgo->igo", xg[window], gg)
+    dx = dxp.reshape(xp.shape)[:, pad:pad + x.shape[1], pad:pad + x.shape[2]]
+    return y.reshape(n, ho, wo, out), dx, dw.reshape(w.shape)
+
+
+def convolutions():
+    """The native grouped convolution (and its gradients, lax's) against float64 NumPy: RegNetY-16GF's third
+    stage, strides 1 and 2, pixel counts off the 28-pixel tile, group widths off the vector width (20, 8),
+    5x5 and 1x1 kernels, an image smaller than the kernel's reach, an empty batch; and whether each shape is
+    taken (`grouped_conv_supported`). Only `available` on a CPU without AVX-512F."""
+    if not cpu_gemm.conv_available():
+        return {"available": False}
+    rng = np.random.default_rng(2)
+    errors, taken = {}, {}
+    # (x shape, k, group_in, out channels, stride)
+    for shape, k, group_in, out, stride in [((2, 14, 14, 1232), 3, 112, 1232, 1), ((3, 9, 7, 64), 3, 32, 96, 2),
+                                            ((1, 5, 6, 60), 3, 20, 48, 1), ((2, 11, 11, 32), 5, 8, 128, 2),
+                                            ((2, 4, 3, 48), 1, 24, 32, 1), ((1, 1, 1, 32), 3, 16, 32, 1),
+                                            ((0, 6, 6, 32), 3, 16, 32, 1)]:
+        pad = k // 2
+        x = rng.standard_normal(shape).astype(np.float32)
+        w = (rng.standard_normal((k, k, group_in, out)) / np.sqrt(k * k * group_in)).astype(np.float32)
+        ho, wo = ((d + 2 * pad - k) // stride + 1 for d in shape[1:3])
+        g = rng.standard_normal((shape[0], ho, wo, out)).astype(np.float32)
+        name = f"{'x'.join(map(str, shape))} k{k} group_in {group_in} out {out} stride {stride}"
+        taken[name] = cpu_gemm.grouped_conv_supported(jnp.asarray(x), jnp.asarray(w), stride)
+        y, vjp = jax.vjp(jax.jit(lambda a, b: cpu_gemm.grouped_conv(a, b, stride, pad)), jnp.asarray(x), jnp.asarray(w))
+        got = (y, *vjp(jnp.asarray(g)))
+        want = conv_reference(*(t.astype(np.float64) for t in (x, w, g)), stride, pad)
+        errors[name] = max(relative_error(o, r) for o, r in zip(got, want))
+    # Left to lax: output groups off the vector width (20 channels), a kernel deeper than 1,152 inputs, an
+    # even kernel, bfloat16.
+    for shape, kernel, dtype in [((1, 6, 6, 32), (3, 3, 16, 40), jnp.float32), ((1, 6, 6, 256), (3, 3, 256, 256),
+                                 jnp.float32), ((1, 6, 6, 32), (2, 2, 16, 32), jnp.float32),
+                                 ((1, 6, 6, 32), (3, 3, 16, 32), jnp.bfloat16)]:
+        name = f"{'x'.join(map(str, shape))} kernel {'x'.join(map(str, kernel))} {jnp.dtype(dtype).name}"
+        taken[name] = cpu_gemm.grouped_conv_supported(jnp.zeros(shape, dtype), jnp.zeros(kernel, dtype), 1)
+    return {"available": True, "errors": errors, "taken": taken}
+
+
+def regnet_agreement():
+    """A small RegNetY's logits with the native grouped convolutions against lax's, and the calls in each."""
+    model = regnet.RegNet(w0=16, wa=16.0, wm=2.0, group_size=16, depth=4, stem_width=16, num_classes=10)
+    images = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
+    variables = model.init(jax.random.key(1), images)
+    results = {}
+    for choice in ("xla", "auto"):
+        os.environ[cpu_gemm.CHOICE] = choice
+        apply = lambda v, x: model.apply(v, x)  # noqa: E731  (a fresh function per choice: traced afresh)
+        results[choice] = jax.jit(apply)(variables, images)
+        results[choice + "_calls"] = jax.jit(apply).lower(variables, images).as_text().count(
+            "vitdistill_grouped_conv")
+    os.environ.pop(cpu_gemm.CHOICE, None)
+    return {"regnet_error": relative_error(results["auto"], results["xla"]),
+            "regnet_conv_calls_mkl": results["auto_calls"], "regnet_conv_calls_xla": results["xla_calls"],
+            "regnet_grouped_convs": sum(depth for width, depth, group in regnet.regnet_stages(16, 16.0, 2.0, 4, 16)
+                                        if width // group > 1)}
+
 def lowered_with(choice, fn, *args):
     """The lowering of a fresh wrapper of `fn` (the choice is read when jit traces, and jit keeps traces per
     function) under `VITDISTILL_CPU_GEMM=choice`."""
@@ -149,6 +224,8 @@ def main():
         "status": cpu_gemm.status(),
         "products": products(),
         "rows": rows(),
+        "convolutions": convolutions(),
+        **regnet_agreement(),
         "dense_auto": lowered_with("auto", dense, x, w).count(cpu_gemm.TARGET),
         "dense_xla": lowered_with("xla", dense, x, w).count(cpu_gemm.TARGET),
         "dense_forced_xla": forced,

@@ -2,6 +2,7 @@
 numbers against float64 NumPy, where they are used and where not, and the messages when they cannot be."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,23 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
     assert len(facts["rows"]) == 6 + 5 + 1
     for case, error in facts["rows"].items():
         assert error < 2e-5, (case, error)
+    # The grouped convolution (cpu_conv.cc) and its gradients within float32 rounding of float64 NumPy on 7
+    # shapes: a wrong tap, padding, stride, group offset or tile tail gives errors of order 1. It takes
+    # float32 shapes with 16 | group_out, k*k*group_in <= 1,152 and an odd kernel, and leaves the rest to lax.
+    conv = facts["convolutions"]
+    assert conv["available"] == bool(re.search(r"\bavx512f\b", open("/proc/cpuinfo").read()))
+    if conv["available"]:
+        assert len(conv["errors"]) == 7
+        for case, error in conv["errors"].items():
+            assert error < 1e-5, (case, error)
+        assert [name for name, taken in conv["taken"].items() if not taken] == [
+            "1x6x6x32 kernel 3x3x16x40 float32", "1x6x6x256 kernel 3x3x256x256 float32",
+            "1x6x6x32 kernel 2x2x16x32 float32", "1x6x6x32 kernel 3x3x16x32 bfloat16"]
+    # A small RegNetY: each grouped 3x3 convolution is the native one (where available), its logits lax's.
+    assert facts["regnet_conv_calls_mkl"] == (facts["regnet_grouped_convs"] if conv["available"] else 0)
+    assert facts["regnet_grouped_convs"] == 3
+    assert facts["regnet_conv_calls_xla"] == 0
+    assert facts["regnet_error"] < 1e-5
     # Float32 Dense products go to MKL unless VITDISTILL_CPU_GEMM=xla or within xla_dots(); bfloat16 ones never.
     assert facts["dense_auto"] >= 1
     assert facts["dense_xla"] == facts["dense_forced_xla"] == facts["bfloat16"] == 0

@@ -23,6 +23,11 @@ forward and backward in one vectorised pass over the rows. XLA:CPU runs these re
 in several passes: at a DeiT-S block's shapes at batch 4, softmax forward and backward took 1.12 ms with
 JAX's against 0.49 native and 0.50 in PyTorch, LayerNorm 0.32 (Flax's) against 0.15 and 0.15; the DeiT-S
 step 756.7 -> 711.3 ms (`experiments/row_kernels.py`, on a 2-core AMD EPYC host).
+
+And a grouped convolution (`grouped_conv`, `vitdistill/native/cpu_conv.cc`, AVX-512 CPUs), used by
+`regnet.GroupedConv` for RegNetY's grouped 3x3 convolutions: XLA:CPU runs these as one slow convolution or as
+one small convolution per group, at 114-149 GFLOP/s on that host against 154-191 native and 123-195 in PyTorch
+(`experiments/grouped_conv.py`).
 """
 import contextlib
 import ctypes
@@ -47,10 +52,11 @@ from vitdistill.errors import ConfigError
 CHOICE = "VITDISTILL_CPU_GEMM"
 TARGET = "vitdistill_cpu_gemm"
 NATIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
-SOURCES = tuple(os.path.join(NATIVE, name) for name in ("cpu_gemm.cc", "cpu_rows.cc"))
+SOURCES = tuple(os.path.join(NATIVE, name) for name in ("cpu_gemm.cc", "cpu_rows.cc", "cpu_conv.cc"))
 HEADERS = (os.path.join(NATIVE, "pool.h"),)
 ROW_TARGETS = {"softmax": "VdSoftmax", "softmax_grad": "VdSoftmaxGrad", "layer_norm": "VdLayerNorm",
-               "layer_norm_grad": "VdLayerNormGrad"}  # cpu_rows.cc's handlers, registered as vitdistill_<key>
+               "layer_norm_grad": "VdLayerNormGrad",  # cpu_rows.cc's handlers, registered as vitdistill_<key>
+               "grouped_conv": "VdGroupedConv"}  # cpu_conv.cc's
 
 _lock = threading.Lock()
 _loaded: dict = {}  # {"ok": bool, "why": str}: the outcome of the one attempt a process makes
@@ -136,7 +142,7 @@ def _load() -> dict:
             logging.warning("vitdistill: %s; matrix products run on XLA's own kernels (set %s=xla to say so "
                             "and silence this)", _loaded["why"], CHOICE)
             return _loaded
-        _loaded.update(ok=True, why=f"MKL ({mkl})")
+        _loaded.update(ok=True, why=f"MKL ({mkl})", conv=bool(library.vd_conv_supported()))
         return _loaded
 
 
@@ -302,3 +308,63 @@ def _layer_norm_bwd(eps, residuals, grad):
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+CONV_DEPTH = 1152  # cpu_conv.cc's kRow: k * k * group_in at most
+
+
+def grouped_conv_supported(x, kernel, stride: int) -> bool:
+    """Whether `grouped_conv` takes this convolution (x NHWC, kernel [k, k, in / groups, out] HWIO): float32, a
+    square odd kernel with k * k * group_in <= 1152, output groups a multiple of 16 channels, an AVX-512 CPU,
+    and `enabled()`."""
+    k, _, group_in, out = kernel.shape
+    if kernel.shape[0] != kernel.shape[1] or k % 2 == 0 or x.shape[-1] % group_in or stride < 1:
+        return False
+    groups = x.shape[-1] // group_in
+    if out % groups or (out // groups) % 16 or k * k * group_in > CONV_DEPTH:
+        return False
+    return _on_mkl(x, kernel) and conv_available()
+
+
+def conv_available() -> bool:
+    """Whether the native grouped convolution can run here: the library loaded on a CPU with AVX-512F."""
+    return _load()["ok"] and _loaded["conv"]
+
+
+def _conv_reference(x, kernel, stride, pad):
+    """The same convolution in lax, one dense convolution per group (the gradients' path)."""
+    group_in = kernel.shape[2]
+    groups = x.shape[-1] // group_in
+    group_out = kernel.shape[-1] // groups
+    conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(stride, stride), padding=[(pad, pad)] * 2,
+                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.concatenate([conv(x[..., g * group_in:(g + 1) * group_in], kernel[..., g * group_out:(g + 1) * group_out])
+                            for g in range(groups)], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def grouped_conv(x, kernel, stride: int, pad: int):
+    """A grouped k x k convolution of float32 NHWC `x` with the HWIO `kernel` ([k, k, in / groups, out]; the
+    groups are in / group_in), stride `stride`, `pad` zeros on each side, by the native kernel (cpu_conv.cc).
+    Its gradients are lax's, of the per-group convolutions (the DeiT teacher, its user, needs none). CPU
+    only; models call it where `grouped_conv_supported`."""
+    if not conv_available():
+        raise CpuGemmError("vitdistill.cpu_gemm.grouped_conv: " + (_loaded["why"] if not _loaded["ok"] else
+                                                                    "this CPU lacks AVX-512F"))
+    k = kernel.shape[0]
+    n, h, w, _ = x.shape
+    shape = (n, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1, kernel.shape[-1])
+    return _rows_call("grouped_conv", shape)(x, kernel, stride=np.int64(stride), pad=np.int64(pad))
+
+
+def _grouped_conv_fwd(x, kernel, stride, pad):
+    return grouped_conv(x, kernel, stride, pad), (x, kernel)
+
+
+def _grouped_conv_bwd(stride, pad, residuals, grad):
+    x, kernel = residuals
+    _, vjp = jax.vjp(lambda a, b: _conv_reference(a, b, stride, pad), x, kernel)
+    return vjp(grad)
+
+
+grouped_conv.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)

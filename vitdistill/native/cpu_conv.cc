@@ -1,0 +1,188 @@
+// Grouped k x k convolutions (NHWC input, HWIO kernel, zero padding) for XLA:CPU as an XLA FFI custom call:
+// the forward pass of RegNetY's grouped 3x3 convolutions, the DeiT teacher's hot spot.
+//
+// Built into one library with cpu_gemm.cc by vitdistill/cpu_gemm.py (which says why and when it is used).
+// Work items are (image, group, tile of kTile output pixels); each item copies its pixels' receptive fields
+// (k * k * group_in inputs each, zeros outside the image) into contiguous rows, then for each 16 output
+// channels of the group runs one register-blocked AVX-512 kernel: kTile accumulators, one weight vector and
+// kTile broadcast-FMAs per input (tap, channel). Items are split into as many blocks as XLA's intra-op pool
+// has threads. Needs AVX-512F (vd_conv_supported), k * k * group_in <= kRow and 16 | group_out.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "pool.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kTile = 28;    // output pixels per kernel call: 28 accumulators + 1 weight vector of 32 registers
+constexpr int64_t kRow = 1152;  // floats per packed pixel row: k * k * group_in at most (3 x 3 x 128)
+constexpr int kLanes = 16;
+
+struct Conv {
+  const float* x;
+  const float* w;
+  float* y;
+  int64_t height, width, channels, out_height, out_width, out_channels, kernel, stride, pad, group_in, group_out,
+      groups, tiles;
+};
+
+// y[p, 0:16] = sum_k a(p, k) * w[k * 16 + 0:16] for p < P, over depth (a multiple of 16) inputs: a(p, k) is
+// a[(k / 16) * kTile * 16 + p * 16 + k % 16], so each 16 inputs of the tile's pixels lie in one block.
+template <int P>
+__attribute__((target("avx512f"))) void Tile(const float* a, const float* w, int64_t depth, float* y, int64_t ldy) {
+  __m512 acc[P];
+#pragma GCC unroll 32
+  for (int p = 0; p < P; ++p) acc[p] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < depth; k0 += kLanes, a += kTile * kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      __m512 wv = _mm512_loadu_ps(w + (k0 + k) * kLanes);
+#pragma GCC unroll 32
+      for (int p = 0; p < P; ++p) acc[p] = _mm512_fmadd_ps(_mm512_set1_ps(a[p * kLanes + k]), wv, acc[p]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int p = 0; p < P; ++p) _mm512_storeu_ps(y + p * ldy, acc[p]);
+}
+
+// The same for any count of pixels: full tiles, then the rest in halves.
+void Tiles(int64_t count, const float* a, const float* w, int64_t depth, float* y, int64_t ldy) {
+  while (count > 0) {
+    int64_t done;
+    if (count >= 28) {
+      Tile<28>(a, w, depth, y, ldy), done = 28;
+    } else if (count >= 16) {
+      Tile<16>(a, w, depth, y, ldy), done = 16;
+    } else if (count >= 8) {
+      Tile<8>(a, w, depth, y, ldy), done = 8;
+    } else if (count >= 4) {
+      Tile<4>(a, w, depth, y, ldy), done = 4;
+    } else if (count >= 2) {
+      Tile<2>(a, w, depth, y, ldy), done = 2;
+    } else {
+      Tile<1>(a, w, depth, y, ldy), done = 1;
+    }
+    count -= done, a += done * kLanes, y += done * ldy;
+  }
+}
+
+int64_t PaddedDepth(const Conv& c) { return (c.kernel * c.kernel * c.group_in + kLanes - 1) / kLanes * kLanes; }
+
+// Copies group g's kernel into packed: for each 16 output channels, its rows of 16 (zeros past the depth).
+void PackWeights(const Conv& c, int64_t g, float* packed) {
+  const int64_t depth = c.kernel * c.kernel * c.group_in, padded = PaddedDepth(c);
+  for (int64_t v = 0; v < c.group_out; v += kLanes) {
+    float* dst = packed + v * padded;
+    for (int64_t k = 0; k < depth; ++k)
+      std::memcpy(dst + k * kLanes, c.w + k * c.out_channels + g * c.group_out + v, sizeof(float) * kLanes);
+    std::memset(dst + depth * kLanes, 0, sizeof(float) * kLanes * (padded - depth));
+  }
+}
+
+// Copies n elements of one pixel's row from src to its inputs k0.. in Tile's layout (rows at pixel p).
+__attribute__((target("avx512f"))) inline void PutRow(float* rows, int64_t p, int64_t k0, const float* src,
+                                                      int64_t n) {
+  if (k0 % kLanes == 0 && n % kLanes == 0) {  // whole blocks of 16: one vector each
+    float* dst = rows + (k0 / kLanes) * kTile * kLanes + p * kLanes;
+    for (int64_t k = 0; k < n; k += kLanes, dst += kTile * kLanes)
+      _mm512_storeu_ps(dst, src == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(src + k));
+    return;
+  }
+  for (int64_t k = k0; k < k0 + n;) {
+    int64_t run = std::min(n - (k - k0), kLanes - k % kLanes);
+    float* dst = rows + (k / kLanes) * kTile * kLanes + p * kLanes + k % kLanes;
+    if (src == nullptr) {
+      std::memset(dst, 0, sizeof(float) * run);
+    } else {
+      std::memcpy(dst, src + (k - k0), sizeof(float) * run);
+    }
+    k += run;
+  }
+}
+
+// One item: group g, output pixels [first, first + count) of the batch's pixels in (image, row, column) order.
+__attribute__((target("avx512f"))) void Item(const Conv& c, const float* packed, float* rows, int64_t g, int64_t first, int64_t count) {
+  const int64_t depth = c.kernel * c.kernel * c.group_in, padded = PaddedDepth(c);
+  const int64_t pixels = c.out_height * c.out_width;
+  for (int64_t p = 0; p < count; ++p) {
+    int64_t n = (first + p) / pixels, r = (first + p) % pixels;
+    int64_t oh = r / c.out_width, ow = r % c.out_width;
+    for (int64_t kh = 0; kh < c.kernel; ++kh) {
+      int64_t ih = oh * c.stride - c.pad + kh;
+      for (int64_t kw = 0; kw < c.kernel; ++kw) {
+        int64_t iw = ow * c.stride - c.pad + kw;
+        bool inside = ih >= 0 && ih < c.height && iw >= 0 && iw < c.width;
+        const float* src = inside ? c.x + ((n * c.height + ih) * c.width + iw) * c.channels + g * c.group_in : nullptr;
+        PutRow(rows, p, (kh * c.kernel + kw) * c.group_in, src, c.group_in);
+      }
+    }
+    if (padded > depth) PutRow(rows, p, depth, nullptr, padded - depth);
+  }
+  float* out = c.y + first * c.out_channels + g * c.group_out;
+  for (int64_t v = 0; v < c.group_out; v += kLanes)
+    Tiles(count, rows, packed + v * padded, padded, out + v, c.out_channels);
+}
+
+ffi::Error GroupedConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t stride, int64_t pad) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || wd[0] != wd[1])
+    return ffi::Error::InvalidArgument("vitdistill grouped_conv: NHWC input, square HWIO kernel, NHWC output");
+  Conv c;
+  c.x = x.typed_data(), c.w = w.typed_data(), c.y = y->typed_data();
+  c.height = xd[1], c.width = xd[2], c.channels = xd[3];
+  c.kernel = wd[0], c.group_in = wd[2], c.out_channels = wd[3];
+  c.out_height = yd[1], c.out_width = yd[2], c.stride = stride, c.pad = pad;
+  if (c.group_in <= 0 || c.channels % c.group_in != 0)
+    return ffi::Error::InvalidArgument("vitdistill grouped_conv: input channels not a multiple of the kernel's");
+  c.groups = c.channels / c.group_in;
+  if (c.out_channels % c.groups != 0 || yd[0] != xd[0] || yd[3] != c.out_channels ||
+      c.out_height != (c.height + 2 * pad - c.kernel) / stride + 1 ||
+      c.out_width != (c.width + 2 * pad - c.kernel) / stride + 1)
+    return ffi::Error::InvalidArgument("vitdistill grouped_conv: output shape");
+  c.group_out = c.out_channels / c.groups;
+  if (c.group_out % kLanes != 0 || c.kernel * c.kernel * c.group_in > kRow)
+    return ffi::Error::InvalidArgument("vitdistill grouped_conv: needs 16 | group_out and k*k*group_in <= 1152");
+  int64_t pixels = c.out_height * c.out_width, images = xd[0];
+  if (images == 0 || pixels == 0 || c.out_channels == 0) return ffi::Error::Success();
+  const int64_t depth = c.kernel * c.kernel * c.group_in, total = images * pixels;
+  c.tiles = (total + kTile - 1) / kTile;
+  int64_t items = c.groups * c.tiles;  // group-major, so that a block packs each group's kernel once
+  int64_t blocks = vitdistill::Blocks(pool, items, kTile * c.group_out * depth, 1 << 16);
+  int64_t per_block = (items + blocks - 1) / blocks;
+  vitdistill::ParallelFor(pool, blocks, [&](int64_t b) {
+    float* rows = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * kTile * (kRow + kLanes)));
+    float* packed = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * c.group_out * PaddedDepth(c)));
+    int64_t packed_group = -1;
+    for (int64_t i = b * per_block; i < std::min(items, (b + 1) * per_block); ++i) {
+      int64_t tile = i % c.tiles, g = i / c.tiles, first = tile * kTile;
+      if (g != packed_group) PackWeights(c, g, packed), packed_group = g;
+      Item(c, packed, rows, g, first, std::min<int64_t>(kTile, total - first));
+    }
+    std::free(packed);
+    std::free(rows);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VdGroupedConv, GroupedConv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad"));
+
+// 1 where this CPU runs the kernel (AVX-512F), else 0.
+extern "C" int vd_conv_supported() { return __builtin_cpu_supports("avx512f") ? 1 : 0; }
