@@ -89,8 +89,8 @@ def bench_config(config, data: str = "sample_images"):
 
 def matmul_peak_tflops(dtype) -> float:
     """TFLOP/s of a large square matmul in `dtype` on the first device: the peak the step's utilisation is
-    measured against (the same machine, the same moment, the same library: MKL's where the step's Dense layers
-    use it, `vitdistill.cpu_gemm`)."""
+    measured against (the same machine, the same moment, the same library: `vitdistill.cpu_gemm`'s where the
+    step's Dense layers use it, MKL's, or on AVX-512 CPUs the native kernel that runs their forward pass)."""
     import jax
 
     from vitdistill import cpu_gemm
