@@ -219,6 +219,23 @@ def vit_agreement():
             "row_calls_mkl": results["auto_row_calls"], "row_calls_xla": results["xla_row_calls"]}
 
 
+def without_avx512(dense, x, w):
+    """As on a CPU without AVX-512F (the native convolution and product unavailable): the Dense product's calls
+    (MKL's, native) and a small RegNetY's native convolution calls."""
+    saved = cpu_gemm._loaded.get("conv")
+    cpu_gemm._loaded["conv"] = False
+    try:
+        text = jax.jit(lambda x, w: dense(x, w)).lower(x, w).as_text()
+        model = regnet.RegNet(w0=16, wa=16.0, wm=2.0, group_size=16, depth=4, stem_width=16, num_classes=10)
+        images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+        variables = model.init(jax.random.key(1), images)
+        regnet_text = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, images).as_text()
+        return {"mkl_calls": text.count(cpu_gemm.TARGET), "native_calls": text.count("vitdistill_matmul"),
+                "regnet_conv_calls": regnet_text.count("vitdistill_grouped_conv")}
+    finally:
+        cpu_gemm._loaded["conv"] = saved
+
+
 def main():
     x = jnp.ones((4, 6), jnp.float32)
     w = jnp.ones((6, 5), jnp.float32)
@@ -240,6 +257,7 @@ def main():
         "vmap_error": relative_error(batched, np.einsum("bij,bjk->bik", np.arange(24.0).reshape(2, 3, 4),
                                                         np.ones((2, 4, 5)))),
         **vit_agreement(),
+        "without_avx512": without_avx512(dense, x, w),
     }))
 
 

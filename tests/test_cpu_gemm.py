@@ -103,6 +103,8 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
     assert facts["regnet_grouped_convs"] == 3
     assert facts["regnet_conv_calls_xla"] == 0
     assert facts["regnet_error"] < 1e-5
+    # Without AVX-512F the plain products go to MKL and the grouped convolutions to lax.
+    assert facts["without_avx512"] == {"mkl_calls": 1, "native_calls": 0, "regnet_conv_calls": 0}
     # Float32 Dense products go to MKL unless VITDISTILL_CPU_GEMM=xla or within xla_dots(); bfloat16 ones never.
     assert facts["dense_auto"] >= 1
     assert facts["dense_xla"] == facts["dense_forced_xla"] == facts["bfloat16"] == 0
