@@ -1,13 +1,16 @@
-"""Plain float32 products (a [m, k] @ b [k, n]: the forward pass of every Dense layer and of RegNet's 1x1
+"""Float32 products of two matrices (every Dense layer's forward pass and both its gradients, RegNet's 1x1
 convolutions) through the native kernel (vitdistill/native/cpu_conv.cc's VdMatmul, the grouped convolution's
 register tile) against MKL's `cblas_sgemm`: RegNetY-16GF's and DeiT-S's shapes alone, then the train steps
-built each way, in turns in one process. The gradients' products stay on MKL in both.
+built each way, in turns in one process. Attention's batched products stay on MKL in both.
 
-    python experiments/native_matmul.py [--turns=4] [--per_turn=3] [--configs=deit_s,deit_s_distilled,dino_vits16]
+    python experiments/native_matmul.py [--baseline=mkl|forward] [--turns=4] [--per_turn=3]
+        [--configs=deit_s,deit_s_distilled,dino_vits16]
 
-Shapes: medians of 5 calls after 3 warm-up calls, ours and MKL's alternating three times (jitted, batch 4's rows).
-Steps: the loop's jitted step (vitdistill.bench.StepBench, batch 4); "MKL" builds it with `cpu_gemm._forward`
-sending every product to MKL. Needs `pip install -e '.[cpu]'` and an AVX-512 CPU.
+Shapes: medians of 5 calls after 3 warm-up calls, ours and MKL's alternating three times (jitted, batch 4's
+rows; ta / tb: the operand stored transposed, as the gradients' products take them). Steps: the loop's jitted
+step (vitdistill.bench.StepBench, batch 4), every two-matrix product native, against a baseline built with
+`cpu_gemm._op_product` sending every product to MKL (`mkl`), or only the transposed ones (`forward`: the
+forward pass native, the gradients on MKL). Needs `pip install -e '.[cpu]'` and an AVX-512 CPU.
 """
 import os
 import statistics
@@ -19,10 +22,15 @@ import cpu_gemm as gemm_experiment  # experiments/, on the path when this script
 
 FLAGS = flags.FLAGS
 FLAGS.set_default("turns", 4)
+flags.DEFINE_enum("baseline", "mkl", ["mkl", "forward"], "What the native products are timed against in the steps.")
 
-# (m, k, n): RegNetY-16GF's 1x1 convolutions at each stage's width, then DeiT-S's qkv, fc1 and fc2 (788 tokens).
-SHAPES = [(12544, 224, 224), (3136, 448, 448), (784, 1232, 1232), (196, 3024, 3024), (784, 1232, 3024),
-          (788, 384, 1152), (788, 384, 1536), (788, 1536, 384)]
+# (m, k, n, ta, tb): RegNetY-16GF's 1x1 convolutions at each stage's width; DeiT-S's qkv, fc1 and fc2 (788 tokens)
+# forward, then their gradients: the input's (grad @ wᵀ, tb) and the kernel's (xᵀ @ grad, ta).
+SHAPES = [(12544, 224, 224, False, False), (3136, 448, 448, False, False), (784, 1232, 1232, False, False),
+          (196, 3024, 3024, False, False), (784, 1232, 3024, False, False), (788, 384, 1152, False, False),
+          (788, 384, 1536, False, False), (788, 1536, 384, False, False), (788, 1152, 384, False, True),
+          (788, 1536, 384, False, True), (788, 384, 1536, False, True), (384, 788, 1152, True, False),
+          (384, 788, 1536, True, False), (1536, 788, 384, True, False)]
 
 
 def shapes():
@@ -32,31 +40,32 @@ def shapes():
     from vitdistill import cpu_gemm
 
     rng = np.random.default_rng(0)
-    for m, k, n in SHAPES:
-        a = jax.numpy.asarray(rng.standard_normal((m, k)).astype(np.float32))
-        b = jax.numpy.asarray(rng.standard_normal((k, n)).astype(np.float32))
-        calls = {"native": jax.jit(lambda a, b: cpu_gemm._forward(a, b, False, False)),
-                 "mkl": jax.jit(lambda a, b: cpu_gemm._gemm(a, b))}
+    for m, k, n, ta, tb in SHAPES:
+        a = jax.numpy.asarray(rng.standard_normal((k, m) if ta else (m, k)).astype(np.float32))
+        b = jax.numpy.asarray(rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32))
+        calls = {"native": jax.jit(lambda a, b: cpu_gemm._op_product(a, b, ta, tb)),
+                 "mkl": jax.jit(lambda a, b: cpu_gemm._gemm(a, b, ta=ta, tb=tb))}
         times = {name: [] for name in calls}
         for _ in range(3):
             for name, call in calls.items():
                 times[name].append(gemm_experiment.median_ms(lambda: call(a, b).block_until_ready(), calls=5))
         row = {name: statistics.median(t) for name, t in times.items()}
         gflop = 2 * m * k * n / 1e9
-        print(f"{m} x {k} x {n}: " + ", ".join(f"{name} {ms:.2f} ms ({gflop / ms * 1e3:.0f} GFLOP/s)"
+        print(f"{m} x {k} x {n}{' ta' if ta else ''}{' tb' if tb else ''}: " + ", ".join(f"{name} {ms:.2f} ms ({gflop / ms * 1e3:.0f} GFLOP/s)"
                                                for name, ms in row.items()), flush=True)
 
 
 def build(module, native: bool):
     from vitdistill import cpu_gemm
 
-    real = cpu_gemm._forward
+    real = cpu_gemm._op_product
     if not native:
-        cpu_gemm._forward = lambda a, b, ta, tb: cpu_gemm._gemm(a, b, ta=ta, tb=tb)
+        cpu_gemm._op_product = lambda a, b, ta, tb: (real(a, b, ta, tb) if FLAGS.baseline == "forward" and not (ta or tb)
+                                                     else cpu_gemm._gemm(a, b, ta=ta, tb=tb))
     try:
         return gemm_experiment.step_bench(module)
     finally:
-        cpu_gemm._forward = real
+        cpu_gemm._op_product = real
 
 
 def main(argv):
@@ -69,7 +78,8 @@ def main(argv):
     if not cpu_gemm.conv_available() or cpu_gemm.status() != "mkl":
         sys.exit(f"The native product is not in use here: {cpu_gemm.status()}")
     shapes()
-    gemm_experiment.ab_steps(build, "MKL", "native", "plain products")
+    gemm_experiment.ab_steps(build, "MKL" if FLAGS.baseline == "mkl" else "MKL's gradient products", "native",
+                             "two-matrix products")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ def relative_error(ours, reference):
 def products():
     """`product` and both of its gradients against float64 NumPy for each of the four transpose settings, over
     shapes that split by rows (m >= n), by columns, by whole products of a batch, not at all (small), and that
-    are empty or contract over nothing; the plain ones (not transposed) also through cpu_conv.cc's kernel where
-    it runs: threads split by columns (130 x 90, 40 x 2000) or rows (300 and 1000 rows, in blocks of 448), the
+    are empty or contract over nothing; the unbatched ones (each transpose setting) through cpu_conv.cc's kernel
+    where it runs: threads split by columns (130 x 90, 40 x 2000) or rows (300 and 1000 rows, in blocks of 448), the
     depth in blocks (600 inputs: 208, 208, 184), columns off the vector width (90, 1)."""
     rng = np.random.default_rng(0)
     errors = {}

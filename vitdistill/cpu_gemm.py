@@ -27,12 +27,12 @@ step 756.7 -> 711.3 ms (`experiments/row_kernels.py`, on a 2-core AMD EPYC host)
 And a grouped convolution (`grouped_conv`, `vitdistill/native/cpu_conv.cc`, AVX-512 CPUs), used by
 `regnet.GroupedConv` for RegNetY's grouped 3x3 convolutions: XLA:CPU runs these as one slow convolution or as
 one small convolution per group, at 114-149 GFLOP/s on that host against 154-191 native and 123-195 in PyTorch
-(`experiments/grouped_conv.py`). On AVX-512 CPUs its register tile also computes the plain products' forward
-pass (a [m, k] @ b [k, n], unbatched: every Dense layer's and RegNet's 1x1 convolutions'; `_forward`) in
-BLIS's order (each thread packs blocks of its rows and of b once for many rows): 0-24 % faster than MKL's at
-RegNetY-16GF's and DeiT-S's shapes on that host, the distilled step 1,433.8 -> 1,394.5 ms
-(`experiments/native_matmul.py`). The gradients' products (transposed operands) and attention's batched ones
-stay on MKL.
+(`experiments/grouped_conv.py`). On AVX-512 CPUs its register tile also computes every product of two
+matrices (`_op_product`: each Dense layer's forward pass and both its gradients, RegNet's 1x1 convolutions) in
+BLIS's order (each thread packs blocks of its rows and of b once for many rows; transposed operands through
+16 x 16 register transposes): -0.5 to +24 % against MKL at RegNetY-16GF's and DeiT-S's shapes on that host; the
+distilled step 1,433.8 -> 1,394.5 ms with the forward passes, then DeiT-S 819.2 -> 720.1 ms and DINO 3,126.6 ->
+2,886.9 with the gradients too (`experiments/native_matmul.py`). Attention's batched products stay on MKL.
 """
 import contextlib
 import ctypes
@@ -207,11 +207,12 @@ def _gemm(a, b, *, ta: bool = False, tb: bool = False):
     return call(a, b, ta=ta, tb=tb)
 
 
-def _forward(a, b, ta: bool, tb: bool):
-    """op(a) @ op(b): a plain a [m, k] @ b [k, n] by cpu_conv.cc's kernel where it runs (`conv_available`: an
-    AVX-512 CPU), anything else by MKL (`_gemm`)."""
-    if not ta and not tb and a.ndim == 2 and b.ndim == 2 and conv_available():
-        return _rows_call("matmul", (a.shape[0], b.shape[1]))(a, b)
+def _op_product(a, b, ta: bool, tb: bool):
+    """op(a) @ op(b): of two matrices by cpu_conv.cc's kernel where it runs (`conv_available`: an AVX-512 CPU),
+    anything else (a batch, or no AVX-512) by MKL (`_gemm`)."""
+    if a.ndim == 2 and b.ndim == 2 and conv_available():
+        shape = (a.shape[1] if ta else a.shape[0], b.shape[0] if tb else b.shape[1])
+        return _rows_call("matmul", shape)(a, b, ta=ta, tb=tb)
     return _gemm(a, b, ta=ta, tb=tb)
 
 
@@ -221,18 +222,18 @@ def product(a, b, ta: bool = False, tb: bool = False):
     [..., k, m] stands for its [..., m, k] transpose); both gradients with MKL too, as products with the
     transposes folded in. CPU only; a CpuGemmError where MKL's products cannot be loaded. Models call it
     through `dot_general` and `batched_matmul`, which check `enabled()`."""
-    return _forward(a, b, ta, tb)
+    return _op_product(a, b, ta, tb)
 
 
 def _product_fwd(a, b, ta, tb):
-    return _forward(a, b, ta, tb), (a, b)
+    return _op_product(a, b, ta, tb), (a, b)
 
 
 def _product_bwd(ta, tb, residuals, grad):
     a, b = residuals
     # c = op(a) op(b): op(a)' = c' op(b)ᵀ and op(b)' = op(a)ᵀ c', transposed back where a or b is stored transposed.
-    grad_a = _gemm(b, grad, ta=tb, tb=True) if ta else _gemm(grad, b, tb=not tb)
-    grad_b = _gemm(grad, a, ta=True, tb=ta) if tb else _gemm(a, grad, ta=not ta)
+    grad_a = _op_product(b, grad, tb, True) if ta else _op_product(grad, b, False, not tb)
+    grad_b = _op_product(grad, a, True, ta) if tb else _op_product(a, grad, not ta, False)
     return grad_a, grad_b
 
 

@@ -176,7 +176,8 @@ ffi::Error GroupedConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
-// c [m, n] = a [m, k] @ b [k, n], all row-major, in BLIS's order: each thread takes a range of rows (or of
+// c [m, n] = op(a) [m, k] @ op(b) [k, n], row-major (a stored [k, m] where ta, b [n, k] where tb; such
+// operands are packed through 16 x 16 register transposes), in BLIS's order: each thread takes a range of rows (or of
 // columns, where the rows are few) and, for each block of up to kGemmDepth inputs, packs kRowBlock tiles of its
 // rows at a time (Tile's layout), then for each kGemmCols of its columns packs that block of b (16 columns at a
 // time, zeros past n) and adds the tiles' products into c. Columns and depth split evenly, in multiples of 16.
@@ -189,6 +190,8 @@ struct Matmul {
   const float* b;
   float* c;
   int64_t m, n, k;
+  int64_t lda, ldb;  // the stored rows' lengths: a is [k, m] where ta, b [n, k] where tb
+  bool ta, tb;
   int64_t cols, depth;  // columns a block of b takes, inputs a block of the depth
 };
 
@@ -198,17 +201,82 @@ int64_t EvenSplit(int64_t total, int64_t most) {
   return (part + kLanes - 1) / kLanes * kLanes;
 }
 
+// r[i][j] -> r[j][i]: a 16 x 16 transpose in registers (pairs, then quads, then 128-bit lanes twice).
+__attribute__((target("avx512f"))) inline void Transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
 // b's inputs k0 .. k0 + depth (padded with zeros to `padded`), columns n0 .. n0 + width: for each 16 columns,
 // its rows of 16.
 __attribute__((target("avx512f"))) void PackColumns(const Matmul& mm, int64_t k0, int64_t depth, int64_t padded,
                                                     int64_t n0, int64_t width, float* packed) {
   for (int64_t v = 0; v < width; v += kLanes) {
     int64_t lanes = std::min<int64_t>(kLanes, width - v);
-    __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1);
     float* dst = packed + v * padded;
+    if (mm.tb) {  // b stored [n, k]: 16 stored rows (the columns) by 16 inputs at a time, transposed
+      for (int64_t kk = 0; kk < padded; kk += kLanes) {
+        const int64_t run = std::max<int64_t>(0, std::min<int64_t>(kLanes, depth - kk));
+        const __mmask16 in = static_cast<__mmask16>((1u << run) - 1);
+        __m512 r[16];
+        for (int64_t j = 0; j < kLanes; ++j)
+          r[j] = j < lanes ? _mm512_maskz_loadu_ps(in, mm.b + (n0 + v + j) * mm.ldb + k0 + kk) : _mm512_setzero_ps();
+        Transpose16(r);
+        for (int64_t k = 0; k < kLanes; ++k) _mm512_storeu_ps(dst + (kk + k) * kLanes, r[k]);
+      }
+      continue;
+    }
+    __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1);
     for (int64_t k = 0; k < depth; ++k)
-      _mm512_storeu_ps(dst + k * kLanes, _mm512_maskz_loadu_ps(mask, mm.b + (k0 + k) * mm.n + n0 + v));
+      _mm512_storeu_ps(dst + k * kLanes, _mm512_maskz_loadu_ps(mask, mm.b + (k0 + k) * mm.ldb + n0 + v));
     std::memset(dst + depth * kLanes, 0, sizeof(float) * kLanes * (padded - depth));
+  }
+}
+
+// Rows block .. block_end of op(a), inputs k0 .. k0 + depth (zeros to `padded`), as tiles in Tile's layout.
+__attribute__((target("avx512f"))) void PackRows(const Matmul& mm, int64_t k0, int64_t depth, int64_t padded, int64_t block, int64_t block_end,
+              float* rows) {
+  if (mm.ta) {  // a stored [k, m]: 16 inputs (stored rows) by 16 rows of op(a) at a time, transposed
+    for (int64_t r = block; r < block_end; r += kLanes) {
+      const int64_t count = std::min<int64_t>(kLanes, block_end - r);
+      const __mmask16 in = static_cast<__mmask16>((1u << count) - 1);
+      for (int64_t kk = 0; kk < padded; kk += kLanes) {
+        __m512 t[16];
+        for (int64_t i = 0; i < kLanes; ++i)
+          t[i] = kk + i < depth ? _mm512_maskz_loadu_ps(in, mm.a + (k0 + kk + i) * mm.lda + r) : _mm512_setzero_ps();
+        Transpose16(t);
+        for (int64_t p = 0; p < count; ++p) {
+          const int64_t row = r - block + p;
+          _mm512_storeu_ps(rows + (row / kTile) * kTile * padded + (kk / kLanes) * kTile * kLanes + (row % kTile) * kLanes,
+                           t[p]);
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t r = block; r < block_end; ++r) {
+    float* tile = rows + ((r - block) / kTile) * kTile * padded;
+    PutRow(tile, (r - block) % kTile, 0, mm.a + r * mm.lda + k0, depth);
+    if (padded > depth) PutRow(tile, (r - block) % kTile, depth, nullptr, padded - depth);
   }
 }
 
@@ -219,11 +287,7 @@ void MatmulPart(const Matmul& mm, float* rows, float* packed, int64_t r0, int64_
     const int64_t depth = std::min(mm.depth, mm.k - k0), padded = (depth + kLanes - 1) / kLanes * kLanes;
     for (int64_t block = r0; block < r1; block += kRowBlock * kTile) {
       const int64_t block_end = std::min(r1, block + kRowBlock * kTile);
-      for (int64_t r = block; r < block_end; ++r) {
-        float* tile = rows + ((r - block) / kTile) * kTile * padded;
-        PutRow(tile, (r - block) % kTile, 0, mm.a + r * mm.k + k0, depth);
-        if (padded > depth) PutRow(tile, (r - block) % kTile, depth, nullptr, padded - depth);
-      }
+      PackRows(mm, k0, depth, padded, block, block_end, rows);
       for (int64_t n0 = c0; n0 < c1; n0 += mm.cols) {
         const int64_t width = std::min(mm.cols, c1 - n0);
         PackColumns(mm, k0, depth, padded, n0, width, packed);
@@ -241,16 +305,17 @@ void MatmulPart(const Matmul& mm, float* rows, float* packed, int64_t r0, int64_
 }
 
 ffi::Error NativeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                        ffi::Result<ffi::Buffer<ffi::F32>> c) {
+                        ffi::Result<ffi::Buffer<ffi::F32>> c, bool ta, bool tb) {
   auto ad = a.dimensions();
   auto bd = b.dimensions();
-  if (ad.size() < 1 || bd.size() != 2 || ad.back() != bd[0])
-    return ffi::Error::InvalidArgument("vitdistill matmul: a [..., k] @ b [k, n]");
+  if (ad.size() != 2 || bd.size() != 2 || (ta ? ad[0] : ad[1]) != (tb ? bd[1] : bd[0]))
+    return ffi::Error::InvalidArgument("vitdistill matmul: op(a) [m, k] @ op(b) [k, n]");
   Matmul mm;
   mm.a = a.typed_data(), mm.b = b.typed_data(), mm.c = c->typed_data();
-  mm.k = bd[0], mm.n = bd[1], mm.m = mm.k == 0 ? 0 : static_cast<int64_t>(a.element_count()) / mm.k;
+  mm.m = ta ? ad[1] : ad[0], mm.k = ta ? ad[0] : ad[1], mm.n = tb ? bd[0] : bd[1];
+  mm.lda = ad[1], mm.ldb = bd[1], mm.ta = ta, mm.tb = tb;
   if (mm.k == 0) {
-    std::memset(mm.c, 0, sizeof(float) * c->element_count());
+    std::memset(mm.c, 0, sizeof(float) * mm.m * mm.n);
     return ffi::Error::Success();
   }
   if (mm.m == 0 || mm.n == 0) return ffi::Error::Success();
@@ -292,7 +357,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VdMatmul, NativeMatmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("ta")
+                                  .Attr<bool>("tb"));
 
 // 1 where this CPU runs the kernel (AVX-512F), else 0.
 extern "C" int vd_conv_supported() { return __builtin_cpu_supports("avx512f") ? 1 : 0; }
