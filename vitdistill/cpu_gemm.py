@@ -59,9 +59,9 @@ TARGET = "vitdistill_cpu_gemm"
 NATIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 SOURCES = tuple(os.path.join(NATIVE, name) for name in ("cpu_gemm.cc", "cpu_rows.cc", "cpu_conv.cc"))
 HEADERS = (os.path.join(NATIVE, "pool.h"),)
-ROW_TARGETS = {"softmax": "VdSoftmax", "softmax_grad": "VdSoftmaxGrad", "layer_norm": "VdLayerNorm",
-               "layer_norm_grad": "VdLayerNormGrad",  # cpu_rows.cc's handlers, registered as vitdistill_<key>
-               "grouped_conv": "VdGroupedConv", "matmul": "VdMatmul"}  # cpu_conv.cc's
+NATIVE_TARGETS = {"softmax": "VdSoftmax", "softmax_grad": "VdSoftmaxGrad", "layer_norm": "VdLayerNorm",
+                  "layer_norm_grad": "VdLayerNormGrad",  # cpu_rows.cc's, registered as vitdistill_<key>
+                  "grouped_conv": "VdGroupedConv", "matmul": "VdMatmul"}  # cpu_conv.cc's
 
 _lock = threading.Lock()
 _loaded: dict = {}  # {"ok": bool, "why": str}: the outcome of the one attempt a process makes
@@ -139,7 +139,7 @@ def _load() -> dict:
             if library.vd_gemm_init(mkl.encode()) != 0:
                 raise RuntimeError(f"{mkl} has no cblas_sgemm")
             jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.VdGemm), platform="cpu")
-            for name, symbol in ROW_TARGETS.items():
+            for name, symbol in NATIVE_TARGETS.items():
                 jax.ffi.register_ffi_target(f"vitdistill_{name}", jax.ffi.pycapsule(getattr(library, symbol)),
                                             platform="cpu")
         except (OSError, RuntimeError) as e:
@@ -218,10 +218,11 @@ def _op_product(a, b, ta: bool, tb: bool):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def product(a, b, ta: bool = False, tb: bool = False):
-    """op(a) @ op(b) in float32 with MKL over the last two dimensions, op a transpose where `ta` / `tb` (a
-    [..., k, m] stands for its [..., m, k] transpose); both gradients with MKL too, as products with the
-    transposes folded in. CPU only; a CpuGemmError where MKL's products cannot be loaded. Models call it
-    through `dot_general` and `batched_matmul`, which check `enabled()`."""
+    """op(a) @ op(b) in float32 over the last two dimensions, op a transpose where `ta` / `tb` (a [..., k, m]
+    stands for its [..., m, k] transpose), and both gradients as products with the transposes folded in; each
+    by `_op_product` (the native kernel for two matrices on AVX-512 CPUs, MKL's otherwise). CPU only; a
+    CpuGemmError where the library cannot be loaded. Models call it through `dot_general` and
+    `batched_matmul`, which check `enabled()`."""
     return _op_product(a, b, ta, tb)
 
 
@@ -241,7 +242,7 @@ product.defvjp(_product_fwd, _product_bwd)
 
 
 def matmul(x, w):
-    """x [m, k] @ w [k, n] with MKL: `product(x, w)`."""
+    """x [m, k] @ w [k, n]: `product(x, w)`."""
     return product(x, w, False, False)
 
 
@@ -270,7 +271,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
 
 
 def _rows_call(name, *shapes):
-    """cpu_rows.cc's handler `vitdistill_<name>` as a function with float32 results of `shapes`."""
+    """The native handler `vitdistill_<name>` (NATIVE_TARGETS) as a function with float32 results of `shapes`."""
     _require_loaded()
     out = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
     return jax.ffi.ffi_call(f"vitdistill_{name}", out[0] if len(out) == 1 else out, vmap_method="sequential")
@@ -341,12 +342,14 @@ def grouped_conv_supported(x, kernel, stride: int) -> bool:
 
 
 def conv_available() -> bool:
-    """Whether the native grouped convolution can run here: the library loaded on a CPU with AVX-512F."""
+    """Whether cpu_conv.cc's kernels (the grouped convolution, the two-matrix products) can run here: the library
+    loaded on a CPU with AVX-512F."""
     return _load()["ok"] and _loaded["conv"]
 
 
-def _conv_reference(x, kernel, stride, pad):
-    """The same convolution in lax, one dense convolution per group (the gradients' path)."""
+def per_group_conv(x, kernel, stride: int, pad: int):
+    """The grouped convolution in lax as one dense convolution per group, concatenated (XLA:CPU's fast form of
+    it): `regnet.GroupedConv`'s CPU path where `grouped_conv` does not run, and `grouped_conv`'s gradients."""
     group_in = kernel.shape[2]
     groups = x.shape[-1] // group_in
     group_out = kernel.shape[-1] // groups
@@ -377,7 +380,7 @@ def _grouped_conv_fwd(x, kernel, stride, pad):
 
 def _grouped_conv_bwd(stride, pad, residuals, grad):
     x, kernel = residuals
-    _, vjp = jax.vjp(lambda a, b: _conv_reference(a, b, stride, pad), x, kernel)
+    _, vjp = jax.vjp(lambda a, b: per_group_conv(a, b, stride, pad), x, kernel)
     return vjp(grad)
 
 

@@ -77,17 +77,14 @@ class GroupedConv(nn.Module):
         split = jax.default_backend() == 'cpu' if self.split is None else self.split
         if split and self.kernel == 1 and self.groups == 1:
             pixels = x[:, ::self.stride, ::self.stride, :]
-            # (cpu_gemm: MKL's float32 product on a one-device CPU process where installed, else lax's.)
+            # (cpu_gemm: the native or MKL float32 product on a one-device CPU process where loaded, else lax's.)
             out = cpu_gemm.dot_general(pixels.reshape(-1, in_features), kernel[0, 0], (((1,), (0,)), ((), ())))
             return out.reshape(*pixels.shape[:-1], self.features)
         if self.groups == 1 or not split:
             return conv(x, kernel, feature_group_count=self.groups)
         if cpu_gemm.grouped_conv_supported(x, kernel, self.stride):
             return cpu_gemm.grouped_conv(x, kernel, self.stride, self.kernel // 2)
-        size_in, size_out = in_features // self.groups, self.features // self.groups
-        return jnp.concatenate([conv(x[..., g * size_in:(g + 1) * size_in],
-                                     kernel[..., g * size_out:(g + 1) * size_out])
-                                for g in range(self.groups)], axis=-1)
+        return cpu_gemm.per_group_conv(x, kernel, self.stride, self.kernel // 2)
 
 
 class ConvNormAct(nn.Module):

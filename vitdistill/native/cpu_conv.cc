@@ -2,7 +2,7 @@
 // the forward pass of RegNetY's grouped 3x3 convolutions, the DeiT teacher's hot spot.
 //
 // Built into one library with cpu_gemm.cc by vitdistill/cpu_gemm.py (which says why and when it is used).
-// Work items are (image, group, tile of kTile output pixels); each item copies its pixels' receptive fields
+// Work items are (group, kTile output pixels of the batch), group-major; each item copies its pixels' receptive fields
 // (k * k * group_in inputs each, zeros outside the image) into contiguous rows, then for each 16 output
 // channels of the group runs one register-blocked AVX-512 kernel: kTile accumulators, one weight vector and
 // kTile broadcast-FMAs per input (tap, channel). Items are split into as many blocks as XLA's intra-op pool
@@ -22,7 +22,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kTile = 28;    // output pixels per kernel call: 28 accumulators + 1 weight vector of 32 registers
-constexpr int64_t kRow = 1152;  // floats per packed pixel row: k * k * group_in at most (3 x 3 x 128)
+constexpr int64_t kRow = 1152;  // the deepest receptive field taken: k * k * group_in at most (3 x 3 x 128)
 constexpr int kLanes = 16;
 
 struct Conv {
@@ -30,8 +30,14 @@ struct Conv {
   const float* w;
   float* y;
   int64_t height, width, channels, out_height, out_width, out_channels, kernel, stride, pad, group_in, group_out,
-      groups, tiles;
+      groups;
 };
+
+// n rounded up to a multiple of 16 (whole vectors).
+constexpr int64_t RoundUp16(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// The first n (at most 16) lanes of a vector.
+inline __mmask16 LaneMask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
 
 // y[p, lanes] (+)= sum_k a(p, k) * w[k * 16 + lanes] for p < P, over depth (a multiple of 16) inputs, for the
 // lanes of 16 set in `mask`, added to y's values where `accumulate`: a(p, k) is a[(k / 16) * kTile * 16 +
@@ -75,7 +81,7 @@ void Tiles(int64_t count, const float* a, const float* w, int64_t depth, float* 
   }
 }
 
-int64_t PaddedDepth(const Conv& c) { return (c.kernel * c.kernel * c.group_in + kLanes - 1) / kLanes * kLanes; }
+int64_t PaddedDepth(const Conv& c) { return RoundUp16(c.kernel * c.kernel * c.group_in); }
 
 // Copies group g's kernel into packed: for each 16 output channels, its rows of 16 (zeros past the depth).
 void PackWeights(const Conv& c, int64_t g, float* packed) {
@@ -157,16 +163,16 @@ ffi::Error GroupedConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   int64_t pixels = c.out_height * c.out_width, images = xd[0];
   if (images == 0 || pixels == 0 || c.out_channels == 0) return ffi::Error::Success();
   const int64_t depth = c.kernel * c.kernel * c.group_in, total = images * pixels;
-  c.tiles = (total + kTile - 1) / kTile;
-  int64_t items = c.groups * c.tiles;  // group-major, so that a block packs each group's kernel once
+  const int64_t tiles = (total + kTile - 1) / kTile;
+  int64_t items = c.groups * tiles;  // group-major, so that a block packs each group's kernel once
   int64_t blocks = vitdistill::Blocks(pool, items, kTile * c.group_out * depth, 1 << 16);
   int64_t per_block = (items + blocks - 1) / blocks;
   vitdistill::ParallelFor(pool, blocks, [&](int64_t b) {
-    float* rows = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * kTile * (kRow + kLanes)));
+    float* rows = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * kTile * PaddedDepth(c)));
     float* packed = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * c.group_out * PaddedDepth(c)));
     int64_t packed_group = -1;
     for (int64_t i = b * per_block; i < std::min(items, (b + 1) * per_block); ++i) {
-      int64_t tile = i % c.tiles, g = i / c.tiles, first = tile * kTile;
+      int64_t tile = i % tiles, g = i / tiles, first = tile * kTile;
       if (g != packed_group) PackWeights(c, g, packed), packed_group = g;
       Item(c, packed, rows, g, first, std::min<int64_t>(kTile, total - first));
     }
@@ -197,8 +203,8 @@ struct Matmul {
 
 // The smallest multiple of 16 that splits total into as few parts of at most `most` as possible.
 int64_t EvenSplit(int64_t total, int64_t most) {
-  int64_t parts = (total + most - 1) / most, part = (total + parts - 1) / parts;
-  return (part + kLanes - 1) / kLanes * kLanes;
+  int64_t parts = (total + most - 1) / most;
+  return RoundUp16((total + parts - 1) / parts);
 }
 
 // r[i][j] -> r[j][i]: a 16 x 16 transpose in registers (pairs, then quads, then 128-bit lanes twice).
@@ -236,7 +242,7 @@ __attribute__((target("avx512f"))) void PackColumns(const Matmul& mm, int64_t k0
     if (mm.tb) {  // b stored [n, k]: 16 stored rows (the columns) by 16 inputs at a time, transposed
       for (int64_t kk = 0; kk < padded; kk += kLanes) {
         const int64_t run = std::max<int64_t>(0, std::min<int64_t>(kLanes, depth - kk));
-        const __mmask16 in = static_cast<__mmask16>((1u << run) - 1);
+        const __mmask16 in = LaneMask(run);
         __m512 r[16];
         for (int64_t j = 0; j < kLanes; ++j)
           r[j] = j < lanes ? _mm512_maskz_loadu_ps(in, mm.b + (n0 + v + j) * mm.ldb + k0 + kk) : _mm512_setzero_ps();
@@ -245,9 +251,8 @@ __attribute__((target("avx512f"))) void PackColumns(const Matmul& mm, int64_t k0
       }
       continue;
     }
-    __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1);
     for (int64_t k = 0; k < depth; ++k)
-      _mm512_storeu_ps(dst + k * kLanes, _mm512_maskz_loadu_ps(mask, mm.b + (k0 + k) * mm.ldb + n0 + v));
+      _mm512_storeu_ps(dst + k * kLanes, _mm512_maskz_loadu_ps(LaneMask(lanes), mm.b + (k0 + k) * mm.ldb + n0 + v));
     std::memset(dst + depth * kLanes, 0, sizeof(float) * kLanes * (padded - depth));
   }
 }
@@ -258,7 +263,7 @@ __attribute__((target("avx512f"))) void PackRows(const Matmul& mm, int64_t k0, i
   if (mm.ta) {  // a stored [k, m]: 16 inputs (stored rows) by 16 rows of op(a) at a time, transposed
     for (int64_t r = block; r < block_end; r += kLanes) {
       const int64_t count = std::min<int64_t>(kLanes, block_end - r);
-      const __mmask16 in = static_cast<__mmask16>((1u << count) - 1);
+      const __mmask16 in = LaneMask(count);
       for (int64_t kk = 0; kk < padded; kk += kLanes) {
         __m512 t[16];
         for (int64_t i = 0; i < kLanes; ++i)
@@ -284,7 +289,7 @@ __attribute__((target("avx512f"))) void PackRows(const Matmul& mm, int64_t k0, i
 // and kGemmCols * kGemmDepth (packed) floats.
 void MatmulPart(const Matmul& mm, float* rows, float* packed, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
   for (int64_t k0 = 0; k0 < mm.k; k0 += mm.depth) {
-    const int64_t depth = std::min(mm.depth, mm.k - k0), padded = (depth + kLanes - 1) / kLanes * kLanes;
+    const int64_t depth = std::min(mm.depth, mm.k - k0), padded = RoundUp16(depth);
     for (int64_t block = r0; block < r1; block += kRowBlock * kTile) {
       const int64_t block_end = std::min(r1, block + kRowBlock * kTile);
       PackRows(mm, k0, depth, padded, block, block_end, rows);
@@ -293,11 +298,9 @@ void MatmulPart(const Matmul& mm, float* rows, float* packed, int64_t r0, int64_
         PackColumns(mm, k0, depth, padded, n0, width, packed);
         for (int64_t r = block; r < block_end; r += kTile) {
           const float* tile = rows + ((r - block) / kTile) * kTile * padded;
-          for (int64_t v = 0; v < width; v += kLanes) {
-            int64_t lanes = std::min<int64_t>(kLanes, width - v);
+          for (int64_t v = 0; v < width; v += kLanes)
             Tiles(std::min<int64_t>(kTile, block_end - r), tile, packed + v * padded, padded,
-                  mm.c + r * mm.n + n0 + v, mm.n, k0 > 0, static_cast<__mmask16>((1u << lanes) - 1));
-          }
+                  mm.c + r * mm.n + n0 + v, mm.n, k0 > 0, LaneMask(std::min<int64_t>(kLanes, width - v)));
         }
       }
     }
