@@ -77,7 +77,7 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
     assert facts["status"] == "mkl"
     # Each of op(a) op(b) and its two gradients within float32 rounding of float64 NumPy: a wrong transpose,
     # leading dimension, batch stride or block offset in the custom call gives errors of order 1.
-    assert len(facts["products"]) == 13 * 4  # shapes x transpose settings
+    assert len(facts["products"]) == 14 * 4  # shapes x transpose settings
     for shape, error in facts["products"].items():
         assert error < 1e-5, (shape, error)
     assert facts["vmap_error"] < 1e-6
@@ -109,9 +109,11 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
     assert facts["dense_auto"] >= 1
     assert facts["dense_xla"] == facts["dense_forced_xla"] == facts["bfloat16"] == 0
     # A two-block ViT: every Dense product (qkv, proj, fc1, fc2 a block, and the head) and attention's two, each
-    # forward and with both gradients, uses MKL, and its loss and gradients are XLA's to float32 rounding.
+    # forward and with both gradients, is a custom call, and its loss and gradients are XLA's to float32 rounding.
     assert facts["custom_calls_xla"] == 0
     assert facts["custom_calls_mkl"] >= 3 * (2 * (4 + 2) + 1)
+    # On an AVX-512 CPU all of them, attention's batched ones too, are the native kernel's, none MKL's.
+    assert facts["vit_mkl_calls"] == (0 if conv["available"] else facts["custom_calls_mkl"])
     # ... and its softmax (forward, backward) and LayerNorms (two a block and the final one) the row kernels.
     assert facts["row_calls_xla"] == 0
     assert facts["row_calls_mkl"] >= 2 * (2 + 2 * 2 + 1)

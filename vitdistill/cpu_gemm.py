@@ -32,7 +32,8 @@ matrices (`_op_product`: each Dense layer's forward pass and both its gradients,
 BLIS's order (each thread packs blocks of its rows and of b once for many rows; transposed operands through
 16 x 16 register transposes): -0.5 to +24 % against MKL at RegNetY-16GF's and DeiT-S's shapes on that host; the
 distilled step 1,433.8 -> 1,394.5 ms with the forward passes, then DeiT-S 819.2 -> 720.1 ms and DINO 3,126.6 ->
-2,886.9 with the gradients too (`experiments/native_matmul.py`). Attention's batched products stay on MKL.
+2,886.9 with the gradients too (`experiments/native_matmul.py`). Attention's batched products run on it as well,
+whole products a thread (-0.4 to +33 % against MKL at DeiT-S's and DINO's attention shapes).
 """
 import contextlib
 import ctypes
@@ -208,10 +209,10 @@ def _gemm(a, b, *, ta: bool = False, tb: bool = False):
 
 
 def _op_product(a, b, ta: bool, tb: bool):
-    """op(a) @ op(b): of two matrices by cpu_conv.cc's kernel where it runs (`conv_available`: an AVX-512 CPU),
-    anything else (a batch, or no AVX-512) by MKL (`_gemm`)."""
-    if a.ndim == 2 and b.ndim == 2 and conv_available():
-        shape = (a.shape[1] if ta else a.shape[0], b.shape[0] if tb else b.shape[1])
+    """op(a) @ op(b) over the last two dimensions (the leading ones, equal in both, index a batch): by
+    cpu_conv.cc's kernel where it runs (`conv_available`: an AVX-512 CPU), else by MKL (`_gemm`)."""
+    if a.ndim == b.ndim and a.shape[:-2] == b.shape[:-2] and conv_available():
+        shape = (*a.shape[:-2], a.shape[-1] if ta else a.shape[-2], b.shape[-2] if tb else b.shape[-1])
         return _rows_call("matmul", shape)(a, b, ta=ta, tb=tb)
     return _gemm(a, b, ta=ta, tb=tb)
 
@@ -220,7 +221,7 @@ def _op_product(a, b, ta: bool, tb: bool):
 def product(a, b, ta: bool = False, tb: bool = False):
     """op(a) @ op(b) in float32 over the last two dimensions, op a transpose where `ta` / `tb` (a [..., k, m]
     stands for its [..., m, k] transpose), and both gradients as products with the transposes folded in; each
-    by `_op_product` (the native kernel for two matrices on AVX-512 CPUs, MKL's otherwise). CPU only; a
+    by `_op_product` (the native kernel on AVX-512 CPUs, MKL's otherwise). CPU only; a
     CpuGemmError where the library cannot be loaded. Models call it through `dot_general` and
     `batched_matmul`, which check `enabled()`."""
     return _op_product(a, b, ta, tb)
@@ -251,8 +252,8 @@ def _on_mkl(*arrays) -> bool:
 
 
 def batched_matmul(a, b, *, tb: bool = False):
-    """a [..., m, k] @ b [..., k, n] (b [..., n, k] transposed where `tb`) for attention's products: MKL's where
-    `enabled()` and both are float32, else XLA's batched dot."""
+    """a [..., m, k] @ b [..., k, n] (b [..., n, k] transposed where `tb`) for attention's products: `product`'s
+    where `enabled()` and both are float32, else XLA's batched dot."""
     if _on_mkl(a, b):
         return product(a, b, False, tb)
     return a @ (jnp.swapaxes(b, -1, -2) if tb else b)

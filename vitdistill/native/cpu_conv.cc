@@ -41,13 +41,15 @@ inline __mmask16 LaneMask(int64_t n) { return static_cast<__mmask16>((1u << n) -
 
 // y[p, lanes] (+)= sum_k a(p, k) * w[k * 16 + lanes] for p < P, over depth (a multiple of 16) inputs, for the
 // lanes of 16 set in `mask`, added to y's values where `accumulate`: a(p, k) is a[(k / 16) * kTile * 16 +
-// p * 16 + k % 16], so each 16 inputs of the tile's pixels lie in one block.
+// p * 16 + k % 16], so each 16 inputs of the tile's pixels lie in one block. y's rows are prefetched (for writing)
+// at the start and y's values added at the end: loading them first, from L3 after an earlier block of the depth,
+// stalled each call (products 2-5 % slower at 788 x 384 x 1536, 784 x 1232 x 1232, 3136 x 448 x 448).
 template <int P>
 __attribute__((target("avx512f"))) void Tile(const float* a, const float* w, int64_t depth, float* y, int64_t ldy,
                                              bool accumulate, __mmask16 mask) {
   __m512 acc[P];
 #pragma GCC unroll 32
-  for (int p = 0; p < P; ++p) acc[p] = accumulate ? _mm512_maskz_loadu_ps(mask, y + p * ldy) : _mm512_setzero_ps();
+  for (int p = 0; p < P; ++p) __builtin_prefetch(y + p * ldy, 1, 3), acc[p] = _mm512_setzero_ps();
   for (int64_t k0 = 0; k0 < depth; k0 += kLanes, a += kTile * kLanes) {
     for (int k = 0; k < kLanes; ++k) {
       __m512 wv = _mm512_loadu_ps(w + (k0 + k) * kLanes);
@@ -56,7 +58,9 @@ __attribute__((target("avx512f"))) void Tile(const float* a, const float* w, int
     }
   }
 #pragma GCC unroll 32
-  for (int p = 0; p < P; ++p) _mm512_mask_storeu_ps(y + p * ldy, mask, acc[p]);
+  for (int p = 0; p < P; ++p)
+    _mm512_mask_storeu_ps(y + p * ldy, mask,
+                          accumulate ? _mm512_add_ps(acc[p], _mm512_maskz_loadu_ps(mask, y + p * ldy)) : acc[p]);
 }
 
 // The same for any count of pixels: full tiles, then the rest in halves.
@@ -186,7 +190,7 @@ ffi::Error GroupedConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 // operands are packed through 16 x 16 register transposes), in BLIS's order: each thread takes a range of rows (or of
 // columns, where the rows are few) and, for each block of up to kGemmDepth inputs, packs kRowBlock tiles of its
 // rows at a time (Tile's layout), then for each kGemmCols of its columns packs that block of b (16 columns at a
-// time, zeros past n) and adds the tiles' products into c. Columns and depth split evenly, in multiples of 16.
+// time, zeros past n) and adds the tiles' products into c. Rows, columns and depth split evenly, in multiples of 16.
 // Packing b once for many rows matters: a block of b read afresh from a large weight matrix for each 112 rows
 // cost 15-25 % of the time (784 x 1232 x 1232: 166 -> 204 GFLOP/s on 2 cores).
 constexpr int64_t kGemmDepth = 256, kGemmCols = 128, kRowBlock = 16;
@@ -278,10 +282,11 @@ __attribute__((target("avx512f"))) void PackRows(const Matmul& mm, int64_t k0, i
     }
     return;
   }
-  for (int64_t r = block; r < block_end; ++r) {
-    float* tile = rows + ((r - block) / kTile) * kTile * padded;
-    PutRow(tile, (r - block) % kTile, 0, mm.a + r * mm.lda + k0, depth);
-    if (padded > depth) PutRow(tile, (r - block) % kTile, depth, nullptr, padded - depth);
+  for (int64_t r = block; r < block_end; ++r) {  // a row's inputs 16 at a time, the last 16 masked (zeros past depth)
+    float* dst = rows + ((r - block) / kTile) * kTile * padded + ((r - block) % kTile) * kLanes;
+    const float* src = mm.a + r * mm.lda + k0;
+    for (int64_t kk = 0; kk < padded; kk += kLanes, dst += kTile * kLanes)
+      _mm512_storeu_ps(dst, _mm512_maskz_loadu_ps(LaneMask(std::min<int64_t>(kLanes, depth - kk)), src + kk));
   }
 }
 
@@ -307,39 +312,74 @@ void MatmulPart(const Matmul& mm, float* rows, float* packed, int64_t r0, int64_
   }
 }
 
+// Buffers for one thread's MatmulPart calls.
+struct PartBuffers {
+  float* rows = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * kRowBlock * kTile * kGemmDepth));
+  float* packed = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * kGemmCols * kGemmDepth));
+  ~PartBuffers() {
+    std::free(packed);
+    std::free(rows);
+  }
+};
+
+// One product split across `threads` threads: by rows where they are many, else by columns.
+void SplitProduct(ffi::ThreadPool& pool, const Matmul& mm, int64_t threads) {
+  const int64_t tiles = (mm.m + kTile - 1) / kTile, vectors = (mm.n + kLanes - 1) / kLanes;
+  const bool by_rows = tiles >= 4 * threads || tiles >= vectors;  // else each thread takes some columns
+  const int64_t parts = std::min(threads, by_rows ? tiles : vectors);
+  const int64_t per_part = (vectors + parts - 1) / parts;  // vectors a part takes where split by columns
+  vitdistill::ParallelFor(pool, parts, [&](int64_t part) {
+    PartBuffers buffers;
+    if (by_rows) {  // equal shares of rows in multiples of 16 (whole tiles each had left one thread idle 1/15 of
+                    // the time at 788 rows: 29 tiles in 15 + 14); a share's last rows take Tiles' smaller tiles
+      const int64_t share = RoundUp16((mm.m + parts - 1) / parts);
+      MatmulPart(mm, buffers.rows, buffers.packed, std::min(mm.m, part * share), std::min(mm.m, (part + 1) * share),
+                 0, mm.n);
+    } else {
+      MatmulPart(mm, buffers.rows, buffers.packed, 0, mm.m, std::min(mm.n, part * per_part * kLanes),
+                 std::min(mm.n, (part + 1) * per_part * kLanes));
+    }
+  });
+}
+
+// c[i] = op(a[i]) op(b[i]) for each i of the leading dimensions (none for a plain product). A batch of at
+// least as many products as threads (attention's, a product per image and head) is split into whole products;
+// a smaller one runs its products one after another, each split.
 ffi::Error NativeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                         ffi::Result<ffi::Buffer<ffi::F32>> c, bool ta, bool tb) {
   auto ad = a.dimensions();
   auto bd = b.dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || (ta ? ad[0] : ad[1]) != (tb ? bd[1] : bd[0]))
-    return ffi::Error::InvalidArgument("vitdistill matmul: op(a) [m, k] @ op(b) [k, n]");
+  const size_t rank = ad.size();
+  bool shapes = rank >= 2 && bd.size() == rank;
+  int64_t batch = 1;
+  for (size_t i = 0; shapes && i + 2 < rank; ++i) shapes = ad[i] == bd[i], batch *= ad[i];
+  if (!shapes || (ta ? ad[rank - 2] : ad[rank - 1]) != (tb ? bd[rank - 1] : bd[rank - 2]))
+    return ffi::Error::InvalidArgument("vitdistill matmul: op(a) [..., m, k] @ op(b) [..., k, n], equal leading dims");
   Matmul mm;
   mm.a = a.typed_data(), mm.b = b.typed_data(), mm.c = c->typed_data();
-  mm.m = ta ? ad[1] : ad[0], mm.k = ta ? ad[0] : ad[1], mm.n = tb ? bd[0] : bd[1];
-  mm.lda = ad[1], mm.ldb = bd[1], mm.ta = ta, mm.tb = tb;
+  mm.m = ta ? ad[rank - 1] : ad[rank - 2], mm.k = ta ? ad[rank - 2] : ad[rank - 1], mm.n = tb ? bd[rank - 2] : bd[rank - 1];
+  mm.lda = ad[rank - 1], mm.ldb = bd[rank - 1], mm.ta = ta, mm.tb = tb;
+  if (batch == 0 || mm.m == 0 || mm.n == 0) return ffi::Error::Success();
   if (mm.k == 0) {
-    std::memset(mm.c, 0, sizeof(float) * mm.m * mm.n);
+    std::memset(mm.c, 0, sizeof(float) * batch * mm.m * mm.n);
     return ffi::Error::Success();
   }
-  if (mm.m == 0 || mm.n == 0) return ffi::Error::Success();
   mm.cols = EvenSplit(mm.n, kGemmCols), mm.depth = EvenSplit(mm.k, kGemmDepth);
-  const int64_t tiles = (mm.m + kTile - 1) / kTile, vectors = (mm.n + kLanes - 1) / kLanes;
-  const int64_t threads = 2 * mm.m * mm.n * mm.k < (1 << 18) ? 1 : std::max<int64_t>(1, pool.num_threads());
-  const bool by_rows = tiles >= 4 * threads || tiles >= vectors;  // else each thread takes some columns
-  const int64_t parts = std::min(threads, by_rows ? tiles : vectors);
-  const int64_t per_part = ((by_rows ? tiles : vectors) + parts - 1) / parts;
-  vitdistill::ParallelFor(pool, parts, [&](int64_t part) {
-    float* rows = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * kRowBlock * kTile * kGemmDepth));
-    float* packed = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * kGemmCols * kGemmDepth));
-    if (by_rows) {
-      MatmulPart(mm, rows, packed, std::min(mm.m, part * per_part * kTile), std::min(mm.m, (part + 1) * per_part * kTile),
-                 0, mm.n);
-    } else {
-      MatmulPart(mm, rows, packed, 0, mm.m, std::min(mm.n, part * per_part * kLanes),
-                 std::min(mm.n, (part + 1) * per_part * kLanes));
-    }
-    std::free(packed);
-    std::free(rows);
+  const int64_t threads = 2 * batch * mm.m * mm.n * mm.k < (1 << 18) ? 1 : std::max<int64_t>(1, pool.num_threads());
+  auto item = [&mm](int64_t i) {
+    Matmul one = mm;
+    one.a += i * mm.m * mm.k, one.b += i * mm.k * mm.n, one.c += i * mm.m * mm.n;
+    return one;
+  };
+  if (batch == 1 || batch < threads) {
+    for (int64_t i = 0; i < batch; ++i) SplitProduct(pool, item(i), threads);
+    return ffi::Error::Success();
+  }
+  const int64_t per_part = (batch + threads - 1) / threads;
+  vitdistill::ParallelFor(pool, (batch + per_part - 1) / per_part, [&](int64_t part) {
+    PartBuffers buffers;
+    for (int64_t i = part * per_part; i < std::min(batch, (part + 1) * per_part); ++i)
+      MatmulPart(item(i), buffers.rows, buffers.packed, 0, mm.m, 0, mm.n);
   });
   return ffi::Error::Success();
 }
