@@ -85,8 +85,8 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
     from vitdistill import cpu_gemm
 
-    if not cpu_gemm.conv_available() or cpu_gemm.status() != "mkl":
-        sys.exit(f"The native product is not in use here: {cpu_gemm.status()}")
+    if not cpu_gemm.conv_available() or not cpu_gemm.mkl_loaded() or cpu_gemm.status() != "native":
+        sys.exit(f"Needs the native kernels and MKL (pip install -e '.[cpu]') here: {cpu_gemm.status()}")
     shapes()
     before = {"mkl": "MKL", "forward": "MKL's gradient and batched products", "batched": "MKL's batched products"}
     gemm_experiment.ab_steps(build, before[FLAGS.baseline], "native", "products")

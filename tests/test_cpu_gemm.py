@@ -35,18 +35,49 @@ def test_the_command_line_names_a_bad_choice_in_one_line(tmp_path):
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
-        "vitdistill: VITDISTILL_CPU_GEMM='bogus': use auto (MKL where installed), mkl (required) or xla (never)")
+        "vitdistill: VITDISTILL_CPU_GEMM='bogus': use auto (native kernels or MKL where they run), mkl (required) or "
+        "xla (never)")
 
 
-def test_without_mkl_the_products_stay_with_xla_and_mkl_required_says_how_to_install(monkeypatch, fresh_load):
+def test_without_mkl_or_avx512_the_products_stay_with_xla_and_mkl_required_says_how_to_install(monkeypatch,
+                                                                                                fresh_load):
     monkeypatch.setattr(cpu_gemm, "find_mkl", lambda: None)
+    monkeypatch.setattr(cpu_gemm, "cpu_has_avx512f", lambda: False)
+    monkeypatch.setattr(cpu_gemm, "build", lambda *args: pytest.fail("built with nothing to run on"))
     monkeypatch.setattr(cpu_gemm.jax, "device_count", lambda: 1)
     monkeypatch.setenv(cpu_gemm.CHOICE, "auto")
     assert cpu_gemm.enabled() is False
-    assert cpu_gemm.status() == "xla (MKL is not installed (pip install mkl))"
+    assert cpu_gemm.status() == (
+        "xla (MKL is not installed (pip install mkl) and this CPU has no AVX-512F for the native kernels)")
     monkeypatch.setenv(cpu_gemm.CHOICE, "mkl")
     with pytest.raises(cpu_gemm.CpuGemmError, match=r"pip install mkl.*VITDISTILL_CPU_GEMM=auto"):
         cpu_gemm.enabled()
+
+
+WITHOUT_MKL = """
+import json, jax, numpy as np
+from vitdistill import cpu_gemm
+cpu_gemm.find_mkl = lambda: None  # as after `pip install -e .`, without the cpu extra
+a = np.random.default_rng(1).standard_normal((300, 200)).astype(np.float32)
+b = np.random.default_rng(2).standard_normal((200, 90)).astype(np.float32)
+dense = jax.jit(lambda a, b: cpu_gemm.dot_general(a, b, (((1,), (0,)), ((), ()))))
+text = dense.lower(a, b).as_text()
+error = np.abs(np.asarray(dense(a, b), np.float64) - a.astype(np.float64) @ b).max() / np.abs(a @ b).max()
+print(json.dumps({"status": cpu_gemm.status(), "mkl": cpu_gemm.mkl_loaded(), "error": float(error),
+                  "native_calls": text.count("vitdistill_matmul"), "mkl_calls": text.count(cpu_gemm.TARGET)}))
+"""
+
+
+@pytest.mark.skipif(not HAS_COMPILER or not cpu_gemm.cpu_has_avx512f(), reason="needs an AVX-512F CPU and g++")
+def test_without_mkl_an_avx512_cpu_runs_the_products_on_the_native_kernels():
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", cpu_gemm.CHOICE)}  # one CPU device
+    done = subprocess.run([sys.executable, "-c", WITHOUT_MKL], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert facts["status"] == "native" and facts["mkl"] is False
+    assert facts["native_calls"] == 1 and facts["mkl_calls"] == 0
+    assert facts["error"] < 1e-5
 
 
 def test_a_failed_build_falls_back_to_xla_with_the_compilers_message(monkeypatch, fresh_load, tmp_path):
@@ -54,7 +85,7 @@ def test_a_failed_build_falls_back_to_xla_with_the_compilers_message(monkeypatch
     monkeypatch.setattr(cpu_gemm.jax, "device_count", lambda: 1)
     monkeypatch.setenv("CXX", "false")  # a compiler that fails
     assert cpu_gemm.enabled() is False
-    assert cpu_gemm.status().startswith("xla (the MKL custom call could not be built or loaded: false failed")
+    assert cpu_gemm.status().startswith("xla (the native custom calls could not be built or loaded: false failed")
     assert not os.listdir(tmp_path / "vitdistill" / "native")  # no half-written library left in the cache
 
 
@@ -74,7 +105,8 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
                           text=True, env={**env, "XDG_CACHE_HOME": str(tmp_path)}, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     facts = json.loads(done.stdout.strip().splitlines()[-1])
-    assert facts["status"] == "mkl"
+    avx512 = bool(re.search(r"\bavx512f\b", open("/proc/cpuinfo").read()))
+    assert facts["status"] == ("native" if avx512 else "mkl")
     # Each of op(a) op(b) and its two gradients within float32 rounding of float64 NumPy: a wrong transpose,
     # leading dimension, batch stride or block offset in the custom call gives errors of order 1.
     assert len(facts["products"]) == 14 * 4  # shapes x transpose settings

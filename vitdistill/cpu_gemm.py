@@ -1,4 +1,6 @@
-"""Float32 matrix products on the CPU through Intel MKL, where it is installed (`pip install mkl`).
+"""Float32 matrix products (and softmax, LayerNorm, RegNet's grouped convolutions) on the CPU as XLA FFI custom
+calls: this package's native kernels (`vitdistill/native/`) on CPUs with AVX-512F, MKL's products on other CPUs
+where it is installed (`pip install mkl`), XLA's own otherwise. How it came to this:
 
 XLA:CPU runs its matrix products with YNNPACK, whose float32 kernel on these AVX-512 machines reaches about
 148 GFLOP/s a core against MKL's 181 (the library PyTorch's CPU build uses): at DeiT-S's Dense shapes on
@@ -11,11 +13,12 @@ products with MKL's `cblas_sgemm`, called from the compiled step as an XLA FFI c
 (`vitdistill/native/cpu_gemm.cc`). Results agree with XLA's dots to float32 rounding (about 1e-6
 relative); the parameters and checkpoints are the same.
 
-The custom call is compiled once per jaxlib version with the machine's C++ compiler, against the FFI
+The custom calls are compiled once per jaxlib version with the machine's C++ compiler, against the FFI
 headers that the installed jaxlib ships, into `~/.cache/vitdistill/native` (`$XDG_CACHE_HOME` if set).
-`VITDISTILL_CPU_GEMM` chooses: unset or `auto` (MKL where it is installed and the build works, XLA's dots
-otherwise, with one warning if MKL is there but the build fails), `mkl` (MKL or an error that says why),
-`xla` (never). Accelerators, multi-device meshes and other dtypes always use XLA's dots.
+`VITDISTILL_CPU_GEMM` chooses: unset or `auto` (the custom calls where they can run: an AVX-512F CPU, or MKL
+installed; XLA's dots otherwise, with one warning if the build fails), `mkl` (the custom calls, or an error
+that says why; the name predates the native kernels), `xla` (never). Accelerators, multi-device meshes and
+other dtypes always use XLA's dots.
 
 The same library carries row kernels (`vitdistill/native/cpu_rows.cc`), used under the same conditions:
 attention's softmax (`softmax_last`) and the ViT's LayerNorms (`layer_norm`, through `vit._layer_norm`), each
@@ -33,7 +36,8 @@ BLIS's order (each thread packs blocks of its rows and of b once for many rows; 
 16 x 16 register transposes): -0.5 to +24 % against MKL at RegNetY-16GF's and DeiT-S's shapes on that host; the
 distilled step 1,433.8 -> 1,394.5 ms with the forward passes, then DeiT-S 819.2 -> 720.1 ms and DINO 3,126.6 ->
 2,886.9 with the gradients too (`experiments/native_matmul.py`). Attention's batched products run on it as well,
-whole products a thread (-0.4 to +33 % against MKL at DeiT-S's and DINO's attention shapes).
+whole products a thread (-3 to +36 % against MKL at DeiT-S's and DINO's attention shapes). On such a CPU MKL is
+not used at all, and not needed: the native kernels load without it.
 """
 import contextlib
 import ctypes
@@ -70,14 +74,15 @@ _forced_xla = threading.local()
 
 
 class CpuGemmError(ConfigError):
-    """`VITDISTILL_CPU_GEMM=mkl` where MKL's products cannot be used, or an unknown choice: a UserError, so the
-    command-line tools print its one line without a traceback."""
+    """`VITDISTILL_CPU_GEMM=mkl` where the custom calls cannot be used, or an unknown choice: a UserError, so
+    the command-line tools print its one line without a traceback."""
 
 
 def choice(environ=os.environ) -> str:
     value = environ.get(CHOICE, "auto") or "auto"
     if value not in ("auto", "mkl", "xla"):
-        raise CpuGemmError(f"{CHOICE}={value!r}: use auto (MKL where installed), mkl (required) or xla (never)")
+        raise CpuGemmError(f"{CHOICE}={value!r}: use auto (native kernels or MKL where they run), mkl (required) "
+                           "or xla (never)")
     return value
 
 
@@ -126,30 +131,52 @@ def build(include_dir: str, out_dir: str) -> str:
     return path
 
 
+def cpu_has_avx512f() -> bool:
+    """Whether /proc/cpuinfo lists AVX-512F (False where it cannot be read): the native kernels' need, checked
+    before building them where MKL is not installed; the built library's own check decides after."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
 def _load() -> dict:
-    """Builds, loads and registers the custom call once per process; {'ok', 'why'}."""
+    """Builds, loads and registers the custom calls once per process; {'ok', 'why', 'conv', 'mkl'}: ok where
+    products can run on them (the native kernels on an AVX-512F CPU, MKL's elsewhere)."""
     with _lock:
         if _loaded:
             return _loaded
         mkl = find_mkl()
-        if mkl is None:
-            _loaded.update(ok=False, why="MKL is not installed (pip install mkl)")
+        if mkl is None and not cpu_has_avx512f():
+            _loaded.update(ok=False, why="MKL is not installed (pip install mkl) and this CPU has no AVX-512F for "
+                                         "the native kernels")
             return _loaded
         try:
             library = ctypes.CDLL(build(jax.ffi.include_dir(), cache_dir()))
-            if library.vd_gemm_init(mkl.encode()) != 0:
-                raise RuntimeError(f"{mkl} has no cblas_sgemm")
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.VdGemm), platform="cpu")
-            for name, symbol in NATIVE_TARGETS.items():
+            conv = bool(library.vd_conv_supported())
+            if mkl is not None and library.vd_gemm_init(mkl.encode()) != 0:
+                if not conv:
+                    raise RuntimeError(f"{mkl} has no cblas_sgemm")
+                mkl = None
+            if mkl is None and not conv:
+                raise RuntimeError("MKL is not installed (pip install mkl) and this CPU has no AVX-512F")
+            for name, symbol in {"cpu_gemm": "VdGemm", **NATIVE_TARGETS}.items():
                 jax.ffi.register_ffi_target(f"vitdistill_{name}", jax.ffi.pycapsule(getattr(library, symbol)),
                                             platform="cpu")
         except (OSError, RuntimeError) as e:
-            _loaded.update(ok=False, why=f"the MKL custom call could not be built or loaded: {e}")
+            _loaded.update(ok=False, why=f"the native custom calls could not be built or loaded: {e}")
             logging.warning("vitdistill: %s; matrix products run on XLA's own kernels (set %s=xla to say so "
                             "and silence this)", _loaded["why"], CHOICE)
             return _loaded
-        _loaded.update(ok=True, why=f"MKL ({mkl})", conv=bool(library.vd_conv_supported()))
+        _loaded.update(ok=True, conv=conv, mkl=mkl is not None,
+                       why="native kernels (AVX-512F)" if conv else f"MKL ({mkl})")
         return _loaded
+
+
+def mkl_loaded() -> bool:
+    """Whether MKL's `cblas_sgemm` is loaded (`_gemm` runs): MKL installed and the library built."""
+    return _load()["ok"] and _loaded["mkl"]
 
 
 @contextlib.contextmanager
@@ -165,8 +192,8 @@ def xla_dots():
 
 
 def _unavailable() -> str | None:
-    """Why products traced now would not use MKL (None where they would), with `VITDISTILL_CPU_GEMM=mkl`'s
-    error where MKL cannot be loaded."""
+    """Why products traced now would not use the custom calls (None where they would), with
+    `VITDISTILL_CPU_GEMM=mkl`'s error where they cannot be loaded."""
     mode = choice()
     if mode == "xla":
         return f"{CHOICE}=xla"
@@ -181,15 +208,18 @@ def _unavailable() -> str | None:
 
 
 def enabled() -> bool:
-    """Whether Dense layers traced now use MKL: a CPU backend with one device in one process, and the custom
-    call loaded (`VITDISTILL_CPU_GEMM` permitting; not within `xla_dots()`)."""
+    """Whether products traced now use the custom calls (native or MKL's): a CPU backend with one device in
+    one process, and the library loaded (`VITDISTILL_CPU_GEMM` permitting; not within `xla_dots()`)."""
     return _unavailable() is None
 
 
 def status() -> str:
-    """What traced products use now: 'mkl' or 'xla (why)' (for benchmark records)."""
+    """What traced products use now: 'native' (cpu_conv.cc's kernels), 'mkl' or 'xla (why)' (for benchmark
+    records)."""
     why = _unavailable()
-    return "mkl" if why is None else f"xla ({why})"
+    if why is not None:
+        return f"xla ({why})"
+    return "native" if conv_available() else "mkl"
 
 
 def _require_loaded():
