@@ -7,7 +7,6 @@ The loop's steps (vitdistill.bench.StepBench, batch 4); "XLA" builds them with `
 replaced by the plain `a @ b`. Medians of the turns' medians. Needs `pip install -e '.[cpu]'`.
 """
 import os
-import sys
 
 from absl import app, flags
 
@@ -27,24 +26,14 @@ def xla_batched_matmul(a, b, *, tb=False):
 def build(module, attention_on_mkl: bool):
     from vitdistill import cpu_gemm
 
-    real = cpu_gemm.batched_matmul
-    if not attention_on_mkl:
-        cpu_gemm.batched_matmul = xla_batched_matmul
-    try:
-        return gemm_experiment.step_bench(module)
-    finally:
-        cpu_gemm.batched_matmul = real
+    return gemm_experiment.step_bench_with(
+        module, {} if attention_on_mkl else {(cpu_gemm, "batched_matmul"): xla_batched_matmul})
 
 
 def main(argv):
     del argv
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
-    from vitdistill import cpu_gemm
-
-    if cpu_gemm.status().startswith("xla"):
-        sys.exit(f"The custom calls are not in use here: {cpu_gemm.status()}")
+    gemm_experiment.require(lambda cpu_gemm: not cpu_gemm.status().startswith("xla"),
+                            "The custom calls are not in use here")
     gemm_experiment.ab_steps(build, "XLA", "MKL", "attention's products")
 
 

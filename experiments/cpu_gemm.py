@@ -88,6 +88,31 @@ def step_bench(module):
     return bench.StepBench(methods.get(config.method).build_task(config, tempfile.mkdtemp()), config)
 
 
+def step_bench_with(module, patches: dict):
+    """`step_bench(module)` traced with each (object, attribute name) of `patches` set to its value, restored
+    after: the experiments' "before" builds (an empty dict: the step as shipped)."""
+    saved = {key: getattr(*key) for key in patches}
+    for (owner, name), value in patches.items():
+        setattr(owner, name, value)
+    try:
+        return step_bench(module)
+    finally:
+        for (owner, name), value in saved.items():
+            setattr(owner, name, value)
+
+
+def require(ok, what: str):
+    """Hides TensorFlow's GPUs (the steps run on the CPU) and exits naming `what` and vitdistill.cpu_gemm's
+    status unless ok(cpu_gemm)."""
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    from vitdistill import cpu_gemm
+
+    if not ok(cpu_gemm):
+        sys.exit(f"{what}: {cpu_gemm.status()}")
+
+
 def turns_ms(benches: dict, turns: int, per_turn: int) -> dict:
     """Each StepBench timed in turns, `turns` times: name -> the turns' median milliseconds."""
     rounds = {name: [] for name in benches}
@@ -125,13 +150,7 @@ def steps(config_name):
 
 def main(argv):
     del argv
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
-    from vitdistill import cpu_gemm
-
-    if cpu_gemm.status().startswith("xla"):
-        sys.exit(f"The custom calls are not in use here: {cpu_gemm.status()}")
+    require(lambda cpu_gemm: not cpu_gemm.status().startswith("xla"), "The custom calls are not in use here")
     results = {"products": products(), "steps": {name: steps(name) for name in FLAGS.configs},
                "rounds": FLAGS.turns, "steps_per_round": FLAGS.per_turn, "batch": 4, "cpus": os.cpu_count()}
     if FLAGS.out:

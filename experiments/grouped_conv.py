@@ -112,24 +112,14 @@ def teacher():
 def build(module, native: bool):
     from vitdistill import cpu_gemm
 
-    real = cpu_gemm.grouped_conv_supported
-    if not native:
-        cpu_gemm.grouped_conv_supported = lambda *a: False
-    try:
-        return gemm_experiment.step_bench(module)
-    finally:
-        cpu_gemm.grouped_conv_supported = real
+    return gemm_experiment.step_bench_with(
+        module, {} if native else {(cpu_gemm, "grouped_conv_supported"): lambda *a: False})
 
 
 def main(argv):
     del argv
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
-    from vitdistill import cpu_gemm
-
-    if not cpu_gemm.conv_available() or not cpu_gemm.mkl_loaded() or cpu_gemm.status() != "native":
-        sys.exit(f"Needs the native kernels and MKL (pip install -e '.[cpu]') here: {cpu_gemm.status()}")
+    gemm_experiment.require(lambda cpu_gemm: cpu_gemm.status() == "native" and cpu_gemm.mkl_loaded(),
+                            "Needs the native kernels and MKL (pip install -e '.[cpu]') here")
     operations()
     teacher()
     gemm_experiment.ab_steps(build, "lax", "native", "grouped convolutions")

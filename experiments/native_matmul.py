@@ -15,7 +15,6 @@ the batches (`batched`: attention's products on MKL). Needs `pip install -e '.[c
 """
 import os
 import statistics
-import sys
 
 from absl import app, flags
 
@@ -66,27 +65,18 @@ def build(module, native: bool):
     from vitdistill import cpu_gemm
 
     real = cpu_gemm._op_product
-    if not native:
-        def baseline(a, b, ta, tb):
-            native = a.ndim == 2 and (FLAGS.baseline == "batched" or FLAGS.baseline == "forward" and not (ta or tb))
-            return real(a, b, ta, tb) if native else cpu_gemm._gemm(a, b, ta=ta, tb=tb)
 
-        cpu_gemm._op_product = baseline
-    try:
-        return gemm_experiment.step_bench(module)
-    finally:
-        cpu_gemm._op_product = real
+    def baseline(a, b, ta, tb):
+        on_native = a.ndim == 2 and (FLAGS.baseline == "batched" or FLAGS.baseline == "forward" and not (ta or tb))
+        return real(a, b, ta, tb) if on_native else cpu_gemm._gemm(a, b, ta=ta, tb=tb)
+
+    return gemm_experiment.step_bench_with(module, {} if native else {(cpu_gemm, "_op_product"): baseline})
 
 
 def main(argv):
     del argv
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
-    from vitdistill import cpu_gemm
-
-    if not cpu_gemm.conv_available() or not cpu_gemm.mkl_loaded() or cpu_gemm.status() != "native":
-        sys.exit(f"Needs the native kernels and MKL (pip install -e '.[cpu]') here: {cpu_gemm.status()}")
+    gemm_experiment.require(lambda cpu_gemm: cpu_gemm.status() == "native" and cpu_gemm.mkl_loaded(),
+                            "Needs the native kernels and MKL (pip install -e '.[cpu]') here")
     shapes()
     before = {"mkl": "MKL", "forward": "MKL's gradient and batched products", "batched": "MKL's batched products"}
     gemm_experiment.ab_steps(build, before[FLAGS.baseline], "native", "products")

@@ -12,7 +12,6 @@ jitted; PyTorch's eager. Medians of 50 calls, ours and PyTorch's alternating twi
 """
 import os
 import statistics
-import sys
 
 from absl import app, flags
 
@@ -82,26 +81,17 @@ def build(module, native: bool):
     from vitdistill import cpu_gemm
     from vitdistill.models import vit
 
-    real_softmax, real_norm = cpu_gemm.softmax_last, vit._layer_norm
-    if not native:
-        cpu_gemm.softmax_last = lambda x: jax.nn.softmax(x, axis=-1)
-        vit._layer_norm = lambda dtype, param_dtype, name: nn.LayerNorm(epsilon=1e-6, dtype=dtype,
-                                                                        param_dtype=param_dtype, name=name)
-    try:
-        return gemm_experiment.step_bench(module)
-    finally:
-        cpu_gemm.softmax_last, vit._layer_norm = real_softmax, real_norm
+    def flax_layer_norm(dtype, param_dtype, name):
+        return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name)
+
+    return gemm_experiment.step_bench_with(module, {} if native else {
+        (cpu_gemm, "softmax_last"): lambda x: jax.nn.softmax(x, axis=-1), (vit, "_layer_norm"): flax_layer_norm})
 
 
 def main(argv):
     del argv
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
-    from vitdistill import cpu_gemm
-
-    if cpu_gemm.status().startswith("xla"):
-        sys.exit(f"The native kernels are not in use here: {cpu_gemm.status()}")
+    gemm_experiment.require(lambda cpu_gemm: not cpu_gemm.status().startswith("xla"),
+                            "The native kernels are not in use here")
     operations()
     gemm_experiment.ab_steps(build, "XLA", "native", "softmax and LayerNorm")
 

@@ -68,6 +68,8 @@ NATIVE_TARGETS = {"softmax": "VdSoftmax", "softmax_grad": "VdSoftmaxGrad", "laye
                   "layer_norm_grad": "VdLayerNormGrad",  # cpu_rows.cc's, registered as vitdistill_<key>
                   "grouped_conv": "VdGroupedConv", "matmul": "VdMatmul"}  # cpu_conv.cc's
 
+NOTHING_TO_RUN = "MKL is not installed (pip install mkl) and this CPU has no AVX-512F for the native kernels"
+
 _lock = threading.Lock()
 _loaded: dict = {}  # {"ok": bool, "why": str}: the outcome of the one attempt a process makes
 _forced_xla = threading.local()
@@ -136,7 +138,7 @@ def cpu_has_avx512f() -> bool:
     before building them where MKL is not installed; the built library's own check decides after."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
+            return any(line.startswith("flags") and "avx512f" in line.split() for line in f)
     except OSError:
         return False
 
@@ -149,8 +151,7 @@ def _load() -> dict:
             return _loaded
         mkl = find_mkl()
         if mkl is None and not cpu_has_avx512f():
-            _loaded.update(ok=False, why="MKL is not installed (pip install mkl) and this CPU has no AVX-512F for "
-                                         "the native kernels")
+            _loaded.update(ok=False, why=NOTHING_TO_RUN)
             return _loaded
         try:
             library = ctypes.CDLL(build(jax.ffi.include_dir(), cache_dir()))
@@ -160,7 +161,7 @@ def _load() -> dict:
                     raise RuntimeError(f"{mkl} has no cblas_sgemm")
                 mkl = None
             if mkl is None and not conv:
-                raise RuntimeError("MKL is not installed (pip install mkl) and this CPU has no AVX-512F")
+                raise RuntimeError(NOTHING_TO_RUN)
             for name, symbol in {"cpu_gemm": "VdGemm", **NATIVE_TARGETS}.items():
                 jax.ffi.register_ffi_target(f"vitdistill_{name}", jax.ffi.pycapsule(getattr(library, symbol)),
                                             platform="cpu")
@@ -241,7 +242,7 @@ def _gemm(a, b, *, ta: bool = False, tb: bool = False):
 def _op_product(a, b, ta: bool, tb: bool):
     """op(a) @ op(b) over the last two dimensions (the leading ones, equal in both, index a batch): by
     cpu_conv.cc's kernel where it runs (`conv_available`: an AVX-512 CPU), else by MKL (`_gemm`)."""
-    if a.ndim == b.ndim and a.shape[:-2] == b.shape[:-2] and conv_available():
+    if conv_available():
         shape = (*a.shape[:-2], a.shape[-1] if ta else a.shape[-2], b.shape[-2] if tb else b.shape[-1])
         return _rows_call("matmul", shape)(a, b, ta=ta, tb=tb)
     return _gemm(a, b, ta=ta, tb=tb)

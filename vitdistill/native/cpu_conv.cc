@@ -36,6 +36,15 @@ struct Conv {
 // n rounded up to a multiple of 16 (whole vectors).
 constexpr int64_t RoundUp16(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
+// n floats, 64-byte aligned (the size rounded up to whole vectors, as aligned_alloc asks), freed with the object.
+struct Floats {
+  explicit Floats(int64_t n) : data(static_cast<float*>(std::aligned_alloc(64, sizeof(float) * RoundUp16(n)))) {}
+  ~Floats() { std::free(data); }
+  Floats(const Floats&) = delete;
+  Floats& operator=(const Floats&) = delete;
+  float* data;
+};
+
 // The first n (at most 16) lanes of a vector.
 inline __mmask16 LaneMask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
 
@@ -172,16 +181,13 @@ ffi::Error GroupedConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   int64_t blocks = vitdistill::Blocks(pool, items, kTile * c.group_out * depth, 1 << 16);
   int64_t per_block = (items + blocks - 1) / blocks;
   vitdistill::ParallelFor(pool, blocks, [&](int64_t b) {
-    float* rows = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * kTile * PaddedDepth(c)));
-    float* packed = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * c.group_out * PaddedDepth(c)));
+    Floats rows(kTile * PaddedDepth(c)), packed(c.group_out * PaddedDepth(c));
     int64_t packed_group = -1;
     for (int64_t i = b * per_block; i < std::min(items, (b + 1) * per_block); ++i) {
       int64_t tile = i % tiles, g = i / tiles, first = tile * kTile;
-      if (g != packed_group) PackWeights(c, g, packed), packed_group = g;
-      Item(c, packed, rows, g, first, std::min<int64_t>(kTile, total - first));
+      if (g != packed_group) PackWeights(c, g, packed.data), packed_group = g;
+      Item(c, packed.data, rows.data, g, first, std::min<int64_t>(kTile, total - first));
     }
-    std::free(packed);
-    std::free(rows);
   });
   return ffi::Error::Success();
 }
@@ -290,9 +296,15 @@ __attribute__((target("avx512f"))) void PackRows(const Matmul& mm, int64_t k0, i
   }
 }
 
-// c's rows r0 .. r1 and columns c0 .. c1 on this thread, with buffers of kRowBlock * kTile * kGemmDepth (rows)
-// and kGemmCols * kGemmDepth (packed) floats.
-void MatmulPart(const Matmul& mm, float* rows, float* packed, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+// One thread's buffers for MatmulPart: its packed rows and its packed block of b.
+struct PartBuffers {
+  Floats rows{kRowBlock * kTile * kGemmDepth}, packed{kGemmCols * kGemmDepth};
+};
+
+// c's rows r0 .. r1 and columns c0 .. c1 on this thread.
+void MatmulPart(const Matmul& mm, PartBuffers& buffers, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  float* rows = buffers.rows.data;
+  float* packed = buffers.packed.data;
   for (int64_t k0 = 0; k0 < mm.k; k0 += mm.depth) {
     const int64_t depth = std::min(mm.depth, mm.k - k0), padded = RoundUp16(depth);
     for (int64_t block = r0; block < r1; block += kRowBlock * kTile) {
@@ -312,16 +324,6 @@ void MatmulPart(const Matmul& mm, float* rows, float* packed, int64_t r0, int64_
   }
 }
 
-// Buffers for one thread's MatmulPart calls.
-struct PartBuffers {
-  float* rows = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * kRowBlock * kTile * kGemmDepth));
-  float* packed = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * kGemmCols * kGemmDepth));
-  ~PartBuffers() {
-    std::free(packed);
-    std::free(rows);
-  }
-};
-
 // One product split across `threads` threads: by rows where they are many, else by columns.
 void SplitProduct(ffi::ThreadPool& pool, const Matmul& mm, int64_t threads) {
   const int64_t tiles = (mm.m + kTile - 1) / kTile, vectors = (mm.n + kLanes - 1) / kLanes;
@@ -333,10 +335,9 @@ void SplitProduct(ffi::ThreadPool& pool, const Matmul& mm, int64_t threads) {
     if (by_rows) {  // equal shares of rows in multiples of 16 (whole tiles each had left one thread idle 1/15 of
                     // the time at 788 rows: 29 tiles in 15 + 14); a share's last rows take Tiles' smaller tiles
       const int64_t share = RoundUp16((mm.m + parts - 1) / parts);
-      MatmulPart(mm, buffers.rows, buffers.packed, std::min(mm.m, part * share), std::min(mm.m, (part + 1) * share),
-                 0, mm.n);
+      MatmulPart(mm, buffers, std::min(mm.m, part * share), std::min(mm.m, (part + 1) * share), 0, mm.n);
     } else {
-      MatmulPart(mm, buffers.rows, buffers.packed, 0, mm.m, std::min(mm.n, part * per_part * kLanes),
+      MatmulPart(mm, buffers, 0, mm.m, std::min(mm.n, part * per_part * kLanes),
                  std::min(mm.n, (part + 1) * per_part * kLanes));
     }
   });
@@ -371,7 +372,7 @@ ffi::Error NativeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buff
     one.a += i * mm.m * mm.k, one.b += i * mm.k * mm.n, one.c += i * mm.m * mm.n;
     return one;
   };
-  if (batch == 1 || batch < threads) {
+  if (batch < threads) {
     for (int64_t i = 0; i < batch; ++i) SplitProduct(pool, item(i), threads);
     return ffi::Error::Success();
   }
@@ -379,7 +380,7 @@ ffi::Error NativeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buff
   vitdistill::ParallelFor(pool, (batch + per_part - 1) / per_part, [&](int64_t part) {
     PartBuffers buffers;
     for (int64_t i = part * per_part; i < std::min(batch, (part + 1) * per_part); ++i)
-      MatmulPart(item(i), buffers.rows, buffers.packed, 0, mm.m, 0, mm.n);
+      MatmulPart(item(i), buffers, 0, mm.m, 0, mm.n);
   });
   return ffi::Error::Success();
 }
