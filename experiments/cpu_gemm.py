@@ -88,17 +88,22 @@ def step_bench(module):
     return bench.StepBench(methods.get(config.method).build_task(config, tempfile.mkdtemp()), config)
 
 
-def step_bench_with(module, patches: dict):
-    """`step_bench(module)` traced with each (object, attribute name) of `patches` set to its value, restored
-    after: the experiments' "before" builds (an empty dict: the step as shipped)."""
+def with_patches(patches: dict, build):
+    """build() with each (object, attribute name) of `patches` set to its value, restored after: the
+    experiments' "before" builds (an empty dict: as shipped)."""
     saved = {key: getattr(*key) for key in patches}
     for (owner, name), value in patches.items():
         setattr(owner, name, value)
     try:
-        return step_bench(module)
+        return build()
     finally:
         for (owner, name), value in saved.items():
             setattr(owner, name, value)
+
+
+def step_bench_with(module, patches: dict):
+    """`step_bench(module)` traced under `with_patches(patches, ...)`."""
+    return with_patches(patches, lambda: step_bench(module))
 
 
 def require(ok, what: str):

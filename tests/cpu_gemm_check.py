@@ -169,8 +169,15 @@ def convolutions():
     return {"available": True, "errors": errors, "taken": taken}
 
 
+def largest_fusion(compiled_text: str) -> int:
+    """The most operands any fusion of the entry computation takes."""
+    entry = compiled_text.split("ENTRY")[1]
+    return max(line.count("%") for line in entry.splitlines() if " fusion(" in line)
+
+
 def regnet_agreement():
-    """A small RegNetY's logits with the native grouped convolutions against lax's, and the calls in each."""
+    """A small RegNetY's logits with the native grouped convolutions against lax's, the calls in each, and the
+    largest output fusion each way (its last stage has 2 blocks); `stored`'s gradient and vmap."""
     model = regnet.RegNet(w0=16, wa=16.0, wm=2.0, group_size=16, depth=4, stem_width=16, num_classes=10)
     images = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
     variables = model.init(jax.random.key(1), images)
@@ -179,13 +186,25 @@ def regnet_agreement():
         os.environ[cpu_gemm.CHOICE] = choice
         apply = lambda v, x: model.apply(v, x)  # noqa: E731  (a fresh function per choice: traced afresh)
         results[choice] = jax.jit(apply)(variables, images)
-        results[choice + "_calls"] = jax.jit(apply).lower(variables, images).as_text().count(
-            "vitdistill_grouped_conv")
+        lowered = jax.jit(apply).lower(variables, images)
+        results[choice + "_calls"] = lowered.as_text().count("vitdistill_grouped_conv")
+        compiled = lowered.compile().as_text()
+        results[choice + "_stores"] = compiled.count('custom_call_target="vitdistill_store"')
+        results[choice + "_fusion"] = largest_fusion(compiled)
     os.environ.pop(cpu_gemm.CHOICE, None)
+    x = jax.random.normal(jax.random.key(2), (5, 7))
+    grad = jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(cpu_gemm.stored(a * 3.0)))))(x)
+    mapped = jax.jit(jax.vmap(lambda a: cpu_gemm.stored(a + 1.0)))(x)
     return {"regnet_error": relative_error(results["auto"], results["xla"]),
             "regnet_conv_calls_mkl": results["auto_calls"], "regnet_conv_calls_xla": results["xla_calls"],
             "regnet_grouped_convs": sum(depth for width, depth, group in regnet.regnet_stages(16, 16.0, 2.0, 4, 16)
-                                        if width // group > 1)}
+                                        if width // group > 1),
+            "regnet_stages": [depth for _, depth, _ in regnet.regnet_stages(16, 16.0, 2.0, 4, 16)],
+            "regnet_stores": {"auto": results["auto_stores"], "xla": results["xla_stores"]},
+            "regnet_largest_fusion": {"auto": results["auto_fusion"], "xla": results["xla_fusion"]},
+            "stored_grad_error": float(jnp.abs(grad - 3.0 * jnp.cos(3.0 * x)).max()),
+            "stored_vmap_error": float(jnp.abs(mapped - (x + 1.0)).max())}
+
 
 def lowered_with(choice, fn, *args):
     """The lowering of a fresh wrapper of `fn` (the choice is read when jit traces, and jit keeps traces per

@@ -135,6 +135,12 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
     assert facts["regnet_grouped_convs"] == 3
     assert facts["regnet_conv_calls_xla"] == 0
     assert facts["regnet_error"] < 1e-5
+    # Each block's output is stored (cpu_gemm.stored): XLA's fusions otherwise recompute each earlier block of a
+    # stage inside the next block's output fusion, five more operands a block (RegNetY-16GF's stage 3: 62).
+    assert facts["regnet_stages"] == [1, 1, 2]  # the last stage: a block whose shortcut is the one before
+    assert facts["regnet_stores"] == {"auto": 4, "xla": 0}
+    assert facts["regnet_largest_fusion"]["auto"] <= 12 < facts["regnet_largest_fusion"]["xla"]
+    assert facts["stored_grad_error"] < 1e-6 and facts["stored_vmap_error"] == 0
     # Without AVX-512F the plain products go to MKL and the grouped convolutions to lax.
     assert facts["without_avx512"] == {"mkl_calls": 1, "native_calls": 0, "regnet_conv_calls": 0}
     # Float32 Dense products go to MKL unless VITDISTILL_CPU_GEMM=xla or within xla_dots(); bfloat16 ones never.

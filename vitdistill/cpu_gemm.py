@@ -38,6 +38,11 @@ distilled step 1,433.8 -> 1,394.5 ms with the forward passes, then DeiT-S 819.2 
 2,886.9 with the gradients too (`experiments/native_matmul.py`). Attention's batched products run on it as well,
 whole products a thread (-3 to +36 % against MKL at DeiT-S's and DINO's attention shapes). On such a CPU MKL is
 not used at all, and not needed: the native kernels load without it.
+
+Last, `stored`: a custom call that takes its input's buffer as its result and does nothing, a fusion barrier
+that XLA:CPU keeps (it drops `optimization_barrier`s before fusing). RegNet stores its blocks' outputs with it:
+XLA had fused each into the next block's output fusion as well, recomputing whole stages (RegNetY-16GF's
+forward pass 684.7 -> 669.2 ms, `experiments/stored_block_outputs.py`).
 """
 import contextlib
 import ctypes
@@ -65,7 +70,7 @@ NATIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 SOURCES = tuple(os.path.join(NATIVE, name) for name in ("cpu_gemm.cc", "cpu_rows.cc", "cpu_conv.cc"))
 HEADERS = (os.path.join(NATIVE, "pool.h"),)
 NATIVE_TARGETS = {"softmax": "VdSoftmax", "softmax_grad": "VdSoftmaxGrad", "layer_norm": "VdLayerNorm",
-                  "layer_norm_grad": "VdLayerNormGrad",  # cpu_rows.cc's, registered as vitdistill_<key>
+                  "layer_norm_grad": "VdLayerNormGrad", "store": "VdStore",  # cpu_rows.cc's, registered as vitdistill_<key>
                   "grouped_conv": "VdGroupedConv", "matmul": "VdMatmul"}  # cpu_conv.cc's
 
 NOTHING_TO_RUN = "MKL is not installed (pip install mkl) and this CPU has no AVX-512F for the native kernels"
@@ -355,6 +360,25 @@ def _layer_norm_bwd(eps, residuals, grad):
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+@jax.custom_jvp
+def _store(x):
+    return jax.ffi.ffi_call("vitdistill_store", jax.ShapeDtypeStruct(x.shape, x.dtype), input_output_aliases={0: 0},
+                            vmap_method="broadcast_all")(x)
+
+
+_store.defjvp(lambda primals, tangents: (_store(*primals), *tangents))
+
+
+def stored(x):
+    """x, computed once and stored where `enabled()` and x is float32 (a native custom call that takes x's buffer
+    as its result, so nothing moves: a fusion barrier that XLA:CPU keeps, where it drops `optimization_barrier`s
+    before fusing); x itself otherwise. For a value that feeds a custom call and also an elementwise op that XLA
+    would otherwise recompute it into (RegNet's block outputs)."""
+    if _on_mkl(x):
+        return _store(x)
+    return x
 
 
 CONV_DEPTH = 1152  # cpu_conv.cc's kRow: k * k * group_in at most

@@ -208,8 +208,16 @@ ffi::Error LayerNormGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   return ffi::Error::Success();
 }
 
+// y = x, with y given x's buffer (`input_output_aliases`), so nothing moves; a copy where XLA gave y another.
+// A fusion barrier: XLA:CPU cannot fuse into a custom call, so x's producer is computed once and stored.
+ffi::Error Store(ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  if (y->typed_data() != x.typed_data()) std::memcpy(y->typed_data(), x.typed_data(), x.size_bytes());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VdStore, Store, ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VdSoftmax, Softmax,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VdSoftmaxGrad, SoftmaxGrad,
