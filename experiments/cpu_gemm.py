@@ -16,6 +16,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 from absl import app, flags
 
@@ -127,15 +128,36 @@ def turns_ms(benches: dict, turns: int, per_turn: int) -> dict:
     return rounds
 
 
+def calls_in_turns(forms: dict, turns: int, calls: int) -> dict:
+    """Each zero-argument function of `forms` timed in turns, `turns` times (each its result waited for):
+    name -> the turns' median milliseconds of `calls` calls."""
+    import jax
+
+    rounds = {name: [] for name in forms}
+    for _ in range(turns):
+        for name, call in forms.items():
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                jax.block_until_ready(call())
+                times.append(time.perf_counter() - start)
+            rounds[name].append(1000 * statistics.median(times))
+    return rounds
+
+
+def turns_line(rounds: dict, digits: int = 1) -> str:
+    """"<name> <median> ms (turns ...)" for each of `rounds` (name -> milliseconds a turn), joined by "; on "."""
+    return "; on ".join(f"{k} {statistics.median(v):.{digits}f} ms (turns {', '.join(f'{x:.{digits}f}' for x in v)})"
+                        for k, v in rounds.items())
+
+
 def ab_steps(build, before: str, after: str, what: str):
     """For each of --configs, the steps `build(module, False)` (named `before`) and `build(module, True)`
     (`after`) timed in turns; prints one line each: "<config>: <what> on <before> ... ms; on <after> ... ms"."""
     for name in FLAGS.configs:
         module = config_module(name)
         rounds = turns_ms({before: build(module, False), after: build(module, True)}, FLAGS.turns, FLAGS.per_turn)
-        print(name + f": {what} on " + "; on ".join(
-            f"{k} {statistics.median(v):.1f} ms (turns {', '.join(f'{x:.0f}' for x in v)})"
-            for k, v in rounds.items()), flush=True)
+        print(name + f": {what} on " + turns_line(rounds), flush=True)
 
 
 def steps(config_name):

@@ -10,9 +10,6 @@ its stage. Printed: the largest fusion's operand count each way, the largest dif
 the medians of the turns' medians (RegNetY-16GF at batch 4).
 """
 import os
-import statistics
-import time
-
 from absl import app, flags
 
 import cpu_gemm as gemm_experiment  # experiments/, on the path when this script runs; defines the flags below
@@ -51,19 +48,9 @@ def teacher_forward(turns: int, per_turn: int):
         print(f"{name}: largest fusion's operands {max(l.count('%') for l in entry.splitlines() if ' fusion(' in l)}")
     logits = {name: np.asarray(c(variables, images)) for name, c in forms.items()}
     print(f"largest |plain - stored| of the logits: {np.abs(logits['plain'] - logits['stored']).max():.3g}")
-    rounds = {name: [] for name in forms}
-    for _ in range(turns):
-        for name, compiled in forms.items():
-            compiled(variables, images).block_until_ready()
-            times = []
-            for _ in range(per_turn):
-                start = time.perf_counter()
-                compiled(variables, images).block_until_ready()
-                times.append(time.perf_counter() - start)
-            rounds[name].append(1000 * statistics.median(times))
-    print("teacher forward: " + "; ".join(
-        f"{k} {statistics.median(v):.1f} ms (turns {', '.join(f'{x:.0f}' for x in v)})" for k, v in rounds.items()),
-        flush=True)
+    rounds = gemm_experiment.calls_in_turns(
+        {name: (lambda c=c: c(variables, images)) for name, c in forms.items()}, turns, per_turn)
+    print("teacher forward: on " + gemm_experiment.turns_line(rounds), flush=True)
 
 
 def build_step(module, stored: bool):

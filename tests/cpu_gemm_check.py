@@ -234,13 +234,37 @@ def vit_agreement():
         results[choice + "_custom_calls"] = product_calls(text)
         results[choice + "_row_calls"] = text.count("vitdistill_softmax") + text.count("vitdistill_layer_norm")
         results[choice + "_mkl_calls"] = text.count(cpu_gemm.TARGET)
+        results[choice + "_convolutions"] = text.count("stablehlo.convolution")
     os.environ.pop(cpu_gemm.CHOICE, None)
     (loss_xla, grads_xla), (loss_mkl, grads_mkl) = results["xla"], results["auto"]
     grad_error = max(relative_error(a, b) for a, b in zip(jax.tree.leaves(grads_mkl), jax.tree.leaves(grads_xla)))
     return {"loss_error": relative_error(loss_mkl, loss_xla), "grad_error": grad_error,
             "custom_calls_mkl": results["auto_custom_calls"], "custom_calls_xla": results["xla_custom_calls"],
             "row_calls_mkl": results["auto_row_calls"], "row_calls_xla": results["xla_row_calls"],
-            "vit_mkl_calls": results["auto_mkl_calls"]}
+            "vit_mkl_calls": results["auto_mkl_calls"],
+            "vit_convolutions": {"auto": results["auto_convolutions"], "xla": results["xla_convolutions"]},
+            **patch_convolutions()}
+
+
+def patch_convolutions():
+    """`cpu_gemm.conv_general_dilated` against lax's on 36 x 40 images (8 x 8 patches: the last rows and
+    columns dropped, as VALID does), with the kernel's gradient; whether a stride-1 and a padded one stay lax's."""
+    x = jax.random.normal(jax.random.key(3), (2, 36, 40, 3))
+    w = jax.random.normal(jax.random.key(4), (8, 8, 3, 16))
+    g = jax.random.normal(jax.random.key(5), (2, 4, 5, 16))
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def outputs(conv):
+        return jax.jit(lambda a, b: jax.vjp(lambda k: conv(a, k, (8, 8), "VALID", dimension_numbers=dims), b))(x, w)
+
+    (ours, ours_vjp), (lax_out, lax_vjp) = outputs(cpu_gemm.conv_general_dilated), outputs(jax.lax.conv_general_dilated)
+    others = [jax.jit(lambda a, b: cpu_gemm.conv_general_dilated(a, b, (1, 1), "VALID", dimension_numbers=dims)),
+              jax.jit(lambda a, b: cpu_gemm.conv_general_dilated(a, b, (8, 8), [(1, 1), (1, 1)], dimension_numbers=dims))]
+    return {"patch_conv_error": relative_error(ours, lax_out),
+            "patch_conv_grad_error": relative_error(ours_vjp(g)[0], lax_vjp(g)[0]),
+            "patch_conv_products": product_calls(jax.jit(lambda a, b: cpu_gemm.conv_general_dilated(
+                a, b, (8, 8), "VALID", dimension_numbers=dims)).lower(x, w).as_text()),
+            "other_conv_products": sum(product_calls(f.lower(x, w).as_text()) for f in others)}
 
 
 def without_avx512(dense, x, w):

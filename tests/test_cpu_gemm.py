@@ -156,4 +156,10 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
     assert facts["row_calls_xla"] == 0
     assert facts["row_calls_mkl"] >= 2 * (2 + 2 * 2 + 1)
     assert facts["loss_error"] < 1e-5
+    # Its patch embedding is the patches times the kernel (a product, forward and gradient), not a convolution;
+    # on 36 x 40 images with 8 x 8 patches the same as lax's to float32 rounding (a wrong patch order, or
+    # rows and columns not dropped as VALID drops them, gives errors of order 1); other convolutions stay lax's.
+    assert facts["vit_convolutions"]["auto"] == 0 < facts["vit_convolutions"]["xla"]
+    assert facts["patch_conv_error"] < 1e-5 and facts["patch_conv_grad_error"] < 1e-5
+    assert facts["patch_conv_products"] == 1 and facts["other_conv_products"] == 0
     assert facts["grad_error"] < 1e-4

@@ -170,7 +170,9 @@ class PatchEmbed(nn.Module):
         return nn.Conv(
             self.embed_dim, (self.patch_size, self.patch_size), strides=self.patch_size, padding='VALID',
             kernel_init=torch_default_init(fan_in), bias_init=torch_default_init(fan_in),
-            dtype=self.dtype, param_dtype=self.param_dtype, name='proj')(images)
+            dtype=self.dtype, param_dtype=self.param_dtype, name='proj',
+            # the image's patches times the kernel, as one product, on a one-device CPU process (cpu_gemm)
+            conv_general_dilated=cpu_gemm.conv_general_dilated)(images)
 
 
 def _dense(features, dtype, param_dtype, name):
