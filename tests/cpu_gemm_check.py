@@ -260,7 +260,11 @@ def patch_convolutions():
     (ours, ours_vjp), (lax_out, lax_vjp) = outputs(cpu_gemm.conv_general_dilated), outputs(jax.lax.conv_general_dilated)
     others = [jax.jit(lambda a, b: cpu_gemm.conv_general_dilated(a, b, (1, 1), "VALID", dimension_numbers=dims)),
               jax.jit(lambda a, b: cpu_gemm.conv_general_dilated(a, b, (8, 8), [(1, 1), (1, 1)], dimension_numbers=dims))]
-    return {"patch_conv_error": relative_error(ours, lax_out),
+    # lax's default dimension numbers (None: NCHW, OIHW) with a kernel whose first two sizes equal the strides
+    nchw = (jnp.ones((2, 8, 16, 16)), jnp.ones((8, 8, 2, 2)))
+    nchw_error = relative_error(jax.jit(lambda a, b: cpu_gemm.conv_general_dilated(a, b, (8, 8), "VALID"))(*nchw),
+                                jax.lax.conv_general_dilated(*nchw, (8, 8), "VALID"))
+    return {"patch_conv_error": relative_error(ours, lax_out), "nchw_conv_error": nchw_error,
             "patch_conv_grad_error": relative_error(ours_vjp(g)[0], lax_vjp(g)[0]),
             "patch_conv_products": product_calls(jax.jit(lambda a, b: cpu_gemm.conv_general_dilated(
                 a, b, (8, 8), "VALID", dimension_numbers=dims)).lower(x, w).as_text()),

@@ -162,4 +162,5 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
     assert facts["vit_convolutions"]["auto"] == 0 < facts["vit_convolutions"]["xla"]
     assert facts["patch_conv_error"] < 1e-5 and facts["patch_conv_grad_error"] < 1e-5
     assert facts["patch_conv_products"] == 1 and facts["other_conv_products"] == 0
+    assert facts["nchw_conv_error"] == 0  # dimension_numbers=None is lax's NCHW, not taken for patches
     assert facts["grad_error"] < 1e-4

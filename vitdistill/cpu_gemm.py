@@ -318,8 +318,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     CPU (`experiments/patch_products.py`; the images are `_store`d first: fused into the patches' transpose
     instead they took 8.27)."""
     size = rhs.shape[:2]
-    spec = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers or ("NHWC", "HWIO", "NHWC"))
-    patches = (lhs.ndim == 4 and spec == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    nhwc = ("NHWC", "HWIO", "NHWC")  # (None is lax's NCHW, OIHW, NCHW)
+    patches = (lhs.ndim == 4 and dimension_numbers is not None
+               and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+               == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, nhwc)
                and tuple(window_strides) == size and feature_group_count == 1
                and (padding == "VALID" or (not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding)))
                and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
