@@ -23,18 +23,16 @@ def xla_batched_matmul(a, b, *, tb=False):
     return a @ (jnp.swapaxes(b, -1, -2) if tb else b)
 
 
-def build(module, attention_on_mkl: bool):
+def xla_attention():
     from vitdistill import cpu_gemm
 
-    return gemm_experiment.step_bench_with(
-        module, {} if attention_on_mkl else {(cpu_gemm, "batched_matmul"): xla_batched_matmul})
+    return {(cpu_gemm, "batched_matmul"): xla_batched_matmul}
 
 
 def main(argv):
     del argv
-    gemm_experiment.require(lambda cpu_gemm: not cpu_gemm.status().startswith("xla"),
-                            "The custom calls are not in use here")
-    gemm_experiment.ab_steps(build, "XLA", "MKL", "attention's products")
+    gemm_experiment.require(gemm_experiment.custom_calls_in_use, "The custom calls are not in use here")
+    gemm_experiment.ab_steps(xla_attention, "XLA", "MKL", "attention's products")
 
 
 if __name__ == "__main__":

@@ -107,6 +107,11 @@ def step_bench_with(module, patches: dict):
     return with_patches(patches, lambda: step_bench(module))
 
 
+def custom_calls_in_use(cpu_gemm) -> bool:
+    """`require`'s test for the scripts that compare the custom calls (native or MKL's) with what they replace."""
+    return not cpu_gemm.status().startswith("xla")
+
+
 def require(ok, what: str):
     """Hides TensorFlow's GPUs (the steps run on the CPU) and exits naming `what` and vitdistill.cpu_gemm's
     status unless ok(cpu_gemm)."""
@@ -151,12 +156,15 @@ def turns_line(rounds: dict, digits: int = 1) -> str:
                         for k, v in rounds.items())
 
 
-def ab_steps(build, before: str, after: str, what: str):
-    """For each of --configs, the steps `build(module, False)` (named `before`) and `build(module, True)`
-    (`after`) timed in turns; prints one line each: "<config>: <what> on <before> ... ms; on <after> ... ms"."""
+def ab_steps(before_patches, before: str, after: str, what: str):
+    """For each of --configs, the step traced under `with_patches(before_patches(), ...)` (named `before`) and the
+    step as shipped (`after`), timed in turns; prints one line each: "<config>: <what> on <before> ... ms; on
+    <after> ... ms"."""
+    patches = before_patches()
     for name in FLAGS.configs:
         module = config_module(name)
-        rounds = turns_ms({before: build(module, False), after: build(module, True)}, FLAGS.turns, FLAGS.per_turn)
+        rounds = turns_ms({before: step_bench_with(module, patches), after: step_bench(module)}, FLAGS.turns,
+                          FLAGS.per_turn)
         print(name + f": {what} on " + turns_line(rounds), flush=True)
 
 
@@ -177,7 +185,7 @@ def steps(config_name):
 
 def main(argv):
     del argv
-    require(lambda cpu_gemm: not cpu_gemm.status().startswith("xla"), "The custom calls are not in use here")
+    require(custom_calls_in_use, "The custom calls are not in use here")
     results = {"products": products(), "steps": {name: steps(name) for name in FLAGS.configs},
                "rounds": FLAGS.turns, "steps_per_round": FLAGS.per_turn, "batch": 4, "cpus": os.cpu_count()}
     if FLAGS.out:

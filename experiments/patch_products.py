@@ -57,16 +57,11 @@ def embedding(turns: int = 6, calls: int = 20):
     print("the embedding alone: on " + gemm_experiment.turns_line(rounds, 2), flush=True)
 
 
-def build_step(module, patches: bool):
-    return gemm_experiment.step_bench_with(module, {} if patches else as_convolution())
-
-
 def main(argv):
     del argv
-    gemm_experiment.require(lambda cpu_gemm: not cpu_gemm.status().startswith("xla"),
-                            "The native custom calls are not in use here")
+    gemm_experiment.require(gemm_experiment.custom_calls_in_use, "The native custom calls are not in use here")
     embedding()
-    gemm_experiment.ab_steps(build_step, "a convolution", "patch products", "the patch embedding")
+    gemm_experiment.ab_steps(as_convolution, "a convolution", "patch products", "the patch embedding")
 
 
 if __name__ == "__main__":

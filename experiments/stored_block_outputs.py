@@ -53,16 +53,11 @@ def teacher_forward(turns: int, per_turn: int):
     print("teacher forward: on " + gemm_experiment.turns_line(rounds), flush=True)
 
 
-def build_step(module, stored: bool):
-    return gemm_experiment.step_bench_with(module, {} if stored else unstored())
-
-
 def main(argv):
     del argv
-    gemm_experiment.require(lambda cpu_gemm: not cpu_gemm.status().startswith("xla"),
-                            "The native custom calls are not in use here")
+    gemm_experiment.require(gemm_experiment.custom_calls_in_use, "The native custom calls are not in use here")
     teacher_forward(FLAGS.turns, FLAGS.per_turn)
-    gemm_experiment.ab_steps(build_step, "plain outputs", "stored outputs", "RegNet's block outputs")
+    gemm_experiment.ab_steps(unstored, "plain outputs", "stored outputs", "RegNet's block outputs")
 
 
 if __name__ == "__main__":
