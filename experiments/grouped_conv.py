@@ -11,7 +11,8 @@ it loads): its OpenMP threads otherwise spin after each call and take the 2-core
 (ours then measured 0.43-0.97x PyTorch's, against 0.92-1.24x with passive threads). The teacher: timm's
 regnety_160 in eval mode under no_grad against ours jitted, medians of 7 calls. Steps: the loop's jitted step
 (vitdistill.bench.StepBench, batch 4); "lax" builds it with `cpu_gemm.grouped_conv_supported` returning
-False. Needs `pip install -e '.[cpu]'` and an AVX-512 CPU.
+False. Needs `pip install -e '.[cpu]'` and an AVX-512 or AVX2 CPU (VITDISTILL_NATIVE_ISA=avx2 picks the AVX2 kernel
+on an AVX-512 CPU).
 """
 import os
 import statistics
@@ -117,7 +118,7 @@ def per_group():
 
 def main(argv):
     del argv
-    gemm_experiment.require(lambda cpu_gemm: cpu_gemm.status() == "native" and cpu_gemm.mkl_loaded(),
+    gemm_experiment.require(lambda cpu_gemm: cpu_gemm.conv_available() and cpu_gemm.mkl_loaded(),
                             "Needs the native kernels and MKL (pip install -e '.[cpu]') here")
     operations()
     teacher()

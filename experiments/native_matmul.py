@@ -49,7 +49,7 @@ def shapes():
         lead = (batch,) if batch > 1 else ()
         a = jax.numpy.asarray(rng.standard_normal((*lead, k, m) if ta else (*lead, m, k)).astype(np.float32))
         b = jax.numpy.asarray(rng.standard_normal((*lead, n, k) if tb else (*lead, k, n)).astype(np.float32))
-        calls = {"native": jax.jit(lambda a, b: cpu_gemm._op_product(a, b, ta, tb)),
+        calls = {"native": jax.jit(lambda a, b: cpu_gemm._native_product(a, b, ta, tb)),
                  "mkl": jax.jit(lambda a, b: cpu_gemm._gemm(a, b, ta=ta, tb=tb))}
         times = {name: [] for name in calls}
         for _ in range(3):
@@ -76,7 +76,7 @@ def baseline_products():
 def main(argv):
     del argv
     gemm_experiment.require(lambda cpu_gemm: cpu_gemm.status() == "native" and cpu_gemm.mkl_loaded(),
-                            "Needs the native kernels and MKL (pip install -e '.[cpu]') here")
+                            "Needs the native products (an AVX-512F CPU) and MKL (pip install -e '.[cpu]') here")
     shapes()
     before = {"mkl": "MKL", "forward": "MKL's gradient and batched products", "batched": "MKL's batched products"}
     gemm_experiment.ab_steps(baseline_products, before[FLAGS.baseline], "native", "products")

@@ -39,16 +39,17 @@ def test_the_command_line_names_a_bad_choice_in_one_line(tmp_path):
         "xla (never)")
 
 
-def test_without_mkl_or_avx512_the_products_stay_with_xla_and_mkl_required_says_how_to_install(monkeypatch,
-                                                                                                fresh_load):
+def test_without_mkl_or_avx_the_products_stay_with_xla_and_mkl_required_says_how_to_install(monkeypatch,
+                                                                                             fresh_load):
     monkeypatch.setattr(cpu_gemm, "find_mkl", lambda: None)
-    monkeypatch.setattr(cpu_gemm, "cpu_has_avx512f", lambda: False)
+    monkeypatch.setattr(cpu_gemm, "cpu_has_native_isa", lambda: False)
     monkeypatch.setattr(cpu_gemm, "build", lambda *args: pytest.fail("built with nothing to run on"))
     monkeypatch.setattr(cpu_gemm.jax, "device_count", lambda: 1)
     monkeypatch.setenv(cpu_gemm.CHOICE, "auto")
     assert cpu_gemm.enabled() is False
     assert cpu_gemm.status() == (
-        "xla (MKL is not installed (pip install mkl) and this CPU has no AVX-512F for the native kernels)")
+        "xla (MKL is not installed (pip install mkl) and this CPU has neither AVX-512F nor AVX2 with FMA for the "
+        "native kernels)")
     monkeypatch.setenv(cpu_gemm.CHOICE, "mkl")
     with pytest.raises(cpu_gemm.CpuGemmError, match=r"pip install mkl.*VITDISTILL_CPU_GEMM=auto"):
         cpu_gemm.enabled()
@@ -63,20 +64,32 @@ b = np.random.default_rng(2).standard_normal((200, 90)).astype(np.float32)
 dense = jax.jit(lambda a, b: cpu_gemm.dot_general(a, b, (((1,), (0,)), ((), ()))))
 text = dense.lower(a, b).as_text()
 error = np.abs(np.asarray(dense(a, b), np.float64) - a.astype(np.float64) @ b).max() / np.abs(a @ b).max()
+softmax = jax.jit(cpu_gemm.softmax_last).lower(a).as_text().count("vitdistill_softmax")
 print(json.dumps({"status": cpu_gemm.status(), "mkl": cpu_gemm.mkl_loaded(), "error": float(error),
-                  "native_calls": text.count("vitdistill_matmul"), "mkl_calls": text.count(cpu_gemm.TARGET)}))
+                  "native_calls": text.count("vitdistill_matmul"), "mkl_calls": text.count(cpu_gemm.TARGET),
+                  "isa": cpu_gemm.native_isa(), "rows": cpu_gemm.rows_enabled(), "softmax_calls": softmax}))
 """
 
 
-@pytest.mark.skipif(not HAS_COMPILER or not cpu_gemm.cpu_has_avx512f(), reason="needs an AVX-512F CPU and g++")
-def test_without_mkl_an_avx512_cpu_runs_the_products_on_the_native_kernels():
+@pytest.mark.skipif(not HAS_COMPILER or not cpu_gemm.cpu_has_native_isa(), reason="needs an AVX-512F or AVX2 CPU and g++")
+@pytest.mark.parametrize("isa", ["auto", "avx2"])
+def test_without_mkl_an_avx512_cpu_runs_the_products_on_the_native_kernels_and_an_avx2_cpu_on_xla(isa):
+    """Products native on AVX-512F, XLA's on AVX2 (VITDISTILL_NATIVE_ISA=avx2 stands for an AVX2 CPU on an AVX-512
+    one), where XLA's dots were faster than the AVX2 tile; the row kernels native on both."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", cpu_gemm.CHOICE)}  # one CPU device
+    if isa == "avx2":
+        env["VITDISTILL_NATIVE_ISA"] = "avx2"
     done = subprocess.run([sys.executable, "-c", WITHOUT_MKL], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     facts = json.loads(done.stdout.strip().splitlines()[-1])
-    assert facts["status"] == "native" and facts["mkl"] is False
-    assert facts["native_calls"] == 1 and facts["mkl_calls"] == 0
+    assert facts["mkl"] is False and facts["rows"] is True and facts["softmax_calls"] == 1
+    if facts["isa"] == "AVX-512F":
+        assert facts["status"] == "native" and facts["native_calls"] == 1
+    else:
+        assert facts["isa"] == "AVX2" and facts["native_calls"] == 0
+        assert facts["status"] == f"xla ({cpu_gemm.NO_PRODUCTS})"
+    assert facts["mkl_calls"] == 0
     assert facts["error"] < 1e-5
 
 
@@ -106,6 +119,8 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     facts = json.loads(done.stdout.strip().splitlines()[-1])
     avx512 = bool(re.search(r"\bavx512f\b", open("/proc/cpuinfo").read()))
+    native = cpu_gemm.cpu_has_native_isa()  # the grouped convolutions are native on AVX-512F and on AVX2 CPUs
+    # With MKL installed, the products are native on AVX-512F CPUs and MKL's on AVX2 ones (cpu_gemm.native_products).
     assert facts["status"] == ("native" if avx512 else "mkl")
     # Each of op(a) op(b) and its two gradients within float32 rounding of float64 NumPy: a wrong transpose,
     # leading dimension, batch stride or block offset in the custom call gives errors of order 1.
@@ -122,7 +137,7 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
     # shapes: a wrong tap, padding, stride, group offset or tile tail gives errors of order 1. It takes
     # float32 shapes with 16 | group_out, k*k*group_in <= 1,152 and an odd kernel, and leaves the rest to lax.
     conv = facts["convolutions"]
-    assert conv["available"] == avx512
+    assert conv["available"] == native
     if conv["available"]:
         assert len(conv["errors"]) == 7
         for case, error in conv["errors"].items():
@@ -141,7 +156,7 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
     assert facts["regnet_stores"] == {"auto": 4, "xla": 0}
     assert facts["regnet_largest_fusion"]["auto"] <= 12 < facts["regnet_largest_fusion"]["xla"]
     assert facts["stored_grad_error"] < 1e-6 and facts["stored_vmap_error"] == 0
-    # Without AVX-512F the plain products go to MKL and the grouped convolutions to lax.
+    # Without the native kernels the plain products go to MKL and the grouped convolutions to lax.
     assert facts["without_avx512"] == {"mkl_calls": 1, "native_calls": 0, "regnet_conv_calls": 0}
     # Float32 Dense products go to MKL unless VITDISTILL_CPU_GEMM=xla or within xla_dots(); bfloat16 ones never.
     assert facts["dense_auto"] >= 1
@@ -151,7 +166,7 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
     assert facts["custom_calls_xla"] == 0
     assert facts["custom_calls_mkl"] >= 3 * (2 * (4 + 2) + 1)
     # On an AVX-512 CPU all of them, attention's batched ones too, are the native kernel's, none MKL's.
-    assert facts["vit_mkl_calls"] == (0 if conv["available"] else facts["custom_calls_mkl"])
+    assert facts["vit_mkl_calls"] == (0 if facts["status"] == "native" else facts["custom_calls_mkl"])
     # ... and its softmax (forward, backward) and LayerNorms (two a block and the final one) the row kernels.
     assert facts["row_calls_xla"] == 0
     assert facts["row_calls_mkl"] >= 2 * (2 + 2 * 2 + 1)
@@ -164,3 +179,39 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
     assert facts["patch_conv_products"] == 1 and facts["other_conv_products"] == 0
     assert facts["nchw_conv_error"] == 0  # dimension_numbers=None is lax's NCHW, not taken for patches
     assert facts["grad_error"] < 1e-4
+
+
+AVX2_KERNELS = """
+import json, sys
+sys.path.insert(0, "tests")
+import jax.numpy as jnp
+import cpu_gemm_check as check
+from vitdistill import cpu_gemm
+cpu_gemm.find_mkl = lambda: None
+try:
+    cpu_gemm._native_product(jnp.ones((4, 4)), jnp.ones((4, 4)), False, False).block_until_ready()
+    refused = None
+except Exception as e:  # XlaRuntimeError
+    refused = str(e)
+print(json.dumps({"isa": cpu_gemm.native_isa(), "status": cpu_gemm.status(), "rows": cpu_gemm.rows_enabled(),
+                  "convolutions": check.convolutions(), "refused": refused}))
+"""
+
+
+@pytest.mark.skipif(not HAS_COMPILER or not cpu_gemm.cpu_has_native_isa(), reason="needs an AVX-512F or AVX2 CPU and g++")
+def test_the_avx2_grouped_convolution_equals_float64_numpy(tmp_path):
+    """VITDISTILL_NATIVE_ISA=avx2 (on an AVX-512 CPU too): the grouped convolution on the AVX2 register tile (6
+    pixels x 16 lanes) against float64 NumPy on cpu_gemm_check's 7 shapes (pixel counts off the tile of 6, 1x1 to
+    5x5 kernels, strides 1 and 2): a wrong sub-tile offset or lane half gives errors of order 1. The native
+    products refuse to run there (MKL's or XLA's are used)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", cpu_gemm.CHOICE)}  # one CPU device
+    done = subprocess.run([sys.executable, "-c", AVX2_KERNELS], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**env, "XDG_CACHE_HOME": str(tmp_path), "VITDISTILL_NATIVE_ISA": "avx2"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert facts["isa"] == "AVX2" and facts["rows"] is True
+    assert facts["status"] == f"xla ({cpu_gemm.NO_PRODUCTS})"
+    assert "vitdistill matmul: needs AVX-512F" in facts["refused"]
+    assert len(facts["convolutions"]["errors"]) == 7
+    for case, error in facts["convolutions"]["errors"].items():
+        assert error < 1e-5, (case, error)

@@ -90,7 +90,7 @@ def bench_config(config, data: str = "sample_images"):
 def matmul_peak_tflops(dtype) -> float:
     """TFLOP/s of a large square matmul in `dtype` on the first device: the peak the step's utilisation is
     measured against (the same machine, the same moment, the same library: `vitdistill.cpu_gemm`'s where the
-    step's Dense layers use it, MKL's, or on AVX-512 CPUs the native kernel that runs their forward pass)."""
+    step's Dense layers use it: the native kernel's where `cpu_gemm.native_products()`, else MKL's)."""
     import jax
 
     from vitdistill import cpu_gemm
@@ -133,7 +133,7 @@ class StepBench:
         self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - start
         cost = self.compiled.cost_analysis()
-        if cpu_gemm.enabled():
+        if cpu_gemm.rows_enabled():
             # XLA counts no FLOPs inside custom calls: count the step as built with XLA's own dots (a new
             # partial, so that jit traces it afresh rather than reusing the trace above).
             with cpu_gemm.xla_dots():
@@ -166,7 +166,8 @@ class StepBench:
                 "flops_per_step": self.flops, "tflops_per_sec": tflops, "matmul_peak_tflops": self.peak,
                 "utilisation": tflops / self.peak, "compile_s": self.compile_s, "peak_rss_mb": peak_rss_mb(),
                 "device_peak_mb": device_peak_mb(), "device": self.device, "devices": jax.device_count(),
-                "allocator": allocator.in_use(), "gemm": cpu_gemm.status()}
+                "allocator": allocator.in_use(), "gemm": cpu_gemm.status(),
+                "native_isa": cpu_gemm.native_isa() if cpu_gemm.rows_enabled() else None}
 
 
 class PipelineBench:

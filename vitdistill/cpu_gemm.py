@@ -1,6 +1,6 @@
 """Float32 matrix products (and softmax, LayerNorm, RegNet's grouped convolutions) on the CPU as XLA FFI custom
-calls: this package's native kernels (`vitdistill/native/`) on CPUs with AVX-512F, MKL's products on other CPUs
-where it is installed (`pip install mkl`), XLA's own otherwise. How it came to this:
+calls: this package's native kernels (`vitdistill/native/`) on CPUs with AVX-512F or AVX2 (MKL's products on AVX2
+CPUs where it is installed, `pip install mkl`), XLA's own otherwise. How it came to this:
 
 XLA:CPU runs its matrix products with YNNPACK, whose float32 kernel on these AVX-512 machines reaches about
 148 GFLOP/s a core against MKL's 181 (the library PyTorch's CPU build uses): at DeiT-S's Dense shapes on
@@ -15,8 +15,9 @@ relative); the parameters and checkpoints are the same.
 
 The custom calls are compiled once per jaxlib version with the machine's C++ compiler, against the FFI
 headers that the installed jaxlib ships, into `~/.cache/vitdistill/native` (`$XDG_CACHE_HOME` if set).
-`VITDISTILL_CPU_GEMM` chooses: unset or `auto` (the custom calls where they can run: an AVX-512F CPU, or MKL
-installed; XLA's dots otherwise, with one warning if the build fails), `mkl` (the custom calls, or an error
+`VITDISTILL_CPU_GEMM` chooses: unset or `auto` (the custom calls where they can run: an AVX-512F CPU or MKL installed
+for the products, an AVX-512F or AVX2 CPU for the grouped convolution; XLA's dots otherwise, with one warning if the
+build fails), `mkl` (the custom calls, or an error
 that says why; the name predates the native kernels), `xla` (never). Accelerators, multi-device meshes and
 other dtypes always use XLA's dots.
 
@@ -27,7 +28,7 @@ in several passes: at a DeiT-S block's shapes at batch 4, softmax forward and ba
 JAX's against 0.49 native and 0.50 in PyTorch, LayerNorm 0.32 (Flax's) against 0.15 and 0.15; the DeiT-S
 step 756.7 -> 711.3 ms (`experiments/row_kernels.py`, on a 2-core AMD EPYC host).
 
-And a grouped convolution (`grouped_conv`, `vitdistill/native/cpu_conv.cc`, AVX-512 CPUs), used by
+And a grouped convolution (`grouped_conv`, `vitdistill/native/cpu_conv.cc`, AVX-512 and AVX2 CPUs), used by
 `regnet.GroupedConv` for RegNetY's grouped 3x3 convolutions: XLA:CPU runs these as one slow convolution or as
 one small convolution per group, at 114-149 GFLOP/s on that host against 154-191 native and 123-195 in PyTorch
 (`experiments/grouped_conv.py`). On AVX-512 CPUs its register tile also computes every product of two
@@ -38,6 +39,13 @@ distilled step 1,433.8 -> 1,394.5 ms with the forward passes, then DeiT-S 819.2 
 2,886.9 with the gradients too (`experiments/native_matmul.py`). Attention's batched products run on it as well,
 whole products a thread (-3 to +36 % against MKL at DeiT-S's and DINO's attention shapes). On such a CPU MKL is
 not used at all, and not needed: the native kernels load without it.
+
+On CPUs with AVX2 and FMA but not AVX-512F, the grouped convolution runs on a register tile of 6 pixels x 16
+lanes (two 8-lane vectors a pixel: 12 accumulators of the 16 registers) over the same layouts. On such a host (a
+2-core AMD EPYC, Zen 3) RegNetY-16GF's grouped convolutions took 286.4 ms a step against 375.4 per group on lax
+and 313.0 in PyTorch (`experiments/grouped_conv.py`). The products stay MKL's there, or XLA's without MKL: both
+were faster than that tile (`native_products`). The row kernels and `stored` run on any x86-64 CPU
+(`rows_enabled`), without MKL too.
 
 Last, `stored`: a custom call that takes its input's buffer as its result and does nothing, a fusion barrier
 that XLA:CPU keeps (it drops `optimization_barrier`s before fusing). RegNet stores its blocks' outputs with it:
@@ -73,7 +81,10 @@ NATIVE_TARGETS = {"softmax": "VdSoftmax", "softmax_grad": "VdSoftmaxGrad", "laye
                   "layer_norm_grad": "VdLayerNormGrad", "store": "VdStore",  # cpu_rows.cc's, registered as vitdistill_<key>
                   "grouped_conv": "VdGroupedConv", "matmul": "VdMatmul"}  # cpu_conv.cc's
 
-NOTHING_TO_RUN = "MKL is not installed (pip install mkl) and this CPU has no AVX-512F for the native kernels"
+NO_PRODUCTS = ("MKL is not installed (pip install mkl), and on this CPU (AVX2, no AVX-512F) XLA's products are faster "
+               "than the native ones")
+NOTHING_TO_RUN = ("MKL is not installed (pip install mkl) and this CPU has neither AVX-512F nor AVX2 with FMA for the "
+                  "native kernels")
 
 _lock = threading.Lock()
 _loaded: dict = {}  # {"ok": bool, "why": str}: the outcome of the one attempt a process makes
@@ -138,29 +149,31 @@ def build(include_dir: str, out_dir: str) -> str:
     return path
 
 
-def cpu_has_avx512f() -> bool:
-    """Whether /proc/cpuinfo lists AVX-512F (False where it cannot be read): the native kernels' need, checked
-    before building them where MKL is not installed; the built library's own check decides after."""
+def cpu_has_native_isa() -> bool:
+    """Whether /proc/cpuinfo lists AVX-512F, or AVX2 and FMA (False where it cannot be read): the native kernels'
+    need, checked before building them where MKL is not installed; the built library's own check decides after."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "avx512f" in line.split() for line in f)
+            flags = next((set(line.split()) for line in f if line.startswith("flags")), set())
     except OSError:
         return False
+    return "avx512f" in flags or {"avx2", "fma"} <= flags
 
 
 def _load() -> dict:
     """Builds, loads and registers the custom calls once per process; {'ok', 'why', 'conv', 'mkl'}: ok where
-    products can run on them (the native kernels on an AVX-512F CPU, MKL's elsewhere)."""
+    products can run on them (the native kernels on an AVX-512F or AVX2 CPU, MKL's elsewhere)."""
     with _lock:
         if _loaded:
             return _loaded
         mkl = find_mkl()
-        if mkl is None and not cpu_has_avx512f():
+        if mkl is None and not cpu_has_native_isa():
             _loaded.update(ok=False, why=NOTHING_TO_RUN)
             return _loaded
         try:
             library = ctypes.CDLL(build(jax.ffi.include_dir(), cache_dir()))
             conv = bool(library.vd_conv_supported())
+            isa = {512: "AVX-512F", 2: "AVX2"}.get(library.vd_native_isa())  # None where conv is False
             if mkl is not None and library.vd_gemm_init(mkl.encode()) != 0:
                 if not conv:
                     raise RuntimeError(f"{mkl} has no cblas_sgemm")
@@ -175,9 +188,15 @@ def _load() -> dict:
             logging.warning("vitdistill: %s; matrix products run on XLA's own kernels (set %s=xla to say so "
                             "and silence this)", _loaded["why"], CHOICE)
             return _loaded
-        _loaded.update(ok=True, conv=conv, mkl=mkl is not None,
-                       why="native kernels (AVX-512F)" if conv else f"MKL ({mkl})")
+        _loaded.update(ok=True, conv=conv, mkl=mkl is not None, isa=isa, products=isa == "AVX-512F" or mkl is not None,
+                       why=f"native kernels ({isa})" if conv else f"MKL ({mkl})")
         return _loaded
+
+
+def native_isa() -> str | None:
+    """The vectors the native kernels run on here: 'AVX-512F', 'AVX2' (with FMA; on AVX-512 CPUs too where
+    VITDISTILL_NATIVE_ISA=avx2, for tests), or None where they do not run."""
+    return _loaded["isa"] if conv_available() else None
 
 
 def mkl_loaded() -> bool:
@@ -197,9 +216,9 @@ def xla_dots():
         _forced_xla.on = before
 
 
-def _unavailable() -> str | None:
-    """Why products traced now would not use the custom calls (None where they would), with
-    `VITDISTILL_CPU_GEMM=mkl`'s error where they cannot be loaded."""
+def _unavailable(products: bool = True) -> str | None:
+    """Why products (or, where not `products`, the other custom calls) traced now would not use the custom calls
+    (None where they would), with `VITDISTILL_CPU_GEMM=mkl`'s error where the products cannot."""
     mode = choice()
     if mode == "xla":
         return f"{CHOICE}=xla"
@@ -208,15 +227,24 @@ def _unavailable() -> str | None:
     if jax.default_backend() != "cpu" or jax.device_count() != 1:
         return "not a one-device CPU process"
     loaded = _load()
-    if mode == "mkl" and not loaded["ok"]:
-        raise CpuGemmError(f"{CHOICE}=mkl, but {loaded['why']}; or set {CHOICE}=auto to fall back to XLA's dots")
-    return None if loaded["ok"] else loaded["why"]
+    why = loaded["why"] if not loaded["ok"] else NO_PRODUCTS if products and not loaded["products"] else None
+    if mode == "mkl" and why is not None:
+        raise CpuGemmError(f"{CHOICE}=mkl, but {why}; or set {CHOICE}=auto to fall back to XLA's dots")
+    return why if not loaded["ok"] or products else None
 
 
 def enabled() -> bool:
     """Whether products traced now use the custom calls (native or MKL's): a CPU backend with one device in
-    one process, and the library loaded (`VITDISTILL_CPU_GEMM` permitting; not within `xla_dots()`)."""
+    one process, the library loaded, and the native products (AVX-512F) or MKL (`VITDISTILL_CPU_GEMM`
+    permitting; not within `xla_dots()`)."""
     return _unavailable() is None
+
+
+def rows_enabled() -> bool:
+    """Whether the other custom calls run (the row kernels: softmax, LayerNorm; the grouped convolution where the
+    CPU has AVX-512F or AVX2; `stored`): as `enabled()`, but without MKL on an AVX2 CPU too, where the products
+    stay XLA's."""
+    return _unavailable(products=False) is None
 
 
 def status() -> str:
@@ -225,7 +253,7 @@ def status() -> str:
     why = _unavailable()
     if why is not None:
         return f"xla ({why})"
-    return "native" if conv_available() else "mkl"
+    return "native" if native_products() else "mkl"
 
 
 def _require_loaded():
@@ -246,18 +274,23 @@ def _gemm(a, b, *, ta: bool = False, tb: bool = False):
 
 def _op_product(a, b, ta: bool, tb: bool):
     """op(a) @ op(b) over the last two dimensions (the leading ones, equal in both, index a batch): by
-    cpu_conv.cc's kernel where it runs (`conv_available`: an AVX-512 CPU), else by MKL (`_gemm`)."""
-    if conv_available():
-        shape = (*a.shape[:-2], a.shape[-1] if ta else a.shape[-2], b.shape[-2] if tb else b.shape[-1])
-        return _rows_call("matmul", shape)(a, b, ta=ta, tb=tb)
+    cpu_conv.cc's kernel where `native_products()`, else by MKL (`_gemm`)."""
+    if native_products():
+        return _native_product(a, b, ta, tb)
     return _gemm(a, b, ta=ta, tb=tb)
+
+
+def _native_product(a, b, ta: bool, tb: bool):
+    """`_op_product` by cpu_conv.cc's kernel, whatever `native_products` says (where `conv_available`)."""
+    shape = (*a.shape[:-2], a.shape[-1] if ta else a.shape[-2], b.shape[-2] if tb else b.shape[-1])
+    return _rows_call("matmul", shape)(a, b, ta=ta, tb=tb)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def product(a, b, ta: bool = False, tb: bool = False):
     """op(a) @ op(b) in float32 over the last two dimensions, op a transpose where `ta` / `tb` (a [..., k, m]
     stands for its [..., m, k] transpose), and both gradients as products with the transposes folded in; each
-    by `_op_product` (the native kernel on AVX-512 CPUs, MKL's otherwise). CPU only; a
+    by `_op_product` (the native kernel or MKL's, `native_products`). CPU only; a
     CpuGemmError where the library cannot be loaded. Models call it through `dot_general` and
     `batched_matmul`, which check `enabled()`."""
     return _op_product(a, b, ta, tb)
@@ -284,7 +317,13 @@ def matmul(x, w):
 
 
 def _on_mkl(*arrays) -> bool:
+    """Float32 arrays whose products run on the custom calls (`enabled()`)."""
     return all(x.dtype == jnp.float32 for x in arrays) and enabled()
+
+
+def _on_native(*arrays) -> bool:
+    """Float32 arrays for the row kernels, `stored` or the grouped convolution (`rows_enabled()`)."""
+    return all(x.dtype == jnp.float32 for x in arrays) and rows_enabled()
 
 
 def batched_matmul(a, b, *, tb: bool = False):
@@ -366,8 +405,8 @@ softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 def softmax_last(x):
-    """`jax.nn.softmax(x, axis=-1)`: the native kernel's where `enabled()` and x is float32, else JAX's."""
-    if _on_mkl(x):
+    """`jax.nn.softmax(x, axis=-1)`: the native kernel's where `rows_enabled()` and x is float32, else JAX's."""
+    if _on_native(x):
         return softmax(x)
     return jax.nn.softmax(x, axis=-1)
 
@@ -404,11 +443,11 @@ _store.defjvp(lambda primals, tangents: (_store(*primals), *tangents))
 
 
 def stored(x):
-    """x, computed once and stored where `enabled()` and x is float32 (a native custom call that takes x's buffer
+    """x, computed once and stored where `rows_enabled()` and x is float32 (a native custom call that takes x's buffer
     as its result, so nothing moves: a fusion barrier that XLA:CPU keeps, where it drops `optimization_barrier`s
     before fusing); x itself otherwise. For a value that feeds a custom call and also an elementwise op that XLA
     would otherwise recompute it into (RegNet's block outputs)."""
-    if _on_mkl(x):
+    if _on_native(x):
         return _store(x)
     return x
 
@@ -418,20 +457,29 @@ CONV_DEPTH = 1152  # cpu_conv.cc's kRow: k * k * group_in at most
 
 def grouped_conv_supported(x, kernel, stride: int) -> bool:
     """Whether `grouped_conv` takes this convolution (x NHWC, kernel [k, k, in / groups, out] HWIO): float32, a
-    square odd kernel with k * k * group_in <= 1152, output groups a multiple of 16 channels, an AVX-512 CPU,
-    and `enabled()`."""
+    square odd kernel with k * k * group_in <= 1152, output groups a multiple of 16 channels, an AVX-512 or AVX2 CPU,
+    and `rows_enabled()`."""
     k, _, group_in, out = kernel.shape
     if kernel.shape[0] != kernel.shape[1] or k % 2 == 0 or x.shape[-1] % group_in or stride < 1:
         return False
     groups = x.shape[-1] // group_in
     if out % groups or (out // groups) % 16 or k * k * group_in > CONV_DEPTH:
         return False
-    return _on_mkl(x, kernel) and conv_available()
+    return _on_native(x, kernel) and conv_available()
+
+
+def native_products() -> bool:
+    """Whether products run on cpu_conv.cc's kernel rather than MKL's: on AVX-512F CPUs. On an AVX2 host (a 2-core
+    AMD EPYC, Zen 3) the same products on a 6 x 16 AVX2 tile were slower than MKL's (MKL 0.92-1.28x as fast at
+    RegNetY-16GF's and DeiT-S's shapes, median 1.12x; 0.96-3.0x at attention's batched ones) and than XLA's
+    own dots (0.80-0.97x XLA's speed at DeiT-S's); so there the products are MKL's, or XLA's without MKL, and only
+    the grouped convolution runs on that tile."""
+    return conv_available() and _loaded["isa"] == "AVX-512F"
 
 
 def conv_available() -> bool:
     """Whether cpu_conv.cc's kernels (the grouped convolution, the two-matrix products) can run here: the library
-    loaded on a CPU with AVX-512F."""
+    loaded on a CPU with AVX-512F, or AVX2 with FMA."""
     return _load()["ok"] and _loaded["conv"]
 
 
@@ -455,7 +503,7 @@ def grouped_conv(x, kernel, stride: int, pad: int):
     only; models call it where `grouped_conv_supported`."""
     if not conv_available():
         raise CpuGemmError("vitdistill.cpu_gemm.grouped_conv: " + (_loaded["why"] if not _loaded["ok"] else
-                                                                    "this CPU lacks AVX-512F"))
+                                                                    "this CPU lacks AVX-512F and AVX2"))
     k = kernel.shape[0]
     n, h, w, _ = x.shape
     shape = (n, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1, kernel.shape[-1])

@@ -284,9 +284,9 @@ class NativeLayerNorm(nn.Module):
 
 def _layer_norm(dtype, param_dtype, name):
     """timm's LayerNorm (eps 1e-6): the native kernel's in float32 on a one-device CPU process where
-    `cpu_gemm.enabled()` (forward and backward at a DeiT-S block's shape, 0.32 -> 0.15 ms; PyTorch 0.15), else
+    `cpu_gemm.rows_enabled()` (forward and backward at a DeiT-S block's shape, 0.32 -> 0.15 ms; PyTorch 0.15), else
     Flax's, which computes the statistics in float32 whatever the compute dtype."""
-    if dtype == jnp.float32 and cpu_gemm.enabled():
+    if dtype == jnp.float32 and cpu_gemm.rows_enabled():
         return NativeLayerNorm(epsilon=1e-6, param_dtype=param_dtype, name=name)
     return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name)
 

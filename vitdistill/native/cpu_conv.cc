@@ -6,7 +6,9 @@
 // (k * k * group_in inputs each, zeros outside the image) into contiguous rows, then for each 16 output
 // channels of the group runs one register-blocked AVX-512 kernel: kTile accumulators, one weight vector and
 // kTile broadcast-FMAs per input (tap, channel). Items are split into as many blocks as XLA's intra-op pool
-// has threads. Needs AVX-512F (vd_conv_supported), k * k * group_in <= kRow and 16 | group_out.
+// has threads. Needs AVX-512F, or AVX2 with FMA (vd_conv_supported; on those CPUs the same layouts are computed
+// by a 6 x 16 register tile, two 8-lane vectors a row), k * k * group_in <= kRow and 16 | group_out. The products
+// of two matrices further down (VdMatmul) need AVX-512F.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -24,6 +26,23 @@ namespace {
 constexpr int kTile = 28;    // output pixels per kernel call: 28 accumulators + 1 weight vector of 32 registers
 constexpr int64_t kRow = 1152;  // the deepest receptive field taken: k * k * group_in at most (3 x 3 x 128)
 constexpr int kLanes = 16;
+
+// The kernels this CPU runs: AVX-512F's where it has it, else AVX2 with FMA's (8-lane vectors, 16 registers), else
+// none (vd_conv_supported is 0). VITDISTILL_NATIVE_ISA=avx2 picks the AVX2 kernels on an AVX-512 CPU too (tests).
+enum class Isa { kNone = 0, kAvx2 = 2, kAvx512 = 512 };
+
+Isa CurrentIsa() {
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const char* asked = std::getenv("VITDISTILL_NATIVE_ISA");
+    if (asked != nullptr && std::strcmp(asked, "avx2") == 0) return avx2 ? Isa::kAvx2 : Isa::kNone;
+    return __builtin_cpu_supports("avx512f") ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kNone;
+  }();
+  return isa;
+}
+
+bool Wide() { return CurrentIsa() == Isa::kAvx512; }
 
 struct Conv {
   const float* x;
@@ -72,9 +91,54 @@ __attribute__((target("avx512f"))) void Tile(const float* a, const float* w, int
                           accumulate ? _mm512_add_ps(acc[p], _mm512_maskz_loadu_ps(mask, y + p * ldy)) : acc[p]);
 }
 
-// The same for any count of pixels: full tiles, then the rest in halves.
+// Tile's product on AVX2 for P <= 6 pixels, all 16 lanes (the grouped convolution's; VdMatmul needs AVX-512F): 12
+// accumulators (each pixel's 16 lanes as two 8-lane vectors), the weights' two vectors and one broadcast of the 16
+// registers. Same layouts, same order of additions. Every loop over the accumulators is unrolled, or GCC keeps
+// them in memory (a store each FMA: a third of the speed).
+template <int P>
+__attribute__((target("avx2,fma"))) void Tile8(const float* a, const float* w, int64_t depth, float* y, int64_t ldy,
+                                               bool accumulate) {
+  __m256 lo[P], hi[P];
+#pragma GCC unroll 8
+  for (int p = 0; p < P; ++p) __builtin_prefetch(y + p * ldy, 1, 3), lo[p] = hi[p] = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < depth; k0 += kLanes, a += kTile * kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const __m256 w0 = _mm256_loadu_ps(w + (k0 + k) * kLanes), w1 = _mm256_loadu_ps(w + (k0 + k) * kLanes + 8);
+#pragma GCC unroll 8
+      for (int p = 0; p < P; ++p) {
+        const __m256 s = _mm256_broadcast_ss(a + p * kLanes + k);
+        lo[p] = _mm256_fmadd_ps(s, w0, lo[p]), hi[p] = _mm256_fmadd_ps(s, w1, hi[p]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int p = 0; p < P; ++p) {
+    float* out = y + p * ldy;
+    _mm256_storeu_ps(out, accumulate ? _mm256_add_ps(lo[p], _mm256_loadu_ps(out)) : lo[p]);
+    _mm256_storeu_ps(out + 8, accumulate ? _mm256_add_ps(hi[p], _mm256_loadu_ps(out + 8)) : hi[p]);
+  }
+}
+
+// The same for any count of pixels: full tiles, then the rest in halves; on AVX2 (all 16 lanes: the mask is
+// AVX-512's) in tiles of 6, 4, 2, 1.
 void Tiles(int64_t count, const float* a, const float* w, int64_t depth, float* y, int64_t ldy,
            bool accumulate = false, __mmask16 mask = 0xFFFF) {
+  if (!Wide()) {
+    while (count > 0) {
+      const int64_t done = count >= 6 ? 6 : count >= 4 ? 4 : count >= 2 ? 2 : 1;
+      if (done == 6) {
+        Tile8<6>(a, w, depth, y, ldy, accumulate);
+      } else if (done == 4) {
+        Tile8<4>(a, w, depth, y, ldy, accumulate);
+      } else if (done == 2) {
+        Tile8<2>(a, w, depth, y, ldy, accumulate);
+      } else {
+        Tile8<1>(a, w, depth, y, ldy, accumulate);
+      }
+      count -= done, a += done * kLanes, y += done * ldy;
+    }
+    return;
+  }
   while (count > 0) {
     int64_t done;
     if (count >= 28) {
@@ -107,15 +171,8 @@ void PackWeights(const Conv& c, int64_t g, float* packed) {
   }
 }
 
-// Copies n elements of one pixel's row from src to its inputs k0.. in Tile's layout (rows at pixel p).
-__attribute__((target("avx512f"))) inline void PutRow(float* rows, int64_t p, int64_t k0, const float* src,
-                                                      int64_t n) {
-  if (k0 % kLanes == 0 && n % kLanes == 0) {  // whole blocks of 16: one vector each
-    float* dst = rows + (k0 / kLanes) * kTile * kLanes + p * kLanes;
-    for (int64_t k = 0; k < n; k += kLanes, dst += kTile * kLanes)
-      _mm512_storeu_ps(dst, src == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(src + k));
-    return;
-  }
+// PutRow's copy in runs that end at whole blocks of 16 (any CPU).
+inline void PutRowAny(float* rows, int64_t p, int64_t k0, const float* src, int64_t n) {
   for (int64_t k = k0; k < k0 + n;) {
     int64_t run = std::min(n - (k - k0), kLanes - k % kLanes);
     float* dst = rows + (k / kLanes) * kTile * kLanes + p * kLanes + k % kLanes;
@@ -128,24 +185,66 @@ __attribute__((target("avx512f"))) inline void PutRow(float* rows, int64_t p, in
   }
 }
 
-// One item: group g, output pixels [first, first + count) of the batch's pixels in (image, row, column) order.
-__attribute__((target("avx512f"))) void Item(const Conv& c, const float* packed, float* rows, int64_t g, int64_t first, int64_t count) {
-  const int64_t depth = c.kernel * c.kernel * c.group_in, padded = PaddedDepth(c);
+// Copies n elements of one pixel's row from src to its inputs k0.. in Tile's layout (rows at pixel p).
+__attribute__((target("avx512f"))) inline void PutRow(float* rows, int64_t p, int64_t k0, const float* src,
+                                                      int64_t n) {
+  if (k0 % kLanes == 0 && n % kLanes == 0) {  // whole blocks of 16: one vector each
+    float* dst = rows + (k0 / kLanes) * kTile * kLanes + p * kLanes;
+    for (int64_t k = 0; k < n; k += kLanes, dst += kTile * kLanes)
+      _mm512_storeu_ps(dst, src == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(src + k));
+    return;
+  }
+  PutRowAny(rows, p, k0, src, n);
+}
+
+// The input rows (group g's channels) under each tap of output pixel `pixel` (of the batch's pixels in (image, row,
+// column) order) in (kh, kw) order, nullptr outside the image.
+inline void TapSources(const Conv& c, int64_t g, int64_t pixel, const float** sources) {
   const int64_t pixels = c.out_height * c.out_width;
-  for (int64_t p = 0; p < count; ++p) {
-    int64_t n = (first + p) / pixels, r = (first + p) % pixels;
-    int64_t oh = r / c.out_width, ow = r % c.out_width;
-    for (int64_t kh = 0; kh < c.kernel; ++kh) {
-      int64_t ih = oh * c.stride - c.pad + kh;
-      for (int64_t kw = 0; kw < c.kernel; ++kw) {
-        int64_t iw = ow * c.stride - c.pad + kw;
-        bool inside = ih >= 0 && ih < c.height && iw >= 0 && iw < c.width;
-        const float* src = inside ? c.x + ((n * c.height + ih) * c.width + iw) * c.channels + g * c.group_in : nullptr;
-        PutRow(rows, p, (kh * c.kernel + kw) * c.group_in, src, c.group_in);
-      }
+  const int64_t n = pixel / pixels, r = pixel % pixels, oh = r / c.out_width, ow = r % c.out_width;
+  for (int64_t kh = 0; kh < c.kernel; ++kh) {
+    const int64_t ih = oh * c.stride - c.pad + kh;
+    for (int64_t kw = 0; kw < c.kernel; ++kw) {
+      const int64_t iw = ow * c.stride - c.pad + kw;
+      const bool inside = ih >= 0 && ih < c.height && iw >= 0 && iw < c.width;
+      sources[kh * c.kernel + kw] =
+          inside ? c.x + ((n * c.height + ih) * c.width + iw) * c.channels + g * c.group_in : nullptr;
     }
+  }
+}
+
+// The receptive fields of output pixels [first, first + count) in group g, in Tile's layout (zeros past the depth):
+// whole blocks by AVX-512 vectors.
+__attribute__((target("avx512f"))) void FillRowsWide(const Conv& c, float* rows, int64_t g, int64_t first,
+                                                     int64_t count) {
+  const int64_t depth = c.kernel * c.kernel * c.group_in, padded = PaddedDepth(c);
+  const float* sources[kRow];
+  for (int64_t p = 0; p < count; ++p) {
+    TapSources(c, g, first + p, sources);
+    for (int64_t t = 0; t < c.kernel * c.kernel; ++t) PutRow(rows, p, t * c.group_in, sources[t], c.group_in);
     if (padded > depth) PutRow(rows, p, depth, nullptr, padded - depth);
   }
+}
+
+// The same on any CPU.
+void FillRowsAny(const Conv& c, float* rows, int64_t g, int64_t first, int64_t count) {
+  const int64_t depth = c.kernel * c.kernel * c.group_in, padded = PaddedDepth(c);
+  const float* sources[kRow];
+  for (int64_t p = 0; p < count; ++p) {
+    TapSources(c, g, first + p, sources);
+    for (int64_t t = 0; t < c.kernel * c.kernel; ++t) PutRowAny(rows, p, t * c.group_in, sources[t], c.group_in);
+    if (padded > depth) PutRowAny(rows, p, depth, nullptr, padded - depth);
+  }
+}
+
+// One item: group g, output pixels [first, first + count).
+void Item(const Conv& c, const float* packed, float* rows, int64_t g, int64_t first, int64_t count) {
+  if (Wide()) {
+    FillRowsWide(c, rows, g, first, count);
+  } else {
+    FillRowsAny(c, rows, g, first, count);
+  }
+  const int64_t padded = PaddedDepth(c);
   float* out = c.y + first * c.out_channels + g * c.group_out;
   for (int64_t v = 0; v < c.group_out; v += kLanes)
     Tiles(count, rows, packed + v * padded, padded, out + v, c.out_channels);
@@ -356,6 +455,8 @@ ffi::Error NativeMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buff
   for (size_t i = 0; shapes && i + 2 < rank; ++i) shapes = ad[i] == bd[i], batch *= ad[i];
   if (!shapes || (ta ? ad[rank - 2] : ad[rank - 1]) != (tb ? bd[rank - 1] : bd[rank - 2]))
     return ffi::Error::InvalidArgument("vitdistill matmul: op(a) [..., m, k] @ op(b) [..., k, n], equal leading dims");
+  if (!Wide())  // on AVX2 MKL's products and XLA's own were faster than the 6 x 16 tile (vitdistill/cpu_gemm.py)
+    return ffi::Error::InvalidArgument("vitdistill matmul: needs AVX-512F");
   Matmul mm;
   mm.a = a.typed_data(), mm.b = b.typed_data(), mm.c = c->typed_data();
   mm.m = ta ? ad[rank - 1] : ad[rank - 2], mm.k = ta ? ad[rank - 2] : ad[rank - 1], mm.n = tb ? bd[rank - 2] : bd[rank - 1];
@@ -405,5 +506,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VdMatmul, NativeMatmul,
                                   .Attr<bool>("ta")
                                   .Attr<bool>("tb"));
 
-// 1 where this CPU runs the kernel (AVX-512F), else 0.
-extern "C" int vd_conv_supported() { return __builtin_cpu_supports("avx512f") ? 1 : 0; }
+// 1 where this CPU runs the grouped convolution (AVX-512F, or AVX2 with FMA), else 0; VdMatmul needs AVX-512F.
+extern "C" int vd_conv_supported() { return CurrentIsa() != Isa::kNone ? 1 : 0; }
+
+// The kernels that run: 512 (AVX-512F), 2 (AVX2 with FMA) or 0 (none).
+extern "C" int vd_native_isa() { return static_cast<int>(CurrentIsa()); }
