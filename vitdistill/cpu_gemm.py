@@ -161,8 +161,9 @@ def cpu_has_native_isa() -> bool:
 
 
 def _load() -> dict:
-    """Builds, loads and registers the custom calls once per process; {'ok', 'why', 'conv', 'mkl'}: ok where
-    products can run on them (the native kernels on an AVX-512F or AVX2 CPU, MKL's elsewhere)."""
+    """Builds, loads and registers the custom calls once per process; {'ok', 'why', 'conv', 'mkl', 'isa',
+    'products'}: ok where the library loaded (on an AVX-512F or AVX2 CPU, or with MKL), products where the
+    products can run on it (the native ones on AVX-512F, MKL's elsewhere)."""
     with _lock:
         if _loaded:
             return _loaded
