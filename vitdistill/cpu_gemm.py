@@ -173,8 +173,8 @@ def _load() -> dict:
             return _loaded
         try:
             library = ctypes.CDLL(build(jax.ffi.include_dir(), cache_dir()))
-            conv = bool(library.vd_conv_supported())
-            isa = {512: "AVX-512F", 2: "AVX2"}.get(library.vd_native_isa())  # None where conv is False
+            isa = {512: "AVX-512F", 2: "AVX2"}.get(library.vd_native_isa())  # None: no native kernels here
+            conv = isa is not None
             if mkl is not None and library.vd_gemm_init(mkl.encode()) != 0:
                 if not conv:
                     raise RuntimeError(f"{mkl} has no cblas_sgemm")

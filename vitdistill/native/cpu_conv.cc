@@ -6,7 +6,7 @@
 // (k * k * group_in inputs each, zeros outside the image) into contiguous rows, then for each 16 output
 // channels of the group runs one register-blocked AVX-512 kernel: kTile accumulators, one weight vector and
 // kTile broadcast-FMAs per input (tap, channel). Items are split into as many blocks as XLA's intra-op pool
-// has threads. Needs AVX-512F, or AVX2 with FMA (vd_conv_supported; on those CPUs the same layouts are computed
+// has threads. Needs AVX-512F, or AVX2 with FMA (vd_native_isa; on those CPUs the same layouts are computed
 // by a 6 x 16 register tile, two 8-lane vectors a row), k * k * group_in <= kRow and 16 | group_out. The products
 // of two matrices further down (VdMatmul) need AVX-512F.
 #include <immintrin.h>
@@ -28,7 +28,7 @@ constexpr int64_t kRow = 1152;  // the deepest receptive field taken: k * k * gr
 constexpr int kLanes = 16;
 
 // The kernels this CPU runs: AVX-512F's where it has it, else AVX2 with FMA's (8-lane vectors, 16 registers), else
-// none (vd_conv_supported is 0). VITDISTILL_NATIVE_ISA=avx2 picks the AVX2 kernels on an AVX-512 CPU too (tests).
+// none (vd_native_isa is 0). VITDISTILL_NATIVE_ISA=avx2 picks the AVX2 kernels on an AVX-512 CPU too (tests).
 enum class Isa { kNone = 0, kAvx2 = 2, kAvx512 = 512 };
 
 Isa CurrentIsa() {
@@ -506,8 +506,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VdMatmul, NativeMatmul,
                                   .Attr<bool>("ta")
                                   .Attr<bool>("tb"));
 
-// 1 where this CPU runs the grouped convolution (AVX-512F, or AVX2 with FMA), else 0; VdMatmul needs AVX-512F.
-extern "C" int vd_conv_supported() { return CurrentIsa() != Isa::kNone ? 1 : 0; }
-
-// The kernels that run: 512 (AVX-512F), 2 (AVX2 with FMA) or 0 (none).
+// The kernels that run: 512 (AVX-512F), 2 (AVX2 with FMA) or 0 (none: no grouped convolution). VdMatmul needs
+// AVX-512F.
 extern "C" int vd_native_isa() { return static_cast<int>(CurrentIsa()); }
