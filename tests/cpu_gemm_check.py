@@ -30,7 +30,7 @@ def relative_error(ours, reference):
 def products():
     """`product` and both of its gradients against float64 NumPy for each of the four transpose settings, over
     shapes that split by rows (m >= n), by columns, by whole products of a batch, not at all (small), and that
-    are empty or contract over nothing; on an AVX-512 CPU all through cpu_conv.cc's kernel: threads split by
+    are empty or contract over nothing; on cpu_conv.cc's kernel (`products_on_each_library`): threads split by
     columns (130 x 90, 40 x 2000) or rows (300 and 1000 rows, in blocks of 448), the depth in blocks (600
     inputs: 208, 208, 184), columns off the vector width (90, 1), batches in whole products a thread (5 x 37 x
     64 x 37: DINO's local crops' attention) or one after another where a batch has fewer products than threads
@@ -271,6 +271,25 @@ def patch_convolutions():
             "other_conv_products": sum(product_calls(f.lower(x, w).as_text()) for f in others)}
 
 
+def products_on_each_library():
+    """`products()` on each library that can run them here: {'native': errors} on an AVX-512F CPU, {'mkl': errors}
+    where MKL is loaded (both on an AVX-512F CPU with MKL, whichever `native_products` picks for the models)."""
+    saved = cpu_gemm._loaded.get("native_products")
+    libraries = {}
+    if cpu_gemm.native_isa() == "AVX-512F":
+        libraries["native"] = True
+    if cpu_gemm.mkl_loaded():
+        libraries["mkl"] = False
+    try:
+        errors = {}
+        for name, native in libraries.items():
+            cpu_gemm._loaded["native_products"] = native
+            errors[name] = products()
+        return errors
+    finally:
+        cpu_gemm._loaded["native_products"] = saved
+
+
 def without_avx512(dense, x, w):
     """As on a CPU without AVX-512F (the native convolution and product unavailable): the Dense product's calls
     (MKL's, native) and a small RegNetY's native convolution calls."""
@@ -298,7 +317,7 @@ def main():
         forced = product_calls(jax.jit(lambda x, w: dense(x, w)).lower(x, w).as_text())
     print(json.dumps({
         "status": cpu_gemm.status(),
-        "products": products(),
+        "products": products_on_each_library(),
         "rows": rows(),
         "convolutions": convolutions(),
         **regnet_agreement(),

@@ -93,6 +93,33 @@ def test_without_mkl_an_avx512_cpu_runs_the_products_on_the_native_kernels_and_a
     assert facts["error"] < 1e-5
 
 
+VENDOR = """
+import json, sys
+import numpy as np, jax
+from vitdistill import cpu_gemm
+cpu_gemm.cpu_vendor = lambda: sys.argv[1]
+a, b = np.ones((300, 200), np.float32), np.ones((200, 90), np.float32)
+text = jax.jit(lambda a, b: cpu_gemm.dot_general(a, b, (((1,), (0,)), ((), ())))).lower(a, b).as_text()
+print(json.dumps({"status": cpu_gemm.status(), "native_calls": text.count("vitdistill_matmul"),
+                  "mkl_calls": text.count(cpu_gemm.TARGET)}))
+"""
+
+
+@pytest.mark.skipif(cpu_gemm.find_mkl() is None or not HAS_COMPILER
+                    or not re.search(r"\bavx512f\b", open("/proc/cpuinfo").read()),
+                    reason="needs an AVX-512F CPU, MKL (pip install mkl, in the test extra) and g++")
+@pytest.mark.parametrize("vendor, library", [("GenuineIntel", "mkl"), ("AuthenticAMD", "native")])
+def test_with_mkl_an_intel_avx512_cpu_runs_the_products_on_mkl_and_an_amd_one_on_the_native_kernel(vendor, library):
+    """Where both run, the faster as measured (cpu_gemm.native_products): MKL on Intel's CPUs, native on AMD's."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", cpu_gemm.CHOICE)}  # one CPU device
+    done = subprocess.run([sys.executable, "-c", VENDOR, vendor], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert facts["status"] == library
+    assert (facts["native_calls"], facts["mkl_calls"]) == ((1, 0) if library == "native" else (0, 1))
+
+
 def test_a_failed_build_falls_back_to_xla_with_the_compilers_message(monkeypatch, fresh_load, tmp_path):
     monkeypatch.setattr(cpu_gemm, "find_mkl", lambda: "/nonexistent/libmkl_rt.so.2")
     monkeypatch.setattr(cpu_gemm.jax, "device_count", lambda: 1)
@@ -118,15 +145,21 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
                           text=True, env={**env, "XDG_CACHE_HOME": str(tmp_path)}, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     facts = json.loads(done.stdout.strip().splitlines()[-1])
-    avx512 = bool(re.search(r"\bavx512f\b", open("/proc/cpuinfo").read()))
+    cpuinfo = open("/proc/cpuinfo").read()
+    avx512 = bool(re.search(r"\bavx512f\b", cpuinfo))
+    intel = bool(re.search(r"^vendor_id\s*:\s*GenuineIntel$", cpuinfo, re.M))
     native = cpu_gemm.cpu_has_native_isa()  # the grouped convolutions are native on AVX-512F and on AVX2 CPUs
-    # With MKL installed, the products are native on AVX-512F CPUs and MKL's on AVX2 ones (cpu_gemm.native_products).
-    assert facts["status"] == ("native" if avx512 else "mkl")
-    # Each of op(a) op(b) and its two gradients within float32 rounding of float64 NumPy: a wrong transpose,
-    # leading dimension, batch stride or block offset in the custom call gives errors of order 1.
-    assert len(facts["products"]) == 14 * 4  # shapes x transpose settings
-    for shape, error in facts["products"].items():
-        assert error < 1e-5, (shape, error)
+    # With MKL installed, the products are native on AVX-512F CPUs but Intel's, MKL's on those and on AVX2 ones
+    # (cpu_gemm.native_products).
+    assert facts["status"] == ("native" if avx512 and not intel else "mkl")
+    # Each of op(a) op(b) and its two gradients within float32 rounding of float64 NumPy, on MKL and, on an AVX-512
+    # CPU, on the native kernel: a wrong transpose, leading dimension, batch stride or block offset in the custom
+    # call gives errors of order 1.
+    assert sorted(facts["products"]) == (["mkl", "native"] if avx512 else ["mkl"])
+    for library, errors in facts["products"].items():
+        assert len(errors) == 14 * 4  # shapes x transpose settings
+        for shape, error in errors.items():
+            assert error < 1e-5, (library, shape, error)
     assert facts["vmap_error"] < 1e-6
     # Softmax and LayerNorm with their gradients (the native row kernels) within float32 rounding of float64
     # NumPy: a wrong row offset, block split, reduction or gradient term gives errors of order 1.

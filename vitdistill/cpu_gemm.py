@@ -38,7 +38,9 @@ BLIS's order (each thread packs blocks of its rows and of b once for many rows; 
 distilled step 1,433.8 -> 1,394.5 ms with the forward passes, then DeiT-S 819.2 -> 720.1 ms and DINO 3,126.6 ->
 2,886.9 with the gradients too (`experiments/native_matmul.py`). Attention's batched products run on it as well,
 whole products a thread (-3 to +36 % against MKL at DeiT-S's and DINO's attention shapes). On such a CPU MKL is
-not used at all, and not needed: the native kernels load without it.
+not used at all, and not needed: the native kernels load without it. Except on Intel's AVX-512 CPUs: there MKL's
+products were faster than the native kernel's (`native_products`), so where MKL is installed they run on MKL, and
+only the grouped convolution and the row kernels stay native.
 
 On CPUs with AVX2 and FMA but not AVX-512F, the grouped convolution runs on a register tile of 6 pixels x 16
 lanes (two 8-lane vectors a pixel: 12 accumulators of the 16 registers) over the same layouts. On such a host (a
@@ -149,21 +151,33 @@ def build(include_dir: str, out_dir: str) -> str:
     return path
 
 
+def _cpuinfo(field: str) -> str:
+    """The first `field` line's value in /proc/cpuinfo ('' where there is none or it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f
+                         if line.split(":", 1)[0].strip() == field and ":" in line), "")
+    except OSError:
+        return ""
+
+
 def cpu_has_native_isa() -> bool:
     """Whether /proc/cpuinfo lists AVX-512F, or AVX2 and FMA (False where it cannot be read): the native kernels'
     need, checked before building them where MKL is not installed; the built library's own check decides after."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((set(line.split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return False
+    flags = set(_cpuinfo("flags").split())
     return "avx512f" in flags or {"avx2", "fma"} <= flags
+
+
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id: 'GenuineIntel', 'AuthenticAMD', ... ('' where it cannot be read)."""
+    return _cpuinfo("vendor_id")
 
 
 def _load() -> dict:
     """Builds, loads and registers the custom calls once per process; {'ok', 'why', 'conv', 'mkl', 'isa',
-    'products'}: ok where the library loaded (on an AVX-512F or AVX2 CPU, or with MKL), products where the
-    products can run on it (the native ones on AVX-512F, MKL's elsewhere)."""
+    'products', 'native_products'}: ok where the library loaded (on an AVX-512F or AVX2 CPU, or with MKL), products
+    where the products can run on it, native_products where they run on the native kernel rather than MKL's (on
+    AVX-512F, unless the CPU is Intel's and MKL is loaded: `native_products`)."""
     with _lock:
         if _loaded:
             return _loaded
@@ -189,8 +203,9 @@ def _load() -> dict:
             logging.warning("vitdistill: %s; matrix products run on XLA's own kernels (set %s=xla to say so "
                             "and silence this)", _loaded["why"], CHOICE)
             return _loaded
+        native = isa == "AVX-512F" and not (mkl is not None and cpu_vendor() == "GenuineIntel")
         _loaded.update(ok=True, conv=conv, mkl=mkl is not None, isa=isa, products=isa == "AVX-512F" or mkl is not None,
-                       why=f"native kernels ({isa})" if conv else f"MKL ({mkl})")
+                       native_products=native, why=f"native kernels ({isa})" if conv else f"MKL ({mkl})")
         return _loaded
 
 
@@ -470,12 +485,21 @@ def grouped_conv_supported(x, kernel, stride: int) -> bool:
 
 
 def native_products() -> bool:
-    """Whether products run on cpu_conv.cc's kernel rather than MKL's: on AVX-512F CPUs. On an AVX2 host (a 2-core
-    AMD EPYC, Zen 3) the same products on a 6 x 16 AVX2 tile were slower than MKL's (MKL 0.92-1.28x as fast at
-    RegNetY-16GF's and DeiT-S's shapes, median 1.12x; 0.96-3.0x at attention's batched ones) and than XLA's
-    own dots (0.80-0.97x XLA's speed at DeiT-S's); so there the products are MKL's, or XLA's without MKL, and only
-    the grouped convolution runs on that tile."""
-    return conv_available() and _loaded["isa"] == "AVX-512F"
+    """Whether products run on cpu_conv.cc's kernel rather than MKL's: on AVX-512F CPUs, except Intel's where MKL is
+    installed.
+
+    On an AVX-512 AMD host (2-core EPYC, Zen 4) the native kernel was -0.5 to +24 % faster than MKL at RegNetY-16GF's
+    and DeiT-S's shapes and the steps faster with it (DeiT-S 819.2 -> 720.1 ms). On an Intel one (2-core Xeon,
+    Emerald Rapids, 2026-12-07) MKL, Intel's own library, was as fast or faster at all 20 shapes (1.00-1.50x; 1.5x
+    at DINO's local crops' attention) and the steps with every product on MKL faster, in 5 turns each: DeiT-S 695.6 -> 645.5 ms, DINO ViT-S/16 2,981.0 -> 2,458.0, the distilled DeiT-S with RegNetY-16GF
+    1,124.9 -> 1,087.5 (`experiments/native_matmul.py`). So on Intel CPUs the products are MKL's where it is
+    installed, native where not.
+
+    On an AVX2 host (a 2-core AMD EPYC, Zen 3) the same products on a 6 x 16 AVX2 tile were slower than MKL's (MKL
+    0.92-1.28x as fast at RegNetY-16GF's and DeiT-S's shapes, median 1.12x; 0.96-3.0x at attention's batched ones)
+    and than XLA's own dots (0.80-0.97x XLA's speed at DeiT-S's); so there the products are MKL's, or XLA's without
+    MKL, and only the grouped convolution runs on that tile."""
+    return conv_available() and _loaded["native_products"]
 
 
 def conv_available() -> bool:
