@@ -40,6 +40,11 @@ VARIANTS = {
     "onednn_dot_eltwise_reduce":
         "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce",
     "memory_scheduler": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+    # Added 2026-12-07: no YNNPACK fusions at all (jaxlib 0.10.2 sends reductions to YNNPACK by default: the step's
+    # 155 squared-norm reductions of the logged grad / param / update norms ran as ynn_fusions, 13 ms a step on an
+    # Intel host), and YNNPACK for dots only.
+    "ynn_none": "--xla_cpu_experimental_ynn_fusion_type=",
+    "ynn_dot_only": "--xla_cpu_experimental_ynn_fusion_type=dot",
 }
 
 
