@@ -105,7 +105,8 @@ print(json.dumps({"status": cpu_gemm.status(), "native_calls": text.count("vitdi
 """
 
 
-@pytest.mark.skipif(cpu_gemm.find_mkl() is None or not HAS_COMPILER or "avx512f" not in cpu_gemm._cpuinfo("flags").split(),
+@pytest.mark.skipif(cpu_gemm.find_mkl() is None or not HAS_COMPILER
+                    or "avx512f" not in cpu_gemm._cpuinfo("flags").split(),
                     reason="needs an AVX-512F CPU, MKL (pip install mkl, in the test extra) and g++")
 @pytest.mark.parametrize("vendor, library", [("GenuineIntel", "mkl"), ("AuthenticAMD", "native")])
 def test_with_mkl_an_intel_avx512_cpu_runs_the_products_on_mkl_and_an_amd_one_on_the_native_kernel(vendor, library):

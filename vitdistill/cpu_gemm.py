@@ -491,9 +491,10 @@ def native_products() -> bool:
     On an AVX-512 AMD host (2-core EPYC, Zen 4) the native kernel was -0.5 to +24 % faster than MKL at RegNetY-16GF's
     and DeiT-S's shapes and the steps faster with it (DeiT-S 819.2 -> 720.1 ms). On an Intel one (2-core Xeon,
     Emerald Rapids, 2026-12-07) MKL, Intel's own library, was as fast or faster at all 20 shapes (1.00-1.50x; 1.5x
-    at DINO's local crops' attention) and the steps with every product on MKL faster, in 5 turns each: DeiT-S 695.6 -> 645.5 ms, DINO ViT-S/16 2,981.0 -> 2,458.0, the distilled DeiT-S with RegNetY-16GF
-    1,124.9 -> 1,087.5 (`experiments/native_matmul.py`). So on Intel CPUs the products are MKL's where it is
-    installed, native where not.
+    at DINO's local crops' attention) and the steps with every product on MKL faster, in 5 turns each: DeiT-S
+    695.6 -> 645.5 ms, DINO ViT-S/16 2,981.0 -> 2,458.0, the distilled DeiT-S with RegNetY-16GF 1,124.9 -> 1,087.5
+    (`experiments/native_matmul.py`). So on Intel CPUs the products are MKL's where it is installed, native where
+    not.
 
     On an AVX2 host (a 2-core AMD EPYC, Zen 3) the same products on a 6 x 16 AVX2 tile were slower than MKL's (MKL
     0.92-1.28x as fast at RegNetY-16GF's and DeiT-S's shapes, median 1.12x; 0.96-3.0x at attention's batched ones)
