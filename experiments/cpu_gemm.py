@@ -188,11 +188,21 @@ def main(argv):
     require(custom_calls_in_use, "The custom calls are not in use here")
     results = {"products": products(), "steps": {name: steps(name) for name in FLAGS.configs},
                "rounds": FLAGS.turns, "steps_per_round": FLAGS.per_turn, "batch": 4, "cpus": os.cpu_count()}
+    write_out(results)
+
+
+def write_out(results: dict):
+    """`results` as JSON to --out, where given."""
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump(results, f, indent=1)
 
 
-if __name__ == "__main__":
+def run_on_one_device(main):
+    """app.run(main) in a one-device process: XLA_FLAGS' host device count unset before JAX starts."""
     os.environ.pop("XLA_FLAGS", None)
     app.run(main)
+
+
+if __name__ == "__main__":
+    run_on_one_device(main)

@@ -279,6 +279,24 @@ def test_erase_boxes_fill_exactly_the_box_with_standard_normal_noise():
     assert not np.array_equal(np.asarray(erase_boxes(jax.random.key(1), images, boxes))[0], out[0])
 
 
+def test_erase_noise_is_jax_normal_at_the_image_shape_keyed_by_the_noise_seed():
+    # The documented draw, written with jax.random's own API: image i's box holds
+    # normal(fold_in(rng, noise_seed_i), image shape) at the box's positions. erase_boxes draws it flat
+    # (faster on XLA:CPU); a flat draw that differed from the shaped one would fail here.
+    import jax
+
+    from vitdistill.data.device_ops import erase_boxes
+
+    images = np.zeros((2, 20, 12, 3), np.float32)
+    boxes = np.array([[1, 0, 0, 20, 12, 5], [1, 3, 2, 10, 7, 4000000000 - 2**32]], np.int32)
+    out = np.asarray(jax.jit(erase_boxes)(jax.random.key(3), images, boxes))
+    for i, seed in enumerate((5, 4000000000)):
+        want = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(3), np.uint32(seed)), (20, 12, 3)))
+        top, left, height, width = boxes[i, 1:5]
+        np.testing.assert_array_equal(out[i, top:top + height, left:left + width],
+                                      want[top:top + height, left:left + width])
+
+
 def test_the_384_fine_tuning_recipe_evaluates_as_deits_build_transform():
     """DeiT's build_transform(is_train=False) with input_size 384, eval_crop_ratio 0.875:
     Resize(int(384 / 0.875) = 438, bicubic), CenterCrop(384)."""

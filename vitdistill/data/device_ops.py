@@ -43,5 +43,9 @@ def erase_boxes(rng, images, boxes):
     cols = jnp.arange(images.shape[2], dtype=jnp.int32)[None, None, :, None]
     inside = (erase > 0) & (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
     keys = jax.vmap(lambda seed: jax.random.fold_in(rng, seed))(fields["noise_seed"].astype(jnp.uint32))
-    noise = jax.vmap(lambda key: jax.random.normal(key, images.shape[1:], images.dtype))(keys)
+    # Drawn flat and reshaped: the same values as a draw at the image's shape (threefry's partitionable counters
+    # are the flat index either way), but XLA:CPU builds no per-dimension counters: 9.6 -> 4.2 ms for the
+    # normalise-and-erase of 4 x 224 x 224 x 3 (tests/test_deit_transforms.py checks the values).
+    size = int(np.prod(images.shape[1:]))
+    noise = jax.vmap(lambda key: jax.random.normal(key, (size,), images.dtype))(keys).reshape(images.shape)
     return jnp.where(inside, noise, images)
