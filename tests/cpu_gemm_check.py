@@ -206,6 +206,30 @@ def regnet_agreement():
             "stored_vmap_error": float(jnp.abs(mapped - (x + 1.0)).max())}
 
 
+def erase_and_mix():
+    """DeiT's step inputs (uint8 levels normalised, two of four erase boxes on, then mixed) built with the custom
+    calls and without: the largest difference, and the stores in each compiled program (the erased batch is
+    stored, so that mixup/cutmix's fusion does not draw the noise again for each read)."""
+    from vitdistill.methods import deit
+
+    rng = np.random.default_rng(0)
+    levels = jnp.asarray(rng.integers(0, 256, (4, 32, 24, 3)).astype(np.uint8))
+    boxes = jnp.asarray([[1, 3, 2, 20, 10, 7], [0, 0, 0, 32, 24, 8], [1, 0, 0, 32, 24, 9], [0, 1, 1, 2, 2, 10]],
+                        jnp.int32)
+    mixing = deit.Mixing(0.8, 1.0, 0.5, 1.0, 0.1, 1)
+    batch = {"image": levels, "erase": boxes, "label": jnp.arange(4)}
+    results = {}
+    for choice in ("xla", "auto"):
+        os.environ[cpu_gemm.CHOICE] = choice
+        fn = jax.jit(lambda b: deit.mixed_targets(jax.random.key(1), deit.train_images(b, jax.random.key(2)),
+                                                  b["label"], num_classes=10, mixing=mixing)[0])
+        results[choice] = np.asarray(fn(batch))
+        results[choice + "_stores"] = fn.lower(batch).compile().as_text().count('custom_call_target="vitdistill_store"')
+    os.environ.pop(cpu_gemm.CHOICE, None)
+    return {"erase_mix_difference": float(np.abs(results["auto"] - results["xla"]).max()),
+            "erase_mix_stores": {"auto": results["auto_stores"], "xla": results["xla_stores"]}}
+
+
 def lowered_with(choice, fn, *args):
     """The lowering of a fresh wrapper of `fn` (the choice is read when jit traces, and jit keeps traces per
     function) under `VITDISTILL_CPU_GEMM=choice`."""
@@ -321,6 +345,7 @@ def main():
         "rows": rows(),
         "convolutions": convolutions(),
         **regnet_agreement(),
+        **erase_and_mix(),
         "dense_auto": product_calls(lowered_with("auto", dense, x, w)),
         "dense_xla": product_calls(lowered_with("xla", dense, x, w)),
         "dense_forced_xla": forced,
