@@ -32,6 +32,7 @@ def build(module, parts: tuple):
     import jax.numpy as jnp
 
     from vitdistill import bench, methods
+    from vitdistill.data import pipeline
     from vitdistill.train import optim
 
     config = bench.bench_config(module.get_config(None))
@@ -42,19 +43,9 @@ def build(module, parts: tuple):
         config.model_ema_decay = 0.0
     patches = {(optim, "tree_l2_norm"): lambda tree: jnp.zeros((), jnp.float32)} if "norms" in parts else {}
     if "erase" in parts:  # a batch without erase boxes: the step fills none (train_images)
-        real = bench.StepBench.__init__
-
-        def without_erase(self, task, config):
-            from vitdistill.data import pipeline
-
-            random_batch = pipeline.random_batch
-            pipeline.random_batch = lambda *a, **k: {n: v for n, v in random_batch(*a, **k).items() if n != "erase"}
-            try:
-                real(self, task, config)
-            finally:
-                pipeline.random_batch = random_batch
-
-        patches[(bench.StepBench, "__init__")] = without_erase
+        random_batch = pipeline.random_batch
+        patches[(pipeline, "random_batch")] = lambda *a, **k: {
+            name: value for name, value in random_batch(*a, **k).items() if name != "erase"}
     return gemm_experiment.with_patches(
         patches, lambda: bench.StepBench(methods.get(config.method).build_task(config, tempfile.mkdtemp()), config))
 
