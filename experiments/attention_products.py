@@ -6,9 +6,7 @@ XLA's batched dots with the Dense layers on MKL in both, in turns in one process
 The loop's steps (vitdistill.bench.StepBench, batch 4); "XLA" builds them with `cpu_gemm.batched_matmul`
 replaced by the plain `a @ b`. Medians of the turns' medians. Needs `pip install -e '.[cpu]'`.
 """
-import os
-
-from absl import app, flags
+from absl import flags
 
 import cpu_gemm as gemm_experiment  # experiments/, on the path when this script runs; defines the flags below
 
@@ -36,5 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    os.environ.pop("XLA_FLAGS", None)
-    app.run(main)
+    gemm_experiment.run_on_one_device(main)

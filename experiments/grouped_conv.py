@@ -18,7 +18,7 @@ import os
 import statistics
 import sys
 
-from absl import app, flags
+from absl import flags
 
 import cpu_gemm as gemm_experiment  # experiments/, on the path when this script runs; defines the flags below
 
@@ -126,7 +126,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    os.environ.pop("XLA_FLAGS", None)
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     sys.modules.setdefault("triton", None)
-    app.run(main)
+    gemm_experiment.run_on_one_device(main)

@@ -13,10 +13,9 @@ every product native, against a baseline built with `cpu_gemm._op_product` sendi
 only the transposed ones of two matrices and the batches (`forward`: the Dense forward pass native), or only
 the batches (`batched`: attention's products on MKL). Needs `pip install -e '.[cpu]'` and an AVX-512 CPU.
 """
-import os
 import statistics
 
-from absl import app, flags
+from absl import flags
 
 import cpu_gemm as gemm_experiment  # experiments/, on the path when this script runs; defines the flags below
 
@@ -83,5 +82,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    os.environ.pop("XLA_FLAGS", None)
-    app.run(main)
+    gemm_experiment.run_on_one_device(main)

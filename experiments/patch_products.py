@@ -9,9 +9,7 @@ XLA:CPU ran DeiT-S's patch embedding at batch 4 as a YNNPACK convolution (5.3 ms
 [c, h, w, n] (9.0 ms, random erasing's noise computed in that transpose) and its kernel gradient as another
 (4.6 ms); a profile of the distilled step at 53c7957. Prints the medians of the turns' medians.
 """
-import os
-
-from absl import app, flags
+from absl import flags
 import jax
 
 import cpu_gemm as gemm_experiment  # experiments/, on the path when this script runs; defines the flags below
@@ -65,5 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    os.environ.pop("XLA_FLAGS", None)
-    app.run(main)
+    gemm_experiment.run_on_one_device(main)

@@ -10,10 +10,9 @@ jitted; PyTorch's eager. Medians of 50 calls, ours and PyTorch's alternating twi
 (vitdistill.bench.StepBench, batch 4); "XLA" builds it with `cpu_gemm.softmax_last` as `jax.nn.softmax` and
 `vit._layer_norm` as Flax's. Medians of the turns' medians. Needs `pip install -e '.[cpu]'`.
 """
-import os
 import statistics
 
-from absl import app, flags
+from absl import flags
 
 import cpu_gemm as gemm_experiment  # experiments/, on the path when this script runs; defines the flags below
 
@@ -95,5 +94,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    os.environ.pop("XLA_FLAGS", None)
-    app.run(main)
+    gemm_experiment.run_on_one_device(main)

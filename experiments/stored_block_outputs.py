@@ -9,8 +9,7 @@ well as storing it for the next block's first product, so each output fusion rec
 its stage. Printed: the largest fusion's operand count each way, the largest difference of the logits, and
 the medians of the turns' medians (RegNetY-16GF at batch 4).
 """
-import os
-from absl import app, flags
+from absl import flags
 
 import cpu_gemm as gemm_experiment  # experiments/, on the path when this script runs; defines the flags below
 
@@ -61,5 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    os.environ.pop("XLA_FLAGS", None)
-    app.run(main)
+    gemm_experiment.run_on_one_device(main)
