@@ -133,6 +133,23 @@ def turns_ms(benches: dict, turns: int, per_turn: int) -> dict:
     return rounds
 
 
+def wall_and_cpu_turns(benches: dict, turns: int, per_turn: int) -> dict:
+    """Each StepBench's steps timed in turns (`turns` turns of `per_turn` steps, after two untimed): name ->
+    {"wall_ms": [...], "cpu_ms": [...]}, each step's wall time and this process's CPU time. On a shared, noisy host
+    the CPU time a step takes varies less than its wall time."""
+    times = {name: {"wall_ms": [], "cpu_ms": []} for name in benches}
+    for step in benches.values():
+        step._run(), step._run()
+    for _ in range(turns):
+        for name, step in benches.items():
+            for _ in range(per_turn):
+                wall, cpu = time.perf_counter(), time.process_time()
+                step._run()
+                times[name]["wall_ms"].append(1000 * (time.perf_counter() - wall))
+                times[name]["cpu_ms"].append(1000 * (time.process_time() - cpu))
+    return times
+
+
 def calls_in_turns(forms: dict, turns: int, calls: int) -> dict:
     """Each zero-argument function of `forms` timed in turns, `turns` times (each its result waited for):
     name -> the turns' median milliseconds of `calls` calls."""

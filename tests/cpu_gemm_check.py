@@ -11,9 +11,14 @@ from vitdistill import cpu_gemm
 from vitdistill.models import regnet, vit
 
 
+def mkl_calls(text: str) -> int:
+    """Calls in a lowering to MKL's products: plain or batched, or strided (attention's, `qkv_attention`)."""
+    return text.count(cpu_gemm.TARGET) + text.count("vitdistill_strided_gemm")
+
+
 def product_calls(text: str) -> int:
     """Calls in a lowering to MKL's products or the native plain product (cpu_conv.cc's, on AVX-512 CPUs)."""
-    return text.count(cpu_gemm.TARGET) + text.count("vitdistill_matmul")
+    return mkl_calls(text) + text.count("vitdistill_matmul")
 
 
 def relative_error(ours, reference):
@@ -55,6 +60,95 @@ def products():
                 got = (y, np.swapaxes(grad_a, -1, -2) if ta else grad_a, np.swapaxes(grad_b, -1, -2) if tb else grad_b)
                 name = "x".join(map(str, (*batch, m, k, n))) + f" ta={int(ta)} tb={int(tb)}"
                 errors[name] = max(relative_error(o, r) for o, r in zip(got, want))
+    return errors
+
+
+def strided():
+    """`_strided` against float64 NumPy: op(a) op(b) over a [2, 3] batch of items read from and written into
+    larger buffers (offsets, row strides above the row length, batch strides), each transpose setting, into a
+    fresh buffer and into a given one (whose other elements must be kept), split into whole products (6 items)
+    and, for one item, into rows and into columns; and a layout that reaches outside its buffer, refused."""
+    rng = np.random.default_rng(2)
+    errors = {}
+    for (batch0, batch1), m, k, n in [((2, 3), 33, 20, 17), ((1, 1), 300, 64, 40), ((1, 1), 30, 64, 500)]:
+        for ta in (False, True):
+            for tb in (False, True):
+                a_rows, a_cols = (k, m) if ta else (m, k)
+                b_rows, b_cols = (n, k) if tb else (k, n)
+                # each item's operand in a row of the buffer: 5 elements before it, rows 3 longer than needed
+                at_a = ((batch0, batch1), 5, a_cols + 3, batch1 * a_rows * (a_cols + 3), a_rows * (a_cols + 3))
+                at_b = ((batch0, batch1), 2, b_cols + 1, b_rows * (b_cols + 1), batch0 * b_rows * (b_cols + 1))
+                at_c = ((batch0, batch1), 7, n + 4, batch1 * m * (n + 4), m * (n + 4))
+                a = rng.standard_normal(5 + batch0 * batch1 * a_rows * (a_cols + 3))
+                b = rng.standard_normal(2 + batch0 * batch1 * b_rows * (b_cols + 1))
+                into = rng.standard_normal(7 + batch0 * batch1 * m * (n + 4))
+                want = into.copy()
+
+                def item(buffer, at, i0, i1, rows, cols):
+                    _, offset, ld, s0, s1 = at
+                    start = offset + i0 * s0 + i1 * s1
+                    return buffer[start:start + rows * ld].reshape(rows, ld)[:, :cols], slice(start, start + rows * ld)
+
+                for i0 in range(batch0):
+                    for i1 in range(batch1):
+                        x = item(a, at_a, i0, i1, a_rows, a_cols)[0]
+                        y = item(b, at_b, i0, i1, b_rows, b_cols)[0]
+                        _, where = item(want, at_c, i0, i1, m, n)
+                        block = want[where].reshape(m, n + 4)
+                        block[:, :n] = 0.5 * (x.T if ta else x) @ (y.T if tb else y)
+                        want[where] = block.ravel()
+                args = dict(m=m, n=n, k=k, ta=ta, tb=tb, alpha=0.5, at_a=at_a, at_b=at_b, at_c=at_c)
+                got = jax.jit(lambda a, b, c: cpu_gemm._strided(a, b, c.shape, c, **args))(
+                    *(jnp.asarray(t, jnp.float32) for t in (a, b, into)))
+                fresh = jax.jit(lambda a, b: cpu_gemm._strided(a, b, into.shape, **args))(
+                    *(jnp.asarray(t, jnp.float32) for t in (a, b)))
+                written = np.zeros(into.shape, bool)
+                for i0 in range(batch0):
+                    for i1 in range(batch1):
+                        _, where = item(written, at_c, i0, i1, m, n)
+                        block = written[where].reshape(m, n + 4)
+                        block[:, :n] = True
+                        written[where] = block.ravel()
+                name = f"{batch0}x{batch1}x{m}x{k}x{n} ta={int(ta)} tb={int(tb)}"
+                errors[name + " into"] = relative_error(got, want)
+                errors[name + " fresh"] = relative_error(np.asarray(fresh)[written], want[written])
+    try:
+        jax.block_until_ready(cpu_gemm._strided(jnp.ones(10), jnp.ones(10), (4,), m=2, n=2, k=2,
+                                                at_a=((1, 1), 0, 2, 0, 0), at_b=((1, 1), 7, 2, 0, 0),
+                                                at_c=((1, 1), 0, 2, 0, 0)))
+        refused = None
+    except Exception as e:  # XlaRuntimeError
+        refused = str(e)
+    return {"strided_errors": errors, "strided_refused": refused}
+
+
+def attention_reference(qkv, g, heads):
+    """float64 softmax(q kᵀ / sqrt(d)) v with timm's qkv layout, heads concatenated, and its gradient by qkv with
+    cotangent g (from the formulas: dv = wᵀ g, dw = g vᵀ, dl = softmax's vjp, dq = dl k / sqrt(d),
+    dk = dlᵀ q / sqrt(d))."""
+    b, t, three_dim = qkv.shape
+    d = three_dim // 3 // heads
+    q, k, v = (part.reshape(b, t, heads, d).transpose(0, 2, 1, 3) for part in np.split(qkv, 3, axis=-1))
+    gh = g.reshape(b, t, heads, d).transpose(0, 2, 1, 3)
+    weights, grad_logits = softmax_reference(q @ k.transpose(0, 1, 3, 2) / np.sqrt(d), gh @ v.transpose(0, 1, 3, 2))
+    grads = (grad_logits @ k / np.sqrt(d), grad_logits.transpose(0, 1, 3, 2) @ q / np.sqrt(d),
+             weights.transpose(0, 1, 3, 2) @ gh)
+    grad_qkv = np.concatenate([x.transpose(0, 2, 1, 3).reshape(b, t, -1) for x in grads], axis=-1)
+    return (weights @ v).transpose(0, 2, 1, 3).reshape(b, t, -1), grad_qkv
+
+
+def attention():
+    """`qkv_attention` and its gradient against float64 NumPy: DeiT-S's block (4 x 197, 6 heads of 64), DINO's
+    local crops' (37 tokens), one image with one head (split by rows) and odd sizes."""
+    rng = np.random.default_rng(3)
+    errors = {}
+    for b, t, heads, d in [(4, 197, 6, 64), (3, 37, 6, 64), (1, 150, 1, 16), (2, 7, 3, 5)]:
+        qkv = rng.standard_normal((b, t, 3 * heads * d)).astype(np.float32).astype(np.float64)
+        g = rng.standard_normal((b, t, heads * d)).astype(np.float32).astype(np.float64)
+        y, vjp = jax.vjp(jax.jit(lambda x: cpu_gemm.qkv_attention(x, heads)), jnp.asarray(qkv, jnp.float32))
+        got = (y, *vjp(jnp.asarray(g, jnp.float32)))
+        want = attention_reference(qkv, g, heads)
+        errors[f"{b}x{t} {heads}x{d}"] = max(relative_error(o, r) for o, r in zip(got, want))
     return errors
 
 
@@ -257,7 +351,9 @@ def vit_agreement():
         text = jax.jit(step).lower(params).as_text()
         results[choice + "_custom_calls"] = product_calls(text)
         results[choice + "_row_calls"] = text.count("vitdistill_softmax") + text.count("vitdistill_layer_norm")
-        results[choice + "_mkl_calls"] = text.count(cpu_gemm.TARGET)
+        results[choice + "_mkl_calls"] = mkl_calls(text)
+        results[choice + "_strided_calls"] = text.count("vitdistill_strided_gemm")
+        results[choice + "_maps"] = jax.jit(lambda p: vit.last_attention(model, {"params": p}, images))(params)
         results[choice + "_convolutions"] = text.count("stablehlo.convolution")
     os.environ.pop(cpu_gemm.CHOICE, None)
     (loss_xla, grads_xla), (loss_mkl, grads_mkl) = results["xla"], results["auto"]
@@ -265,7 +361,8 @@ def vit_agreement():
     return {"loss_error": relative_error(loss_mkl, loss_xla), "grad_error": grad_error,
             "custom_calls_mkl": results["auto_custom_calls"], "custom_calls_xla": results["xla_custom_calls"],
             "row_calls_mkl": results["auto_row_calls"], "row_calls_xla": results["xla_row_calls"],
-            "vit_mkl_calls": results["auto_mkl_calls"],
+            "vit_mkl_calls": results["auto_mkl_calls"], "vit_strided_calls": results["auto_strided_calls"],
+            "vit_maps_error": relative_error(results["auto_maps"], results["xla_maps"]),
             "vit_convolutions": {"auto": results["auto_convolutions"], "xla": results["xla_convolutions"]},
             **patch_convolutions()}
 
@@ -342,6 +439,8 @@ def main():
     print(json.dumps({
         "status": cpu_gemm.status(),
         "products": products_on_each_library(),
+        **(strided() if cpu_gemm.mkl_loaded() else {}),
+        "attention": attention() if cpu_gemm.mkl_loaded() else {},
         "rows": rows(),
         "convolutions": convolutions(),
         **regnet_agreement(),

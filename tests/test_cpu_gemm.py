@@ -161,6 +161,18 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
         for shape, error in errors.items():
             assert error < 1e-5, (library, shape, error)
     assert facts["vmap_error"] < 1e-6
+    # MKL's strided products (attention's, reading q, k, v in place): within float32 rounding of float64 NumPy over
+    # offsets, row strides and batch strides in both batch dimensions, into a fresh buffer and into a given one
+    # whose other elements are kept; a wrong stride, offset or split gives errors of order 1, an element
+    # overwritten outside the layout an error of order 1 in the "into" case.
+    assert len(facts["strided_errors"]) == 3 * 4 * 2
+    for case, error in facts["strided_errors"].items():
+        assert error < 1e-5, (case, error)
+    assert "reaches outside its buffer" in facts["strided_refused"]
+    # Attention from qkv on them, and its gradient by qkv, within float32 rounding of the float64 formula.
+    assert len(facts["attention"]) == 4
+    for case, error in facts["attention"].items():
+        assert error < 1e-5, (case, error)
     # Softmax and LayerNorm with their gradients (the native row kernels) within float32 rounding of float64
     # NumPy: a wrong row offset, block split, reduction or gradient term gives errors of order 1.
     assert len(facts["rows"]) == 6 + 5 + 1
@@ -204,6 +216,10 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
     assert facts["custom_calls_mkl"] >= 3 * (2 * (4 + 2) + 1)
     # On an AVX-512 CPU all of them, attention's batched ones too, are the native kernel's, none MKL's.
     assert facts["vit_mkl_calls"] == (0 if facts["status"] == "native" else facts["custom_calls_mkl"])
+    # Where the products are MKL's, attention's are strided ones (`qkv_attention`, no heads-first copies): two
+    # forward and four backward a block. Attention maps (the weights collected) keep the explicit form, equal to XLA's.
+    assert facts["vit_strided_calls"] == (0 if facts["status"] == "native" else 2 * 6)
+    assert facts["vit_maps_error"] < 1e-5
     # ... and its softmax (forward, backward) and LayerNorms (two a block and the final one) the row kernels.
     assert facts["row_calls_xla"] == 0
     assert facts["row_calls_mkl"] >= 2 * (2 + 2 * 2 + 1)

@@ -197,6 +197,10 @@ class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection; also returns the softmax weights, or None
     where a fused kernel ran.
 
+    Where the weights are not collected and attention dropout is off (as below), a one-device CPU process whose
+    products run on MKL computes attention by `cpu_gemm.qkv_attention`: the same products and softmax, with q, k
+    and v read in place out of the projection.
+
     With `fused` (the default), `jax.nn.dot_product_attention` runs cuDNN's fused (flash) attention on a
     GPU with half-precision inputs, when nobody collects the weights (the `intermediates` collection is
     not mutable: not attention maps or probes) and attention dropout is off. Everywhere else the weights are
@@ -218,12 +222,20 @@ class Attention(nn.Module):
         qkv = _on_rows(_dense(3 * dim, self.dtype, self.param_dtype, 'qkv'), x)
         kernel = fused_attention_kernel(qkv.dtype) if self.fused else None
         # timm's layout of the fused projection: [q | k | v], each split into heads.
-        if kernel is not None and not self.is_mutable_collection('intermediates') and not (
-                train and self.attn_drop_rate > 0):
+        weightless = self.fused and not self.is_mutable_collection('intermediates') and not (
+            train and self.attn_drop_rate > 0)
+        if weightless and kernel is not None:
             weights = None
             q, k, v = einops.rearrange(qkv, 'b t (qkv h d) -> qkv b t h d', qkv=3, h=self.num_heads)
             out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5, implementation=kernel)
             out = einops.rearrange(out, 'b t h d -> b t (h d)')
+        elif weightless and cpu_gemm.strided_attention_enabled(qkv):
+            # On a CPU whose products run on MKL: q, k, v read out of qkv and the heads written side by side in
+            # place by strided products, without the heads-first layout's copies (a DeiT-S block's attention,
+            # forward and backward, 4.95 -> 3.27 ms alone; the DeiT-S step 0.5-2.6 % less;
+            # experiments/strided_attention.py).
+            weights = None
+            out = cpu_gemm.qkv_attention(qkv, self.num_heads)
         else:
             # Heads first ([b, h, t, d]) so both products are plain batched matmuls: 4 % faster on XLA:CPU
             # than contracting [b, t, h, d] with einsum (experiments/attention_variants.py).
