@@ -42,11 +42,12 @@ not used at all, and not needed: the native kernels load without it. Except on I
 products were faster than the native kernel's (`native_products`), so where MKL is installed they run on MKL, and
 only the grouped convolution and the row kernels stay native.
 
-Where the products run on MKL, the ViT's attention (`qkv_attention`) runs on strided products (`_strided`, MKL's
-lda / ldb / ldc): q, k and v read in place out of the qkv projection, the heads written side by side into the
-output, and the gradient of qkv written in thirds into one buffer, so the heads-first layout's copies are not
-made: DeiT-S's attention, forward and backward, 4.95 -> 3.27 ms alone, but the whole DeiT-S step only 0.5-2.6 %
-faster (`experiments/strided_attention.py`; the strided products themselves ran slower inside the step).
+Where the products run on MKL, the ViT's attention (`qkv_attention`) writes its output and its gradient of qkv
+by strided products (`_strided`, MKL's lda / ldb / ldc): the heads side by side into the output, dq, dk, dv into
+their thirds of one buffer, so the heads-first layout's copies back are not made. q, k and v are still copied
+heads-first by XLA, which fuses the qkv bias add into that copy: reading them in place too was as fast alone but
+not in the model. DeiT-S forward and backward, 15-30 turns in one process, three runs: 518.8 -> 500.9, 566.9 ->
+546.9 and 548.5 -> 516.2 ms (`experiments/strided_attention.py`).
 
 On CPUs with AVX2 and FMA but not AVX-512F, the grouped convolution runs on a register tile of 6 pixels x 16
 lanes (two 8-lane vectors a pixel: 12 accumulators of the 16 registers) over the same layouts. On such a host (a
@@ -382,52 +383,57 @@ def strided_attention_enabled(qkv) -> bool:
     return _on_mkl(qkv) and not native_products()
 
 
-def _attention_layouts(qkv_shape, num_heads):
-    """qkv_attention's layouts (see `_strided`) of q, k, v in qkv [b, t, 3 dim], of the output (and its gradient)
-    [b, t, dim], and of the [b, h, t, t] logits, weights and their gradients."""
-    b, t, three_dim = qkv_shape
-    dim = three_dim // 3
-    d = dim // num_heads
-    items = (b, num_heads)
-    q, k, v = ((items, part * dim, three_dim, t * three_dim, d) for part in range(3))
-    heads = (items, 0, dim, t * dim, d)
-    square = (items, 0, t, num_heads * t * t, t * t)
-    return q, k, v, heads, square, (b, t, dim, d)
+def _attention_layouts(heads_shape):
+    """qkv_attention's layouts (see `_strided`) of q, k, v [b, h, t, d], of the output and its gradient [b, t, h d],
+    of the [b, h, t, t] logits, weights and their gradients, and of q, k, v's thirds of qkv [b, t, 3 h d]."""
+    b, h, t, d = heads_shape
+    dim = h * d
+    items = (b, h)
+    heads_first = (items, 0, d, h * t * d, t * d)
+    side_by_side = (items, 0, dim, t * dim, d)
+    square = (items, 0, t, h * t * t, t * t)
+    thirds = tuple((items, part * dim, 3 * dim, t * 3 * dim, d) for part in range(3))
+    return heads_first, side_by_side, square, thirds
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def qkv_attention(qkv, num_heads: int):
-    """Multi-head attention straight from the fused projection `qkv` [b, t, 3 dim] (timm's [q | k | v], each split
-    into `num_heads` heads of d): softmax(q kᵀ / sqrt(d)) v with the heads concatenated, [b, t, dim]. Each product
-    (q kᵀ, weights v, and the four of the gradient) reads q, k, v and writes the output and the gradient of qkv
-    in place by MKL's strides, so none of the layout copies of the heads-first form are made; the softmax is
-    `softmax_last`'s. CPU with MKL only (`strided_attention_enabled`)."""
+    """Multi-head attention from the fused projection `qkv` [b, t, 3 dim] (timm's [q | k | v], each split into
+    `num_heads` heads of d): softmax(q kᵀ / sqrt(d)) v with the heads concatenated, [b, t, dim]. q, k and v are
+    rearranged heads-first by XLA (which fuses the projection's bias add into that copy); the products are MKL's,
+    the weights times v written with the heads side by side into the output, and the backward pass's dq, dk, dv
+    written into their thirds of the gradient of qkv, each in place by MKL's strides, so neither layout copy back
+    is made. The softmax is `softmax_last`'s. CPU with MKL only (`strided_attention_enabled`)."""
     return _qkv_attention_fwd(qkv, num_heads)[0]
 
 
 def _qkv_attention_fwd(qkv, num_heads):
-    at_q, at_k, at_v, at_heads, at_square, (b, t, dim, d) = _attention_layouts(qkv.shape, num_heads)
-    logits = _strided(qkv, qkv, (b, num_heads, t, t), m=t, n=t, k=d, tb=True, alpha=d**-0.5, at_a=at_q, at_b=at_k,
+    q, k, v = jnp.moveaxis(qkv.reshape(*qkv.shape[:2], 3, num_heads, -1), (2, 3), (0, 2))  # each [b, h, t, d]
+    b, h, t, d = q.shape
+    at_heads, at_out, at_square, _ = _attention_layouts(q.shape)
+    logits = _strided(q, k, (b, h, t, t), m=t, n=t, k=d, tb=True, alpha=d**-0.5, at_a=at_heads, at_b=at_heads,
                       at_c=at_square)
     weights = softmax_last(logits)
-    out = _strided(weights, qkv, (b, t, dim), m=t, n=d, k=t, at_a=at_square, at_b=at_v, at_c=at_heads)
-    return out, (qkv, weights)
+    out = _strided(weights, v, (b, t, h * d), m=t, n=d, k=t, at_a=at_square, at_b=at_heads, at_c=at_out)
+    return out, (q, k, v, weights)
 
 
 def _qkv_attention_bwd(num_heads, residuals, grad):
-    qkv, weights = residuals
-    at_q, at_k, at_v, at_heads, at_square, (b, t, dim, d) = _attention_layouts(qkv.shape, num_heads)
-    grad_weights = _strided(grad, qkv, weights.shape, m=t, n=t, k=d, tb=True, at_a=at_heads, at_b=at_v, at_c=at_square)
+    q, k, v, weights = residuals
+    b, h, t, d = q.shape
+    at_heads, at_out, at_square, (at_q, at_k, at_v) = _attention_layouts(q.shape)
+    grad_weights = _strided(grad, v, weights.shape, m=t, n=t, k=d, tb=True, at_a=at_out, at_b=at_heads, at_c=at_square)
     if _on_native(weights):
         grad_logits = _rows_call("softmax_grad", weights.shape)(weights, grad_weights)
     else:
         grad_logits = weights * (grad_weights - jnp.sum(grad_weights * weights, axis=-1, keepdims=True))
     # dv = weightsᵀ dout, dq = dlogits k / sqrt(d), dk = dlogitsᵀ q / sqrt(d): each into its third of one buffer
-    grad_qkv = _strided(weights, grad, qkv.shape, m=t, n=d, k=t, ta=True, at_a=at_square, at_b=at_heads, at_c=at_v)
-    grad_qkv = _strided(grad_logits, qkv, qkv.shape, grad_qkv, m=t, n=d, k=t, alpha=d**-0.5, at_a=at_square, at_b=at_k,
+    shape = (b, t, 3 * h * d)
+    grad_qkv = _strided(weights, grad, shape, m=t, n=d, k=t, ta=True, at_a=at_square, at_b=at_out, at_c=at_v)
+    grad_qkv = _strided(grad_logits, k, shape, grad_qkv, m=t, n=d, k=t, alpha=d**-0.5, at_a=at_square, at_b=at_heads,
                         at_c=at_q)
-    grad_qkv = _strided(grad_logits, qkv, qkv.shape, grad_qkv, m=t, n=d, k=t, ta=True, alpha=d**-0.5, at_a=at_square,
-                        at_b=at_q, at_c=at_k)
+    grad_qkv = _strided(grad_logits, q, shape, grad_qkv, m=t, n=d, k=t, ta=True, alpha=d**-0.5, at_a=at_square,
+                        at_b=at_heads, at_c=at_k)
     return (grad_qkv,)
 
 

@@ -199,7 +199,7 @@ class Attention(nn.Module):
 
     Where the weights are not collected and attention dropout is off (as below), a one-device CPU process whose
     products run on MKL computes attention by `cpu_gemm.qkv_attention`: the same products and softmax, with q, k
-    and v read in place out of the projection.
+    the output and the gradient of the projection written in place by strided products.
 
     With `fused` (the default), `jax.nn.dot_product_attention` runs cuDNN's fused (flash) attention on a
     GPU with half-precision inputs, when nobody collects the weights (the `intermediates` collection is
@@ -230,10 +230,9 @@ class Attention(nn.Module):
             out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5, implementation=kernel)
             out = einops.rearrange(out, 'b t h d -> b t (h d)')
         elif weightless and cpu_gemm.strided_attention_enabled(qkv):
-            # On a CPU whose products run on MKL: q, k, v read out of qkv and the heads written side by side in
-            # place by strided products, without the heads-first layout's copies (a DeiT-S block's attention,
-            # forward and backward, 4.95 -> 3.27 ms alone; the DeiT-S step 0.5-2.6 % less;
-            # experiments/strided_attention.py).
+            # On a CPU whose products run on MKL: the heads written side by side into the output, and dq, dk, dv
+            # into the gradient of qkv, in place by strided products, without the layout copies back (DeiT-S
+            # forward and backward 3.5-5.8 % faster; experiments/strided_attention.py).
             weights = None
             out = cpu_gemm.qkv_attention(qkv, self.num_heads)
         else:
