@@ -63,6 +63,13 @@ def products():
     return errors
 
 
+def strided_item(buffer, at, i0, i1, rows, columns):
+    """Item (i0, i1) of a flat `buffer` laid out as `at` (see `cpu_gemm._strided`): a [rows, columns] view."""
+    _, offset, ld, stride0, stride1 = at
+    start = offset + i0 * stride0 + i1 * stride1
+    return buffer[start:start + rows * ld].reshape(rows, ld)[:, :columns]
+
+
 def strided():
     """`_strided` against float64 NumPy: op(a) op(b) over a [2, 3] batch of items read from and written into
     larger buffers (offsets, row strides above the row length, batch strides), each transpose setting, into a
@@ -82,33 +89,18 @@ def strided():
                 a = rng.standard_normal(5 + batch0 * batch1 * a_rows * (a_cols + 3))
                 b = rng.standard_normal(2 + batch0 * batch1 * b_rows * (b_cols + 1))
                 into = rng.standard_normal(7 + batch0 * batch1 * m * (n + 4))
-                want = into.copy()
-
-                def item(buffer, at, i0, i1, rows, cols):
-                    _, offset, ld, s0, s1 = at
-                    start = offset + i0 * s0 + i1 * s1
-                    return buffer[start:start + rows * ld].reshape(rows, ld)[:, :cols], slice(start, start + rows * ld)
-
+                want, written = into.copy(), np.zeros(into.shape, bool)
                 for i0 in range(batch0):
                     for i1 in range(batch1):
-                        x = item(a, at_a, i0, i1, a_rows, a_cols)[0]
-                        y = item(b, at_b, i0, i1, b_rows, b_cols)[0]
-                        _, where = item(want, at_c, i0, i1, m, n)
-                        block = want[where].reshape(m, n + 4)
-                        block[:, :n] = 0.5 * (x.T if ta else x) @ (y.T if tb else y)
-                        want[where] = block.ravel()
+                        x = strided_item(a, at_a, i0, i1, a_rows, a_cols)
+                        y = strided_item(b, at_b, i0, i1, b_rows, b_cols)
+                        strided_item(want, at_c, i0, i1, m, n)[:] = 0.5 * (x.T if ta else x) @ (y.T if tb else y)
+                        strided_item(written, at_c, i0, i1, m, n)[:] = True
                 args = dict(m=m, n=n, k=k, ta=ta, tb=tb, alpha=0.5, at_a=at_a, at_b=at_b, at_c=at_c)
                 got = jax.jit(lambda a, b, c: cpu_gemm._strided(a, b, c.shape, c, **args))(
                     *(jnp.asarray(t, jnp.float32) for t in (a, b, into)))
                 fresh = jax.jit(lambda a, b: cpu_gemm._strided(a, b, into.shape, **args))(
                     *(jnp.asarray(t, jnp.float32) for t in (a, b)))
-                written = np.zeros(into.shape, bool)
-                for i0 in range(batch0):
-                    for i1 in range(batch1):
-                        _, where = item(written, at_c, i0, i1, m, n)
-                        block = written[where].reshape(m, n + 4)
-                        block[:, :n] = True
-                        written[where] = block.ravel()
                 name = f"{batch0}x{batch1}x{m}x{k}x{n} ta={int(ta)} tb={int(tb)}"
                 errors[name + " into"] = relative_error(got, want)
                 errors[name + " fresh"] = relative_error(np.asarray(fresh)[written], want[written])

@@ -46,8 +46,8 @@ Where the products run on MKL, the ViT's attention (`qkv_attention`) writes its 
 by strided products (`_strided`, MKL's lda / ldb / ldc): the heads side by side into the output, dq, dk, dv into
 their thirds of one buffer, so the heads-first layout's copies back are not made. q, k and v are still copied
 heads-first by XLA, which fuses the qkv bias add into that copy: reading them in place too was as fast alone but
-not in the model. DeiT-S forward and backward, 15-30 turns in one process, three runs: 518.8 -> 500.9, 566.9 ->
-546.9 and 548.5 -> 516.2 ms (`experiments/strided_attention.py`).
+not in the model. DeiT-S forward and backward, 10-30 turns in one process, four runs: 518.8 -> 500.9, 566.9 ->
+546.9, 548.5 -> 516.2 and 633.7 -> 667.0 ms (`experiments/strided_attention.py`; the host was noisy).
 
 On CPUs with AVX2 and FMA but not AVX-512F, the grouped convolution runs on a register tile of 6 pixels x 16
 lanes (two 8-lane vectors a pixel: 12 accumulators of the 16 registers) over the same layouts. On such a host (a
@@ -403,7 +403,7 @@ def qkv_attention(qkv, num_heads: int):
     rearranged heads-first by XLA (which fuses the projection's bias add into that copy); the products are MKL's,
     the weights times v written with the heads side by side into the output, and the backward pass's dq, dk, dv
     written into their thirds of the gradient of qkv, each in place by MKL's strides, so neither layout copy back
-    is made. The softmax is `softmax_last`'s. CPU with MKL only (`strided_attention_enabled`)."""
+    is made. The softmax is `softmax`'s (the native row kernel). CPU with MKL only (`strided_attention_enabled`)."""
     return _qkv_attention_fwd(qkv, num_heads)[0]
 
 
@@ -413,7 +413,7 @@ def _qkv_attention_fwd(qkv, num_heads):
     at_heads, at_out, at_square, _ = _attention_layouts(q.shape)
     logits = _strided(q, k, (b, h, t, t), m=t, n=t, k=d, tb=True, alpha=d**-0.5, at_a=at_heads, at_b=at_heads,
                       at_c=at_square)
-    weights = softmax_last(logits)
+    weights = _softmax_fwd(logits)[0]  # the native row kernel: it runs wherever the products run on MKL
     out = _strided(weights, v, (b, t, h * d), m=t, n=d, k=t, at_a=at_square, at_b=at_heads, at_c=at_out)
     return out, (q, k, v, weights)
 
@@ -423,10 +423,7 @@ def _qkv_attention_bwd(num_heads, residuals, grad):
     b, h, t, d = q.shape
     at_heads, at_out, at_square, (at_q, at_k, at_v) = _attention_layouts(q.shape)
     grad_weights = _strided(grad, v, weights.shape, m=t, n=t, k=d, tb=True, at_a=at_out, at_b=at_heads, at_c=at_square)
-    if _on_native(weights):
-        grad_logits = _rows_call("softmax_grad", weights.shape)(weights, grad_weights)
-    else:
-        grad_logits = weights * (grad_weights - jnp.sum(grad_weights * weights, axis=-1, keepdims=True))
+    grad_logits = _softmax_bwd(weights, grad_weights)[0]
     # dv = weightsᵀ dout, dq = dlogits k / sqrt(d), dk = dlogitsᵀ q / sqrt(d): each into its third of one buffer
     shape = (b, t, 3 * h * d)
     grad_qkv = _strided(weights, grad, shape, m=t, n=d, k=t, ta=True, at_a=at_square, at_b=at_out, at_c=at_v)

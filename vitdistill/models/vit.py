@@ -198,8 +198,8 @@ class Attention(nn.Module):
     where a fused kernel ran.
 
     Where the weights are not collected and attention dropout is off (as below), a one-device CPU process whose
-    products run on MKL computes attention by `cpu_gemm.qkv_attention`: the same products and softmax, with q, k
-    the output and the gradient of the projection written in place by strided products.
+    products run on MKL computes attention by `cpu_gemm.qkv_attention`: the same products and softmax, with the
+    output and the gradient of the projection written in place by strided products.
 
     With `fused` (the default), `jax.nn.dot_product_attention` runs cuDNN's fused (flash) attention on a
     GPU with half-precision inputs, when nobody collects the weights (the `intermediates` collection is
@@ -232,7 +232,8 @@ class Attention(nn.Module):
         elif weightless and cpu_gemm.strided_attention_enabled(qkv):
             # On a CPU whose products run on MKL: the heads written side by side into the output, and dq, dk, dv
             # into the gradient of qkv, in place by strided products, without the layout copies back (DeiT-S
-            # forward and backward 3.5-5.8 % faster; experiments/strided_attention.py).
+            # forward and backward 3.5-5.9 % faster in three runs, 5.3 % slower in a fourth;
+            # experiments/strided_attention.py).
             weights = None
             out = cpu_gemm.qkv_attention(qkv, self.num_heads)
         else:

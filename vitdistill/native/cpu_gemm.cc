@@ -1,6 +1,6 @@
 // Float32 matrix products (plain or batched) for XLA:CPU through MKL's cblas_sgemm, as XLA FFI custom calls; and
 // strided ones, whose operands and result lie anywhere in their buffers at any row and batch strides (attention's
-// q, k, v read in place out of the qkv projection, and its heads written side by side).
+// heads written side by side into its output, and dq, dk, dv into their thirds of the gradient of qkv).
 //
 // Built and loaded by vitdistill/cpu_gemm.py (which says why). MKL is opened with dlopen at
 // vd_gemm_init, so this library links against nothing but libc and libdl. MKL runs sequentially; the
@@ -55,10 +55,10 @@ struct Strided {
     const float* b_item = b + lb.offset + i0 * lb.stride0 + i1 * lb.stride1;
     float* c_item = c + lc.offset + i0 * lc.stride0 + i1 * lc.stride1;
     int ta_flag = ta ? kTrans : kNoTrans, tb_flag = tb ? kTrans : kNoTrans;
-    if (mode == Strided::kColumns) {
+    if (mode == kColumns) {  // columns lo..hi of op(b) and of c
       const float* b_cols = tb ? b_item + lo * lb.ld : b_item + lo;
       sgemm(kRowMajor, ta_flag, tb_flag, m, hi - lo, k, alpha, a_item, la.ld, b_cols, lb.ld, 0.0f, c_item + lo, lc.ld);
-    } else {
+    } else {  // rows lo..hi of op(a) and of c
       const float* a_rows = ta ? a_item + lo : a_item + lo * la.ld;
       sgemm(kRowMajor, ta_flag, tb_flag, hi - lo, n, k, alpha, a_rows, la.ld, b_item, lb.ld, 0.0f, c_item + lo * lc.ld,
             lc.ld);
@@ -66,11 +66,11 @@ struct Strided {
   }
 
   void Run(int64_t i) const {
-    if (mode == Strided::kItems) {
+    if (mode == kItems) {
       for (int64_t item = i * block; item < std::min(items, (i + 1) * block); ++item) One(item, 0, m);
       return;
     }
-    int64_t length = mode == Strided::kRows ? m : n;
+    int64_t length = mode == kRows ? m : n;
     int64_t lo = i * block, hi = std::min(length, lo + block);
     for (int64_t item = 0; item < items; ++item) One(item, lo, hi);
   }
