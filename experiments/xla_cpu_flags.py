@@ -6,11 +6,11 @@ Each variant is a separate `python -m vitdistill.bench --what=step` process (XLA
 backend starts), run in turns with the default (round 1: every variant, round 2: every variant, ...), so the
 machine's drift falls on all of them alike. Reported per variant: the median of its rounds' step times and the
 median of its per-round ratio to the default's step time of the same round (> 1: faster than the default).
-The variants are the flags this jaxlib has that were not tried before (README's speed section names those that
-were: oneDNN matmuls, XNNPACK fusions): AVX-512 vectors for the emitted loops (this machine has AVX-512 and
-the compiler prefers 256-bit vectors), the concurrency-optimised scheduler (the thunk executor runs independent
-operations at once, the small ops XLA:CPU leaves on one core), YNNPACK fusions, and fast math (numerics change:
-for the record only, not for adoption).
+The variants are the flags this jaxlib has that were not tried before (the measurement diary,
+experiments/results/README.md, names those that were: oneDNN matmuls, XNNPACK fusions): AVX-512 vectors for the
+emitted loops (this machine has AVX-512 and the compiler prefers 256-bit vectors), the concurrency-optimised
+scheduler (the thunk executor runs independent operations at once, the small ops XLA:CPU leaves on one core),
+YNNPACK fusions, and fast math (numerics change: for the record only, not for adoption).
 """
 import argparse
 import json

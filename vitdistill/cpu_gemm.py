@@ -47,7 +47,8 @@ by strided products (`_strided`, MKL's lda / ldb / ldc): the heads side by side 
 their thirds of one buffer, so the heads-first layout's copies back are not made. q, k and v are still copied
 heads-first by XLA, which fuses the qkv bias add into that copy: reading them in place too was as fast alone but
 not in the model. DeiT-S forward and backward, 10-30 turns in one process, four runs: 518.8 -> 500.9, 566.9 ->
-546.9, 548.5 -> 516.2 and 633.7 -> 667.0 ms (`experiments/strided_attention.py`; the host was noisy).
+546.9, 548.5 -> 516.2 and 633.7 -> 667.0 ms (`experiments/strided_attention.py`; the host was noisy). The DINO
+step, 50 turns of one step, once in each order: 2,083.2 -> 2,069.9 and 1,997.7 -> 1,977.8 ms.
 
 On CPUs with AVX2 and FMA but not AVX-512F, the grouped convolution runs on a register tile of 6 pixels x 16
 lanes (two 8-lane vectors a pixel: 12 accumulators of the 16 registers) over the same layouts. On such a host (a

@@ -188,7 +188,7 @@ def _on_rows(layer, x):
     contracts two dimensions, and XLA:CPU then materialises a transposed copy of the activation gradient for
     it (for fc1 a [1536, b t] copy, with GELU's backward fusion computed twice). On rows the gradient is one
     plain contraction. DeiT-S forward and backward at batch 4: 572.0 -> 522.2 ms (in turns in one process,
-    medians of 12 rounds; `experiments/token_rows.py`, README's speed section)."""
+    medians of 12 rounds; `experiments/token_rows.py`, `experiments/results/README.md`)."""
     y = layer(x.reshape(-1, x.shape[-1]))
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
