@@ -136,6 +136,28 @@ def test_bench_sizes_a_small_data_recipe_to_its_data_as_a_run_does():
     assert [line["what"] for line in lines] == ["dino_train_step", "pipeline_dino"]
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--config=configs/no_such.py"], ["vitdistill.bench: No config file 'configs/no_such.py'", "deit_s.py"]),
+    (["--config=configs/deit_s.py", "--config.optim.lrr=1e-3"], ["Unknown config key 'optim.lrr'", "weight_decay"]),
+    (["--config=configs/deit_s.py", "--config.batch_size=abc"], ["--config.batch_size=abc", "value of its type"]),
+    (["--config=configs/deit_s.py", "--steps=0"], ["--steps=0: 0 is not a positive integer"]),
+    (["--config=configs/deit_s.py", "--compare", "--rounds=0"], ["--rounds=0: 0 is not a positive integer"]),
+    (["--config=configs/deit_s.py", "--config.batch_size=0"], ["config.batch_size=0", "positive number of images"]),
+    (["--config=configs/deit_s.py", "--config.batch_size=3"], ["config.batch_size=3 is not divisible by the 2 "
+                                                                "devices", "--config.batch_size=2"]),
+], ids=["missing_config", "unknown_key", "mistyped_value", "no_steps", "no_rounds", "batch_0", "batch_3"])
+def test_a_bad_bench_flag_is_one_line_as_in_a_run(args, says):
+    """The bench's flags and config get the run's checks and messages (before: tracebacks, e.g. a
+    ZeroDivisionError for --config.batch_size=0 and a StatisticsError for --steps=0)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-m", "vitdistill.bench", *args, "--what=step"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    (line,) = [line for line in run.stderr.splitlines() if line.startswith("vitdistill.bench: ")]
+    for said in says:
+        assert said in line
+
+
 def _config(path, arg=None):
     return recipes.from_file(path, arg)
 

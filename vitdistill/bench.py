@@ -35,23 +35,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-from vitdistill import allocator  # noqa: E402
+from vitdistill import allocator, cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file, configs/NAME.py[:ARG].", lock_config=False)
 flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps); the median is reported. Pipelines time "
-                     "4x as many batches.")
+                     "4x as many batches.", lower_bound=1)
 flags.DEFINE_list("what", ["step", "pipeline"], "What to time: step, pipeline.")
 flags.DEFINE_enum("data", "sample_images", ["sample_images", "config"],
                   "The pipeline's source: scikit-learn's two sample JPEGs (as the PyTorch reference), or the "
                   "config's own data.")
 flags.DEFINE_bool("compare", False, "Also time shared/bench/torch_reference.py for the same config, in turns "
                   "with ours, and print the ratio.")
-flags.DEFINE_integer("rounds", 5, "With --compare: turns of ours then PyTorch's; the ratio is their median.")
+flags.DEFINE_integer("rounds", 5, "With --compare: turns of ours then PyTorch's; the ratio is their median.",
+                     lower_bound=1)
 flags.DEFINE_string("reference", None, "With --compare: the PyTorch reference script (default: "
                     "$VITDISTILL_TORCH_REFERENCE, else ../shared/bench/torch_reference.py beside the checkout).")
 flags.DEFINE_integer("workers", 0, "With --compare: the reference pipeline's DataLoader workers (0: one per core, "
-                     "as tf.data uses every core).")
+                     "as tf.data uses every core).", lower_bound=0)
 flags.mark_flags_as_required(["config"])
 
 
@@ -278,6 +279,7 @@ def main(argv):
     try:
         small_data.size_to_data(FLAGS.config)  # a small-data recipe, sized to its own data as a run would be
         config = bench_config(FLAGS.config, FLAGS.data)
+        methods.check(config)  # the checks a run makes before it builds anything (batch size, the method's own)
         for what in FLAGS.what:
             if what not in ("step", "pipeline"):
                 raise UserError(f"--what={what}: valid are step, pipeline")
@@ -298,4 +300,4 @@ def main(argv):
 
 if __name__ == "__main__":
     allocator.reexec_under_tcmalloc()  # as vitdistill.main runs: see vitdistill/allocator.py
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, "vitdistill.bench"))

@@ -12,6 +12,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports Te
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from vitdistill import cli  # noqa: E402
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file, configs/NAME.py[:ARG].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the resolved config go here; re-running resumes.")
@@ -94,87 +96,8 @@ def _main(argv, preemption):
         sys.exit(2)
 
 
-def _config_arg(argv):
-    """The value of --config=PATH[:ARG] in `argv`, or None."""
-    return next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-
-
-def _unknown_override(argv) -> str:
-    """Names an override that is not a config key, with the valid keys where it failed ('' if none)."""
-    config_arg = _config_arg(argv)
-    if config_arg is None:
-        return ""
-    from vitdistill import recipes
-
-    try:
-        config = recipes.from_file(config_arg)
-    except Exception:  # the flag parser reports a config file that does not load
-        return ""
-    for override in (a for a in argv if a.startswith("--config.")):
-        key = override[len("--config."):].split("=", 1)[0]
-        node, walked = config, []
-        for part in key.split("."):
-            fields = node.keys() if hasattr(node, "keys") else []
-            if part not in fields:
-                where = "config." + ".".join(walked) if walked else "config"
-                return (f"Unknown config key {key!r}: {where} has no field {part!r}. Valid keys of {where}: "
-                        f"{', '.join(sorted(fields))}.")
-            node, walked = node[part], walked + [part]
-    return ""
-
-
-def _first_user_error(error):
-    """The first `UserError` in an exception's chain (a config file's get_config raised it, and ml_collections
-    and absl wrapped it in errors of their own that carry its traceback as their message), or None."""
-    from vitdistill.errors import UserError
-
-    found, seen = None, set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, UserError):
-            found = error
-        error = error.__cause__ or error.__context__
-    return found
-
-
-def _missing_config_file(argv) -> str:
-    """Names a --config file that does not exist, with the shipped configs ('' if it exists or none is given)."""
-    config_arg = _config_arg(argv)
-    if config_arg is None:
-        return ""
-    path = config_arg.partition(":")[0]
-    if os.path.isfile(path):
-        return ""
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-    shipped = sorted(f for f in os.listdir(here) if f.endswith(".py")) if os.path.isdir(here) else []
-    listing = f"; the shipped configs are in {here}: {', '.join(shipped)}" if shipped else ""
-    return f"No config file {path!r} (from --config={config_arg}){listing}"
-
-
 def _parse_flags(argv):
-    missing = _missing_config_file(argv)
-    if missing:
-        print(f"vitdistill: {missing}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        return FLAGS(argv)
-    except flags.IllegalFlagValueError as e:  # e.g. --config.batch_size=abc, or a config file's own UserError
-        user_error = _first_user_error(e)
-        if "--debug" in argv and user_error is not None:
-            raise
-        message = user_error or f"{e}; give the key a value of its type (see the config file)"
-        print(f"vitdistill: {message}", file=sys.stderr)
-        sys.exit(2)
-    except (AttributeError, KeyError) as e:
-        message = _unknown_override(argv) or f"Bad --config override: {e}"
-        print(f"vitdistill: {message}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as e:  # noqa: BLE001 -- only a config file's own UserError is shortened
-        user_error = _first_user_error(e)
-        if user_error is None or "--debug" in argv:
-            raise
-        print(f"vitdistill: {user_error}", file=sys.stderr)
-        sys.exit(2)
+    return cli.parse_flags(argv, "vitdistill")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""The command line's flag parsing, shared by `vitdistill.main` and `vitdistill.bench`: a fault in the flags (a
+missing config file, an unknown or mistyped override, a config file's own `UserError`) is one line that names it
+and the fix, exit status 2, never a traceback."""
+import os
+import sys
+
+from absl import flags
+
+
+def config_flag_value(argv):
+    """The value of --config=PATH[:ARG] in `argv`, or None."""
+    return next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+
+
+def unknown_override(argv) -> str:
+    """Names an override that is not a config key, with the valid keys where it failed ('' if none)."""
+    config_arg = config_flag_value(argv)
+    if config_arg is None:
+        return ""
+    from vitdistill import recipes
+
+    try:
+        config = recipes.from_file(config_arg)
+    except Exception:  # the flag parser reports a config file that does not load
+        return ""
+    for override in (a for a in argv if a.startswith("--config.")):
+        key = override[len("--config."):].split("=", 1)[0]
+        node, walked = config, []
+        for part in key.split("."):
+            fields = node.keys() if hasattr(node, "keys") else []
+            if part not in fields:
+                where = "config." + ".".join(walked) if walked else "config"
+                return (f"Unknown config key {key!r}: {where} has no field {part!r}. Valid keys of {where}: "
+                        f"{', '.join(sorted(fields))}.")
+            node, walked = node[part], walked + [part]
+    return ""
+
+
+def first_user_error(error):
+    """The first `UserError` in an exception's chain (a config file's get_config raised it, and ml_collections
+    and absl wrapped it in errors of their own that carry its traceback as their message), or None."""
+    from vitdistill.errors import UserError
+
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, UserError):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
+
+
+def missing_config_file(argv) -> str:
+    """Names a --config file that does not exist, with the shipped configs ('' if it exists or none is given)."""
+    config_arg = config_flag_value(argv)
+    if config_arg is None:
+        return ""
+    path = config_arg.partition(":")[0]
+    if os.path.isfile(path):
+        return ""
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    shipped = sorted(f for f in os.listdir(here) if f.endswith(".py")) if os.path.isdir(here) else []
+    listing = f"; the shipped configs are in {here}: {', '.join(shipped)}" if shipped else ""
+    return f"No config file {path!r} (from --config={config_arg}){listing}"
+
+
+def parse_flags(argv, program: str = "vitdistill"):
+    """absl's flag parsing for an entry point with a --config flag, its faults one line each (`program: ...`,
+    exit status 2, no traceback): a config file that is missing, an override of a key the config lacks or of the
+    wrong type, and a config file's own `UserError` (its traceback with --debug)."""
+    missing = missing_config_file(argv)
+    if missing:
+        print(f"{program}: {missing}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        return flags.FLAGS(argv)
+    except flags.IllegalFlagValueError as e:  # e.g. --config.batch_size=abc, or a config file's own UserError
+        user_error = first_user_error(e)
+        if "--debug" in argv and user_error is not None:
+            raise
+        hint = "; give the key a value of its type (see the config file)" if str(e).startswith("flag --config.") else ""
+        message = user_error or f"{e}{hint}"
+        print(f"{program}: {message}", file=sys.stderr)
+        sys.exit(2)
+    except (AttributeError, KeyError) as e:
+        message = unknown_override(argv) or f"Bad --config override: {e}"
+        print(f"{program}: {message}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 -- only a config file's own UserError is shortened
+        user_error = first_user_error(e)
+        if user_error is None or "--debug" in argv:
+            raise
+        print(f"{program}: {user_error}", file=sys.stderr)
+        sys.exit(2)
