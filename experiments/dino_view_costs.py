@@ -1,6 +1,7 @@
 """Where one image's DINO multi-crop time goes on one host core, stage by stage, with Pillow's own ops.
 
-    python experiments/dino_view_costs.py [--images=40] [--num_local=8,10] [--out=experiments/results/dino_view_costs.json]
+    python experiments/dino_view_costs.py [--images=40] [--num_local=8,10]
+        [--out=experiments/results/dino_view_costs.json]
 
 The training pipeline (`config.data.image_ops='pil'`) applies DINO's augmentations with the Pillow calls
 torchvision makes (`vitdistill.data.pil_ops.dino_view`), so its images per second per core are bounded by these
