@@ -161,10 +161,10 @@ def test_mkl_products_equal_float64_numpy_and_a_vit_trains_the_same(tmp_path):
         for shape, error in errors.items():
             assert error < 1e-5, (library, shape, error)
     assert facts["vmap_error"] < 1e-6
-    # MKL's strided products (attention's, reading q, k, v in place): within float32 rounding of float64 NumPy over
-    # offsets, row strides and batch strides in both batch dimensions, into a fresh buffer and into a given one
-    # whose other elements are kept; a wrong stride, offset or split gives errors of order 1, an element
-    # overwritten outside the layout an error of order 1 in the "into" case.
+    # MKL's strided products (attention's, writing its output and dq, dk, dv in place): within float32 rounding of
+    # float64 NumPy over offsets, row strides and batch strides in both batch dimensions, into a fresh buffer and
+    # into a given one whose other elements are kept; a wrong stride, offset or split gives errors of order 1, an
+    # element overwritten outside the layout an error of order 1 in the "into" case.
     assert len(facts["strided_errors"]) == 3 * 4 * 2
     for case, error in facts["strided_errors"].items():
         assert error < 1e-5, (case, error)
