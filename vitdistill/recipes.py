@@ -28,6 +28,7 @@ def _data(source: str, *, name: str = "", image_size: int = 224) -> ConfigDict:
         "resize": "pil",               # pil: PIL's Image.resize bit for bit (torchvision's) | tf: tf.image.resize
         "image_ops": "pil",            # training augmentations applied by pil: Pillow itself inside tf.data
                                        # (torchvision's ops, fast) | tf: TF ops (DeiT's RandAugment in floats)
+                                       # | device: DINO's photometric ops in the train step (accelerators)
         "jpeg_decoding": "accurate",   # accurate: PIL's (torchvision's) pixels exactly | fast: TF's fast IDCT
         "scan_images": False,          # folder: decode every image before training; list every bad one at once
         "skip_bad_images": False,      # folder: scan, then train without the bad images (listed at start and end)

@@ -78,7 +78,7 @@ def sample_crop_box(seed, height, width, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 /
 
 
 RESIZES = ("pil", "tf")
-IMAGE_OPS = ("pil", "tf")
+IMAGE_OPS = ("pil", "tf", "device")
 
 
 def _setting(data_config, key: str, valid: tuple, fix: str) -> str:
@@ -99,10 +99,12 @@ def resize_of(data_config) -> str:
 
 
 def image_ops_of(data_config) -> str:
-    """`config.data.image_ops`, checked: 'pil' (the default: Pillow's own ops inside tf.data, `pil_ops`) or 'tf'."""
+    """`config.data.image_ops`, checked: 'pil' (the default: Pillow's own ops inside tf.data, `pil_ops`), 'tf' or
+    'device' (DINO only: the photometric ops in the train step, `device_photometric`)."""
     return _setting(data_config, "image_ops", IMAGE_OPS, "use 'pil' (Pillow's ops inside tf.data, as torchvision "
-                    "and timm apply them, the default) or 'tf' (TensorFlow ops: DINO's views at the same levels, "
-                    "DeiT's RandAugment in floats between ops)")
+                    "and timm apply them, the default), 'tf' (TensorFlow ops: DINO's views at the same levels, "
+                    "DeiT's RandAugment in floats between ops) or, for DINO, 'device' (its colour jitter, "
+                    "grayscale, blur and solarisation in the train step, at the same levels)")
 
 
 def pil_source(image_uint8, box, size: int, *, interpolation="bicubic", resize="pil"):

@@ -86,8 +86,12 @@ def adjust_hue(image, delta):
     `np.int32(hue_factor * 255)` does.
     """
     h, s, v = rgb_to_hsv_levels(image)
-    shift = tf.cast(tf.cast(delta, tf.float64) * 255.0, tf.int32)  # truncates towards zero
-    return hsv_levels_to_rgb(tf.math.floormod(h + shift, 256), s, v)
+    return hsv_levels_to_rgb(tf.math.floormod(h + hue_shift(delta), 256), s, v)
+
+
+def hue_shift(delta):
+    """torchvision's shift of PIL's 8-bit hue for `delta`: int(delta * 255), truncated towards zero (int32)."""
+    return tf.cast(tf.cast(delta, tf.float64) * 255.0, tf.int32)
 
 
 def solarize(image, threshold=128):
@@ -111,6 +115,21 @@ def pil_box_radius(sigma, passes=BLUR_PASSES):
     return whole + frac
 
 
+def blur_reach(max_sigma: float) -> int:
+    """How far from a pixel PIL's box blur reads, at most, for sigmas up to `max_sigma`: r = int(radius) is at most
+    the box length's integer half, floor((sqrt(12 sigma^2 / passes + 1) - 1) / 2), and a pass reads r + 1 away."""
+    return math.floor((math.sqrt(12 * max_sigma ** 2 / BLUR_PASSES + 1) - 1) / 2) + 2
+
+
+def box_weights(sigma):
+    """PIL's box blur pass for `sigma` as int32 (r, ww, fw): the box's integer radius, the weight of each of its
+    2r + 1 pixels and the weight of the two just beyond it, in 2^-24 units (BoxBlur.c)."""
+    radius = pil_box_radius(sigma)
+    whole = tf.cast(radius, tf.int32)  # C's (int) of a positive float
+    ww = tf.cast(tf.floor(tf.constant(2.0 ** 24, tf.float32) / (radius * 2.0 + 1.0)), tf.int32)
+    return whole, ww, (2 ** 24 - (2 * whole + 1) * ww) // 2
+
+
 def gaussian_blur(image, sigma, *, max_sigma=2.0):
     """PIL's `ImageFilter.GaussianBlur(radius=sigma)`, as DINO calls it, level for level.
 
@@ -120,12 +139,8 @@ def gaussian_blur(image, sigma, *, max_sigma=2.0):
     pixels repeated, and stores (sum + 2^23) >> 24. Each weight is split as high * 2^12 + low so that both
     partial sums are exact in float32. `max_sigma` bounds `sigma`, so that the graph has fixed shapes.
     """
-    radius = pil_box_radius(sigma)
-    # r = int(radius) is at most the box length's integer half, floor((sqrt(12 sigma^2 / passes + 1) - 1) / 2)
-    reach = math.floor((math.sqrt(12 * max_sigma ** 2 / BLUR_PASSES + 1) - 1) / 2) + 2
-    whole = tf.cast(radius, tf.int32)  # C's (int) of a positive float
-    ww = tf.cast(tf.floor(tf.constant(2.0 ** 24, tf.float32) / (radius * 2.0 + 1.0)), tf.int32)
-    fw = (2 ** 24 - (2 * whole + 1) * ww) // 2
+    reach = blur_reach(max_sigma)
+    whole, ww, fw = box_weights(sigma)
     distance = tf.range(reach + 1)
     weight = tf.where(distance <= whole, ww, tf.where(distance == whole + 1, fw, 0))  # by distance from x
     high = tf.unstack(tf.cast(weight // 4096, tf.float32))
@@ -239,6 +254,25 @@ def pil_views(image_uint8, choices: list, sizes: list, *, active, interpolation=
     return pil_ops.tf_dino_views(sources, boxes, sizes, choices, active=active, method=interpolation, dtype=dtype)
 
 
+# A view's photometric choices as the step applies them (`image_ops="device"`, `device_photometric`): one int32
+# vector a view, the colour jitter's factors as the bits of their float32 values.
+DEVICE_OP_FIELDS = ("color_jitter", "order_0", "order_1", "order_2", "order_3", "brightness", "contrast",
+                    "saturation", "hue_shift", "grayscale", "blur", "blur_whole", "blur_ww", "blur_fw", "solarize")
+
+
+def device_ops(choices: dict, *, active) -> tf.Tensor:
+    """`view_choices`' photometric part as int32 [len(DEVICE_OP_FIELDS)]: the flags, the jitter's order (an op
+    that `active` leaves out as -1), its factors, torchvision's hue shift in levels and the blur's box weights for
+    its sigma (`box_weights`, in PIL's float64 steps, which are done here rather than on the device)."""
+    jitter = choices["jitter"]
+    order = tf.cast(jitter["order"], tf.int32)
+    order = tf.where(tf.gather(tf.constant(active), order), order, -1)
+    factors = [tf.bitcast(tf.cast(jitter[op], tf.float32), tf.int32) for op in pil_ops.JITTER_OPS[:3]]
+    flags = {k: tf.cast(choices[k], tf.int32) for k in ("color_jitter", "grayscale", "blur", "solarize")}
+    return tf.stack([flags["color_jitter"], *tf.unstack(order), *factors, hue_shift(jitter["hue"]),
+                     flags["grayscale"], flags["blur"], *box_weights(choices["blur_sigma"]), flags["solarize"]])
+
+
 def _public(choices: dict) -> dict:
     return {k: v for k, v in choices.items() if k != "jitter"}
 
@@ -265,6 +299,7 @@ def augment_view(image_uint8, seed, *, size, scale, hflip=0.5, jitter_prob=0.8, 
 
 
 NUM_GLOBAL_VIEWS = 2
+OPS_SUFFIX = "_ops"  # with image_ops="device", view `name`'s photometric choices travel as `name + OPS_SUFFIX`
 
 
 def view_names(num_local: int) -> list:
@@ -285,6 +320,11 @@ def multicrop_views(image_uint8, seed, *, global_size=224, local_size=96, global
     normalisation (1.6 of the 2.5 ms of TF work an image at 2x224 + 8x96, one core) off the host and ships a
     quarter of the bytes. `global_*_probs` hold one probability per global view. With `return_params`,
     returns (views, params) where params[name] records each view's crop box and which ops were applied.
+
+    `image_ops`: 'pil' (Pillow's own ops) or 'tf' (this module's) make whole views; 'device' (with `levels`)
+    makes only the crop, resize and flip here, with Pillow, and adds each view's photometric choices as
+    `name + OPS_SUFFIX` (`device_ops`) for the train step to apply (`device_photometric.apply_views`): the same
+    choices from the same seed, so the same levels as 'pil' (tests/test_device_photometric.py).
     """
     for name, probs in (("global_blur_probs", global_blur_probs), ("global_solarize_probs", global_solarize_probs)):
         if len(probs) != NUM_GLOBAL_VIEWS:
@@ -304,6 +344,16 @@ def multicrop_views(image_uint8, seed, *, global_size=224, local_size=96, global
         choices.append(view_choices(image_uint8, view_seeds[index], **settings, **shared))
         sizes.append(global_size if index < NUM_GLOBAL_VIEWS else local_size)
     active = jitter_active(brightness, contrast, saturation, hue)
+    if image_ops == "device":
+        if not levels:
+            raise ValueError("image_ops='device' leaves the photometric ops to the train step: it needs levels=True")
+        off = dict(color_jitter=False, grayscale=False, blur=False, solarize=False)
+        made = pil_views(image_uint8, [dict(c, **off) for c in choices], sizes, active=active,
+                         interpolation=interpolation, resize=resize, dtype=tf.uint8)
+        views = dict(zip(names, made))
+        views.update({name + OPS_SUFFIX: device_ops(c, active=active) for name, c in zip(names, choices)})
+        params = {name: _public(c) for name, c in zip(names, choices)}
+        return (views, params) if return_params else views
     if image_ops == "pil":
         made = pil_views(image_uint8, choices, sizes, active=active, interpolation=interpolation, resize=resize,
                          dtype=tf.uint8 if levels else tf.float32)

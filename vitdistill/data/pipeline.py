@@ -135,6 +135,13 @@ def train_dataset(source: Source, transform: Transform, *, seed: int, global_bat
     return ds.prefetch(prefetch).with_options(_options())
 
 
+# `multicrop.device_ops` of a view with every photometric op on: the jitter in its default order with factors 1.0
+# (float32 bits 1065353216), a hue shift of 10 levels, grayscale, the blur's box for sigma 1 (r = 0, ww = 2^24 / 1.5
+# in float32, fw = (2^24 - ww) // 2), solarisation. A step computes every op whatever the choices; these keep them
+# real (tests/test_device_photometric.py checks them against `multicrop.device_ops`).
+EVERY_DEVICE_OP = (1, 0, 1, 2, 3, 1065353216, 1065353216, 1065353216, 10, 1, 1, 0, 11184811, 2796202, 1)
+
+
 def random_batch(data: TrainData, global_batch: int, seed: int = 0) -> dict:
     """Random numpy inputs shaped as `data`'s training batches of `global_batch` examples (from the
     pipeline's element spec), as `random_arrays` fills them. For benchmarks and tests of a step."""
@@ -160,6 +167,8 @@ def random_arrays(shapes: dict, num_classes: int, seed: int = 0) -> dict:
             batch[name] = rng.randint(0, 256, shape).astype(dtype)
         elif name == "erase":
             batch[name] = np.zeros(shape, dtype)
+        elif name.endswith("_ops"):  # a DINO view's photometric choices (image_ops='device'): every op on
+            batch[name] = np.broadcast_to(np.asarray(EVERY_DEVICE_OP, dtype), shape).copy()
         else:
             batch[name] = rng.randint(0, num_classes, shape).astype(dtype)
     return batch

@@ -136,6 +136,9 @@ def check(config) -> None:
     split that holds a batch, and a head that covers every label."""
     check_distillation(config)
     mixing_groups(config)
+    if deit_transforms.image_ops_of(config.data) == "device":
+        raise ConfigError("config.data.image_ops='device' is DINO's (its photometric ops in the train step); DeiT's "
+                          "RandAugment runs in the pipeline: use 'pil' (the default) or 'tf'")
     source = pipeline.check_training_split(config, jax.device_count())
     head = config.model.num_classes
     if head and head < source.num_classes:

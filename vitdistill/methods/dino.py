@@ -21,7 +21,7 @@ import optax
 from tensorflow.io import gfile
 
 from vitdistill import losses, models, weights
-from vitdistill.data import deit_transforms, multicrop, pipeline
+from vitdistill.data import deit_transforms, device_photometric, multicrop, pipeline
 from vitdistill.data.device_ops import normalize_levels
 from vitdistill.data.sources import get_source
 from vitdistill.errors import ConfigError
@@ -61,6 +61,7 @@ class DinoSetup:
     global_size: int
     out_dim: int
     seed: int                       # the config's; the step's randomness is drawn from seed + 1
+    max_sigma: float = 2.0          # the blur's largest sigma (image_ops='device': the step applies the blur)
 
     @property
     def views(self) -> list:
@@ -105,7 +106,7 @@ def make_setup(config, *, steps_per_epoch: int) -> DinoSetup:
     return DinoSetup(student=student, teacher=teacher, tx=tx, lr=lr, weight_decay=wd, momentum=momentum,
                      teacher_temp=teacher_temp, steps_per_epoch=steps_per_epoch, student_temp=hp.student_temp,
                      center_momentum=hp.center_momentum, use_bn_in_head=m.use_bn_in_head, num_local=mc.num_local,
-                     global_size=mc.global_size, out_dim=m.out_dim, seed=config.seed)
+                     global_size=mc.global_size, out_dim=m.out_dim, seed=config.seed, max_sigma=mc.blur_sigma[1])
 
 
 def _example(global_size: int) -> list:
@@ -140,11 +141,20 @@ def step_rng(setup: DinoSetup, step):
     return jax.random.fold_in(jax.random.key(setup.seed + 1), step)
 
 
+def view_levels(batch: dict, name: str, setup: DinoSetup):
+    """View `name` of the batch, its photometric ops applied if the pipeline left them to the step."""
+    ops = batch.get(name + multicrop.OPS_SUFFIX)
+    if ops is None:
+        return batch[name]
+    return device_photometric.apply_views(batch[name], ops, max_sigma=setup.max_sigma)
+
+
 def train_step(state: DinoState, batch: dict, frozen=None, *, setup: DinoSetup):
     """One DINO update: (state, {view name: crops}) -> (state, metrics). `frozen` is unused (no teacher input).
-    Crops come as the pipeline makes them, uint8 levels normalised here (or float32, normalised already)."""
+    Crops come as the pipeline makes them, uint8 levels normalised here (or float32, normalised already); with
+    `data.image_ops='device'` their photometric ops are applied here first (`device_photometric`)."""
     del frozen
-    crops = [normalize_levels(batch[name]) for name in setup.views]
+    crops = [normalize_levels(view_levels(batch, name, setup)) for name in setup.views]
     global_crops = crops[:multicrop.NUM_GLOBAL_VIEWS]
     temp = setup.teacher_temp(state.step // setup.steps_per_epoch)
     teacher_out = teacher_outputs(state, global_crops, setup=setup)
