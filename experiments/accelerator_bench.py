@@ -15,6 +15,7 @@ utilisation against a large bf16 matmul timed in the same run, and peak device m
 | deit_s_regnety | DeiT-S distilled (hard) with its RegNetY-16GF teacher, batch 256 |
 | dino_vits16 | DINO ViT-S/16, 2x224 + 10x96 crops, 65,536-way head, batch 256 |
 | dino_vits16_scan | the same with `model.scan_blocks` |
+| dino_vits16_device_ops | the same with `data.image_ops="device"`: the photometric ops in the step |
 
 The targets (issue 16): DINO ViT-S/16 2x224 + 10x96 at >= 2,000 images/s on one H100-class GPU, the DeiT-B step
 at >= 50 % of the bf16 peak.
@@ -57,8 +58,11 @@ MEASUREMENTS = {
     "dino_vits16": ("dino_vits16.py", None, {"batch_size": 256, "multicrop.num_local": 10}),
     "dino_vits16_scan": ("dino_vits16.py", None, {"batch_size": 256, "multicrop.num_local": 10,
                                                   "model.scan_blocks": True}),
+    "dino_vits16_device_ops": ("dino_vits16.py", None, {"batch_size": 256, "multicrop.num_local": 10,
+                                                        "data.image_ops": "device"}),
 }
-SMOKE = {"deit_ti_smoke": ("deit_ti.py", None, {"batch_size": 4})}  # tests/test_accelerator_bench.py's, on CPUs
+SMOKE = {"deit_ti_smoke": ("deit_ti.py", None, {"batch_size": 4}),  # tests/test_accelerator_bench.py's, on CPUs
+         "dino_device_ops_smoke": ("dino_vits16.py", "runlocal", {"batch_size": 4, "data.image_ops": "device"})}
 
 
 class _Standin(types.ModuleType):
@@ -97,7 +101,8 @@ def install_tensorflow_standin() -> None:
 def batch_shapes(config) -> dict:
     """{name: (shape, dtype)} of a training batch of `config`, as its pipeline yields it (without building the
     pipeline): DeiT an image, its erase box (with erasing on) and a label; DINO two global and `num_local` local
-    crops, and the label. Images come as uint8 levels, normalised (and erased) in the step."""
+    crops (with `data.image_ops="device"` each with its photometric choices, `multicrop.device_ops`), and the
+    label. Images come as uint8 levels, normalised (and erased) in the step."""
     b = config.batch_size
     if config.method == "deit":
         side = config.data.image_size
@@ -107,6 +112,11 @@ def batch_shapes(config) -> dict:
         mc = config.multicrop
         views = {f"global_{i}": ((b, mc.global_size, mc.global_size, 3), "uint8") for i in range(2)}
         views.update({f"local_{i}": ((b, mc.local_size, mc.local_size, 3), "uint8") for i in range(mc.num_local)})
+        if config.data.get("image_ops") == "device":
+            from vitdistill.data import multicrop
+
+            views.update({name + multicrop.OPS_SUFFIX: ((b, len(multicrop.DEVICE_OP_FIELDS)), "int32")
+                          for name in list(views)})
         return {**views, "label": ((b,), "int32")}
     raise ValueError(f"no train step to measure for method {config.method!r}")
 

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import accelerator_bench  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["deit_s_regnety", "dino_vits16"])
+@pytest.mark.parametrize("name", ["deit_s_regnety", "dino_vits16", "dino_vits16_device_ops"])
 def test_the_batch_shaped_from_the_config_is_the_pipeline_s(name):
     from vitdistill import bench, methods
     from vitdistill.data import pipeline
@@ -25,14 +25,18 @@ def test_the_batch_shaped_from_the_config_is_the_pipeline_s(name):
         real = pipeline.random_batch(task.data, config.batch_size)
     shaped = accelerator_bench.random_batch_of(config, task.data.source.num_classes)
     assert {k: (v.shape, v.dtype) for k, v in shaped.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}
-    assert len(shaped) == (3 if config.method == "deit" else 13)  # DeiT: image, erase box, label; DINO: 12 crops, label
+    # DeiT: image, erase box, label; DINO: 12 crops, label, and with image_ops='device' each crop's choices
+    assert len(shaped) == (3 if config.method == "deit" else 25 if name.endswith("device_ops") else 13)
 
 
-def test_a_step_is_measured_without_tensorflow(tmp_path):
+@pytest.mark.parametrize("name,what", [("deit_ti_smoke", "deit"), ("dino_device_ops_smoke", "dino")])
+def test_a_step_is_measured_without_tensorflow(tmp_path, name, what):
+    # the DINO one applies the photometric ops in the step (image_ops='device'), as a GPU machine without
+    # TensorFlow would
     run = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "accelerator_bench.py"),
-                          "--without_tensorflow", "--only=deit_ti_smoke", "--steps=1", f"--out={tmp_path}"],
+                          "--without_tensorflow", f"--only={name}", "--steps=1", f"--out={tmp_path}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert run.returncode == 0, run.stderr[-3000:]
     line = open(tmp_path / "accelerator_bench.jsonl").read().splitlines()[-1]
-    assert '"what": "deit_train_step"' in line and '"error"' not in line and '"batch": 4' in line, line
+    assert f'"what": "{what}_train_step"' in line and '"error"' not in line and '"batch": 4' in line, line
