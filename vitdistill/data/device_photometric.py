@@ -79,10 +79,13 @@ def brightness(image, factor):
 def contrast(image, factor):
     """ImageEnhance.Contrast: blend with the mean grey level, int(mean + 0.5) as Pillow rounds it (in integers:
     the sum of levels is exact, (2 sum + n) // 2n its rounded mean)."""
-    grey = luma(image).astype(jnp.int32)
+    return _blend(_mean_level(luma(image)), image, factor)
+
+
+def _mean_level(grey):
+    """int(mean + 0.5) of grey levels [H, W, 1], in integers, as float32."""
     count = grey.size
-    mean = (2 * jnp.sum(grey) + count) // (2 * count)
-    return _blend(mean.astype(jnp.float32), image, factor)
+    return ((2 * jnp.sum(grey.astype(jnp.int32)) + count) // (2 * count)).astype(jnp.float32)
 
 
 def saturation(image, factor):
@@ -173,18 +176,34 @@ def gaussian_blur(image, whole, ww, fw, *, reach: int):
     return levels
 
 
+def color_jitter(image, ops):
+    """torchvision's ColorJitter for one view's `multicrop.device_ops`: its ops in their order, each once. The
+    three blends (brightness, contrast, saturation: Image.blend with black, the mean grey level or the grey
+    image) run as one blend a position whose degenerate image and factor the op picks; the hue, the costly op,
+    runs once, between the positions before it and those after it."""
+    factors = jax.lax.bitcast_convert_type(ops[_FIELD["brightness"]:_FIELD["saturation"] + 1], jnp.float32)
+    order = jnp.stack([ops[_FIELD[f"order_{k}"]] for k in range(4)])  # op indices, -1 for an op left out
+    hue_at = jnp.min(jnp.where(order == 3, jnp.arange(4), 4))  # 4: no hue
+
+    def blends(x, positions):
+        for k in range(4):
+            op = order[k]
+            grey = luma(x)
+            degenerate = jnp.where(op == 0, 0.0, jnp.where(op == 1, _mean_level(grey), grey))
+            blended = _blend(degenerate, x, factors[jnp.clip(op, 0, 2)])
+            x = jnp.where(positions(k) & (op >= 0) & (op <= 2), blended, x)
+        return x
+
+    before = blends(image, lambda k: k < hue_at)
+    turned = jnp.where(hue_at < 4, adjust_hue(before, ops[_FIELD["hue_shift"]]), before)
+    return blends(turned, lambda k: k > hue_at)
+
+
 def apply_view(levels, ops, *, reach: int):
     """One view's photometric ops: uint8 levels [H, W, 3] and its `multicrop.device_ops` int32 vector -> uint8
     levels, the same as Pillow's ops give for those choices (every op is computed, and chosen with `where`)."""
     image = levels.astype(jnp.float32)
-    factors = jax.lax.bitcast_convert_type(ops[_FIELD["brightness"]:_FIELD["saturation"] + 1], jnp.float32)
-    jittered = image
-    for k in range(4):
-        made = [brightness(jittered, factors[0]), contrast(jittered, factors[1]), saturation(jittered, factors[2]),
-                adjust_hue(jittered, ops[_FIELD["hue_shift"]])]
-        op = ops[_FIELD[f"order_{k}"]]
-        jittered = functools.reduce(lambda x, item: jnp.where(op == item[0], item[1], x), enumerate(made), jittered)
-    image = jnp.where(ops[_FIELD["color_jitter"]] != 0, jittered, image)
+    image = jnp.where(ops[_FIELD["color_jitter"]] != 0, color_jitter(image, ops), image)
     image = jnp.where(ops[_FIELD["grayscale"]] != 0, grayscale(image), image)
     blurred = gaussian_blur(image, ops[_FIELD["blur_whole"]], ops[_FIELD["blur_ww"]], ops[_FIELD["blur_fw"]],
                             reach=reach)
