@@ -284,12 +284,13 @@ def test_pillow_backend_makes_the_tf_backends_views_level_for_level(resize):
     assert min(applied.values()) >= 20, applied
 
 
-def test_image_ops_must_be_pil_or_tf():
+def test_image_ops_must_be_pil_tf_or_device():
     import ml_collections
 
     from vitdistill.data import deit_transforms as dt
     from vitdistill.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"image_ops='torch'.*'pil'.*'tf'"):
+    with pytest.raises(ConfigError, match=r"image_ops='torch'.*'pil'.*'tf'.*'device'"):
         dt.image_ops_of(ml_collections.ConfigDict({"image_ops": "torch"}))
     assert dt.image_ops_of(ml_collections.ConfigDict({})) == "pil"
+    assert dt.image_ops_of(ml_collections.ConfigDict({"image_ops": "device"})) == "device"

@@ -350,11 +350,7 @@ def multicrop_views(image_uint8, seed, *, global_size=224, local_size=96, global
         off = dict(color_jitter=False, grayscale=False, blur=False, solarize=False)
         made = pil_views(image_uint8, [dict(c, **off) for c in choices], sizes, active=active,
                          interpolation=interpolation, resize=resize, dtype=tf.uint8)
-        views = dict(zip(names, made))
-        views.update({name + OPS_SUFFIX: device_ops(c, active=active) for name, c in zip(names, choices)})
-        params = {name: _public(c) for name, c in zip(names, choices)}
-        return (views, params) if return_params else views
-    if image_ops == "pil":
+    elif image_ops == "pil":
         made = pil_views(image_uint8, choices, sizes, active=active, interpolation=interpolation, resize=resize,
                          dtype=tf.uint8 if levels else tf.float32)
     else:
@@ -363,5 +359,7 @@ def multicrop_views(image_uint8, seed, *, global_size=224, local_size=96, global
         if levels:  # whole levels held in float32: exact
             made = [tf.saturate_cast(tf.round(image), tf.uint8) for image in made]
     views = {name: image if levels else normalize(image) for name, image in zip(names, made)}
+    if image_ops == "device":
+        views.update({name + OPS_SUFFIX: device_ops(c, active=active) for name, c in zip(names, choices)})
     params = {name: _public(c) for name, c in zip(names, choices)}
     return (views, params) if return_params else views
