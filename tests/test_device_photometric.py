@@ -139,8 +139,7 @@ def test_the_dino_step_applies_the_ops_it_is_given():
     seeds = np.array([[k, 4] for k in range(6)], np.int64)
     (want, _), (made, _) = (_views(ops, seeds, image) for ops in ("pil", "device"))
     setup = types.SimpleNamespace(max_sigma=2.0)
-    batch = {k: v for k, v in made.items()}
-    np.testing.assert_array_equal(np.asarray(jax.jit(lambda b: dino.view_levels(b, "local_1", setup))(batch)),
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda b: dino.view_levels(b, "local_1", setup))(made)),
                                   want["local_1"])
     assert dino.view_levels(want, "local_1", setup) is want["local_1"]  # finished views pass as they are
 

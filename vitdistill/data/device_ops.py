@@ -25,11 +25,16 @@ def normalize_levels(images):
         return images
     mean = np.asarray(IMAGENET_MEAN, np.float32) * np.float32(255.0)
     std = np.asarray(IMAGENET_STD, np.float32) * np.float32(255.0)
-    # XLA turns a division by a broadcast (a constant or not) into a multiplication by the reciprocal, one ulp
-    # off on about a fifth of the levels; divided by a full-shape operand from behind a barrier, the division
-    # stays a division, exact as TF's.
-    std = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(std), images.shape))
-    return (images.astype(jnp.float32) - mean) / std
+    return exact_divide(images.astype(jnp.float32) - mean, std)
+
+
+def exact_divide(x, divisor):
+    """x / divisor (float32, `divisor` broadcast to x's shape), rounded once as C and TF divide. XLA turns a
+    division by a broadcast (a constant or not) into a multiplication by the reciprocal, one ulp off at times
+    (on about a fifth of the levels in `normalize_levels`); divided by a full-shape operand from behind a
+    barrier, the division stays a division."""
+    divisor = jnp.broadcast_to(jnp.asarray(divisor, jnp.float32), x.shape)
+    return x / jax.lax.optimization_barrier(divisor)
 
 
 def erase_boxes(rng, images, boxes):

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitdistill.data import multicrop
+from vitdistill.data import device_ops, multicrop
 
 _FIELD = {name: index for index, name in enumerate(multicrop.DEVICE_OP_FIELDS)}
 
@@ -114,18 +114,12 @@ def _c_round(x):
     return jnp.where(x - down >= 0.5, down + 1.0, down)
 
 
-def _divide(x, constant: float):
-    """x / constant rounded once, as C divides: XLA makes a division by a broadcast constant a multiplication by
-    its reciprocal (one ulp off at times), not by an operand it cannot see through (as `device_ops`)."""
-    return x / jax.lax.optimization_barrier(jnp.full(x.shape, constant, jnp.float32))
-
-
 def hsv_levels_to_rgb(h, s, v):
     """Pillow's `convert("RGB")` of HSV levels (Convert.c hsv2rgb), in its float32 steps -> RGB levels [..., 3]."""
-    turn = _divide(h.astype(jnp.float32) * 6.0, 255.0)
+    turn = device_ops.exact_divide(h.astype(jnp.float32) * 6.0, 255.0)
     sector = jnp.floor(turn)
     frac = turn - sector
-    fs = _divide(s.astype(jnp.float32), 255.0)
+    fs = device_ops.exact_divide(s.astype(jnp.float32), 255.0)
     value = v.astype(jnp.float32)
 
     def level(x):
