@@ -12,7 +12,8 @@ temperature 0.04 -> 0.07 over 30 epochs, no weight normalisation of the last lay
 The paper's own figures (74.5 / 77.0 after 800 epochs) come from runs whose arguments the README links to
 but does not state. `:runlocal` is a micro model on scikit-learn's digits for a CPU smoke run.
 On a GPU whose host cores cannot make the views fast enough, `--config.data.image_ops=device` applies the
-colour jitter, grayscale, blur and solarisation in the train step (the same levels; slower on a CPU).
+colour jitter, grayscale, blur and solarisation in the train step (the same levels; slower on a CPU), and
+`--config.data.device_canvas=512` (or the side of most of the data's images) the crops and resizes too.
 """
 from vitdistill import recipes, small_data
 

@@ -16,6 +16,7 @@ utilisation against a large bf16 matmul timed in the same run, and peak device m
 | dino_vits16 | DINO ViT-S/16, 2x224 + 10x96 crops, 65,536-way head, batch 256 |
 | dino_vits16_scan | the same with `model.scan_blocks` |
 | dino_vits16_device_ops | the same with `data.image_ops="device"`: the photometric ops in the step |
+| dino_vits16_device_crops | also `data.device_canvas=512`: the crops, resizes and flips in the step too |
 
 The targets (issue 16): DINO ViT-S/16 2x224 + 10x96 at >= 2,000 images/s on one H100-class GPU, the DeiT-B step
 at >= 50 % of the bf16 peak.
@@ -60,9 +61,13 @@ MEASUREMENTS = {
                                                   "model.scan_blocks": True}),
     "dino_vits16_device_ops": ("dino_vits16.py", None, {"batch_size": 256, "multicrop.num_local": 10,
                                                         "data.image_ops": "device"}),
+    "dino_vits16_device_crops": ("dino_vits16.py", None, {"batch_size": 256, "multicrop.num_local": 10,
+                                                          "data.image_ops": "device", "data.device_canvas": 512}),
 }
 SMOKE = {"deit_ti_smoke": ("deit_ti.py", None, {"batch_size": 4}),  # tests/test_accelerator_bench.py's, on CPUs
-         "dino_device_ops_smoke": ("dino_vits16.py", "runlocal", {"batch_size": 4, "data.image_ops": "device"})}
+         "dino_device_ops_smoke": ("dino_vits16.py", "runlocal", {"batch_size": 4, "data.image_ops": "device"}),
+         "dino_device_crops_smoke": ("dino_vits16.py", "runlocal", {"batch_size": 4, "data.image_ops": "device",
+                                                                    "data.device_canvas": 64})}
 
 
 class _Standin(types.ModuleType):
@@ -101,8 +106,8 @@ def install_tensorflow_standin() -> None:
 def batch_shapes(config) -> dict:
     """{name: (shape, dtype)} of a training batch of `config`, as its pipeline yields it (without building the
     pipeline): DeiT an image, its erase box (with erasing on) and a label; DINO two global and `num_local` local
-    crops (with `data.image_ops="device"` each with its photometric choices, `multicrop.device_ops`), and the
-    label. Images come as uint8 levels, normalised (and erased) in the step."""
+    crops (with `data.image_ops="device"` each with its photometric choices, `multicrop.device_ops`; with a
+    `data.device_canvas` too, the image's canvas and each crop's windows instead of the crops), and the label. Images come as uint8 levels, normalised (and erased) in the step."""
     b = config.batch_size
     if config.method == "deit":
         side = config.data.image_size
@@ -113,10 +118,17 @@ def batch_shapes(config) -> dict:
         views = {f"global_{i}": ((b, mc.global_size, mc.global_size, 3), "uint8") for i in range(2)}
         views.update({f"local_{i}": ((b, mc.local_size, mc.local_size, 3), "uint8") for i in range(mc.num_local)})
         if config.data.get("image_ops") == "device":
-            from vitdistill.data import multicrop
+            from vitdistill.data import multicrop, pil_resize
 
             views.update({name + multicrop.OPS_SUFFIX: ((b, len(multicrop.DEVICE_OP_FIELDS)), "int32")
                           for name in list(views)})
+            canvas = config.data.get("device_canvas", 0)
+            if canvas:  # the image once, and each crop as its windows into it
+                for name in multicrop.view_names(mc.num_local):
+                    size = views.pop(name)[0][1]
+                    views[name + multicrop.WINDOWS_SUFFIX] = (
+                        (b, 2, 2, size, pil_resize.taps(canvas, size, "bicubic")), "int32")
+                views[multicrop.CANVAS] = ((b, canvas, canvas, 3), "uint8")
         return {**views, "label": ((b,), "int32")}
     raise ValueError(f"no train step to measure for method {config.method!r}")
 

@@ -29,6 +29,8 @@ def _data(source: str, *, name: str = "", image_size: int = 224) -> ConfigDict:
         "image_ops": "pil",            # training augmentations applied by pil: Pillow itself inside tf.data
                                        # (torchvision's ops, fast) | tf: TF ops (DeiT's RandAugment in floats)
                                        # | device: DINO's photometric ops in the train step (accelerators)
+        "device_canvas": 0,            # DINO with image_ops=device: N ships each image in an N x N canvas and
+                                       # its crops and resizes too run in the train step (0: on the host)
         "jpeg_decoding": "accurate",   # accurate: PIL's (torchvision's) pixels exactly | fast: TF's fast IDCT
         "scan_images": False,          # folder: decode every image before training; list every bad one at once
         "skip_bad_images": False,      # folder: scan, then train without the bad images (listed at start and end)

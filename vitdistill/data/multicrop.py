@@ -6,11 +6,12 @@ The photometric ops follow torchvision's PIL code paths level for level: ImageEn
 hue, BoxBlur.c for the blur; each takes and returns uint8 levels held in float32, as PIL hands uint8
 images from one op to the next.
 """
+import functools
 import math
 
 import tensorflow as tf
 
-from vitdistill.data import pil_ops, randaugment
+from vitdistill.data import pil_ops, pil_resize, randaugment
 from vitdistill.data.deit_transforms import (coin, normalize, pil_source, resized_crop, sample_crop_box,
                                              split_seed)
 
@@ -273,6 +274,111 @@ def device_ops(choices: dict, *, active) -> tf.Tensor:
                      flags["grayscale"], flags["blur"], *box_weights(choices["blur_sigma"]), flags["solarize"]])
 
 
+# With `device_canvas` (and image_ops="device") the pipeline ships each image once, in a canvas, and each view's
+# crop, resize and flip as Resample.c's windows into it (`view_windows`) for the step to apply
+# (`device_resize.resized_crops`).
+CANVAS = "canvas"
+WINDOWS_SUFFIX = "_windows"  # view `name`'s windows travel as `name + WINDOWS_SUFFIX`
+
+
+def canvas_layout(sizes, canvas: int):
+    """Where the views (square, of these `sizes`) of an image larger than the canvas go in it, made by Pillow:
+    [(top, left)], left to right on shelves, or None if they do not fit."""
+    top = left = shelf = 0
+    places = []
+    for size in sizes:
+        if left + size > canvas:
+            top, left, shelf = top + shelf, 0, 0
+        if left + size > canvas or top + size > canvas:
+            return None
+        places.append((top, left))
+        left, shelf = left + size, max(shelf, size)
+    return places
+
+
+def canvas_problem(canvas: int, sizes, *, image_ops: str, resize: str, interpolation: str):
+    """Why `device_canvas=canvas` cannot make views of these `sizes` with these settings (a sentence), or None."""
+    if canvas == 0:
+        return None
+    if image_ops != "device":
+        return (f"device_canvas={canvas} moves the crops and resizes into the train step, beside the photometric "
+                f"ops: it needs image_ops='device' (not {image_ops!r}); or set device_canvas=0")
+    if resize != "pil" or interpolation not in pil_resize.FILTERS:
+        return (f"device_canvas={canvas} resizes as Pillow does (resize='pil', bicubic or bilinear), not with "
+                f"resize={resize!r} and {interpolation!r}")
+    if canvas < 0 or canvas_layout(sizes, canvas) is None:
+        least = next(side for side in range(max(sizes), 8 * sum(sizes), 32) if canvas_layout(sizes, side))
+        counts = " + ".join(f"{sizes.count(side)} x {side}" for side in sorted(set(sizes), reverse=True))
+        return (f"device_canvas={canvas} cannot hold the views ({counts} px) of "
+                f"an image larger than it (whose views the host makes and packs into it); use {least} or more, or "
+                "0 to make the crops on the host")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _window_table(canvas: int, size: int, method: str) -> tuple:
+    with tf.init_scope():  # eager tensors, which a tf.data function captures as inputs rather than constants
+        return tuple(tf.constant(t) for t in pil_resize.coefficient_table(canvas, size, method))
+
+
+def window_tables(sizes, *, canvas: int, method="bicubic") -> dict:
+    """{size: (index, weight)}: `pil_resize.coefficient_table` for each view size, as eager tensors made once per
+    process, which tf.data functions capture as inputs. As graph constants in the map function, the DINO pipeline's
+    peak memory (canvas 640, 2x224 + 10x96) was 2.9 GB with a copy a view and 2.1 GB with one a size, against
+    1.1 GB so."""
+    return {size: _window_table(canvas, size, method) for size in sorted(set(sizes))}
+
+
+def view_windows(choices: dict, table: tuple) -> tf.Tensor:
+    """A view's crop, resize and flip as int32 [2, 2, size, K] (`device_resize`) from its size's `window_tables`
+    entry: for its rows, then its columns, where each output pixel's taps lie in the canvas and their weights
+    (Resample.c's, for the crop's length; K the most taps of a crop up to the canvas). A flip reverses the
+    columns' order."""
+    index, weight = table
+    top, left, height, width = tf.unstack(choices["crop"])
+    rows = tf.stack([tf.gather(index, height - 1) + top, tf.gather(weight, height - 1)])
+    columns = tf.stack([tf.gather(index, width - 1) + left, tf.gather(weight, width - 1)])
+    columns = tf.where(choices["flip"], columns[:, ::-1], columns)
+    return tf.stack([rows, columns])
+
+
+def _copy_windows(top: int, left: int, size: int, taps: int) -> tf.Tensor:
+    """The windows that copy a `size` x `size` view from (top, left) of the canvas: one tap each, weight 1."""
+    weight = tf.one_hot(tf.zeros([size], tf.int32), taps, on_value=1 << pil_resize.PRECISION_BITS, dtype=tf.int32)
+
+    def axis(start):
+        return tf.stack([tf.tile(tf.range(start, start + size)[:, None], [1, taps]), weight])
+
+    return tf.stack([axis(top), axis(left)])
+
+
+def canvas_views(image_uint8, choices: list, sizes: list, *, canvas: int, active, interpolation="bicubic"):
+    """(canvas uint8 [canvas, canvas, 3], [each view's windows, `view_windows`]): the image at the canvas' top
+    left, or, if it is larger than the canvas, its views made by Pillow (crop, resize, flip) packed into it
+    (`canvas_layout`) with windows that copy them."""
+    shape = tf.shape(image_uint8)
+    places = canvas_layout(sizes, canvas)
+
+    def placed():
+        tables = window_tables(sizes, canvas=canvas, method=interpolation)
+        margin = tf.maximum(canvas - shape[:2], 0)  # >= 0 also where this branch is not taken
+        board = tf.pad(image_uint8, [[0, margin[0]], [0, margin[1]], [0, 0]])
+        return board, tuple(view_windows(c, tables[size]) for c, size in zip(choices, sizes))
+
+    def packed():
+        off = dict(color_jitter=False, grayscale=False, blur=False, solarize=False)
+        made = pil_views(image_uint8, [dict(c, **off) for c in choices], sizes, active=active,
+                         interpolation=interpolation, dtype=tf.uint8)
+        board = tf.zeros([canvas, canvas, 3], tf.uint8)
+        for view, (top, left) in zip(made, places):
+            board += tf.image.pad_to_bounding_box(view, top, left, canvas, canvas)
+        return board, tuple(_copy_windows(top, left, size, pil_resize.taps(canvas, size, interpolation))
+                            for (top, left), size in zip(places, sizes))
+
+    board, windows = tf.cond(tf.logical_and(shape[0] <= canvas, shape[1] <= canvas), placed, packed)
+    return tf.ensure_shape(board, [canvas, canvas, 3]), list(windows)
+
+
 def _public(choices: dict) -> dict:
     return {k: v for k, v in choices.items() if k != "jitter"}
 
@@ -312,7 +418,7 @@ def multicrop_views(image_uint8, seed, *, global_size=224, local_size=96, global
                     contrast=0.4, saturation=0.2, hue=0.1, grayscale_prob=0.2, global_blur_probs=(1.0, 0.1),
                     local_blur_prob=0.5, blur_sigma=(0.1, 2.0), global_solarize_probs=(0.0, 0.2),
                     local_solarize_prob=0.0, interpolation="bicubic", resize="pil", image_ops="pil",
-                    levels=False, return_params=False):
+                    canvas=0, levels=False, return_params=False):
     """DINO's views of one image: {'global_0', 'global_1', 'local_0', ..., 'local_{num_local-1}'}.
 
     Each view normalised (float32), or with `levels` its uint8 levels, for the train step to normalise on the
@@ -324,7 +430,9 @@ def multicrop_views(image_uint8, seed, *, global_size=224, local_size=96, global
     `image_ops`: 'pil' (Pillow's own ops) or 'tf' (this module's) make whole views; 'device' (with `levels`)
     makes only the crop, resize and flip here, with Pillow, and adds each view's photometric choices as
     `name + OPS_SUFFIX` (`device_ops`) for the train step to apply (`device_photometric.apply_views`): the same
-    choices from the same seed, so the same levels as 'pil' (tests/test_device_photometric.py).
+    choices from the same seed, so the same levels as 'pil' (tests/test_device_photometric.py). With 'device' and
+    a `canvas` side, not even the crop, resize and flip: the image goes once, as `CANVAS` (`canvas_views`), each
+    view as its windows into it, `name + WINDOWS_SUFFIX` (tests/test_device_resize.py).
     """
     for name, probs in (("global_blur_probs", global_blur_probs), ("global_solarize_probs", global_solarize_probs)):
         if len(probs) != NUM_GLOBAL_VIEWS:
@@ -347,9 +455,20 @@ def multicrop_views(image_uint8, seed, *, global_size=224, local_size=96, global
     if image_ops == "device":
         if not levels:
             raise ValueError("image_ops='device' leaves the photometric ops to the train step: it needs levels=True")
-        off = dict(color_jitter=False, grayscale=False, blur=False, solarize=False)
-        made = pil_views(image_uint8, [dict(c, **off) for c in choices], sizes, active=active,
-                         interpolation=interpolation, resize=resize, dtype=tf.uint8)
+        problem = canvas_problem(canvas, sizes, image_ops=image_ops, resize=resize, interpolation=interpolation)
+        if problem:
+            raise ValueError(problem)
+        if canvas:
+            board, windows = canvas_views(image_uint8, choices, sizes, canvas=canvas, active=active,
+                                          interpolation=interpolation)
+            made = {CANVAS: board, **{name + WINDOWS_SUFFIX: w for name, w in zip(names, windows)}}
+        else:
+            off = dict(color_jitter=False, grayscale=False, blur=False, solarize=False)
+            made = pil_views(image_uint8, [dict(c, **off) for c in choices], sizes, active=active,
+                             interpolation=interpolation, resize=resize, dtype=tf.uint8)
+    elif canvas:
+        raise ValueError(canvas_problem(canvas, sizes, image_ops=image_ops, resize=resize,
+                                        interpolation=interpolation))
     elif image_ops == "pil":
         made = pil_views(image_uint8, choices, sizes, active=active, interpolation=interpolation, resize=resize,
                          dtype=tf.uint8 if levels else tf.float32)
@@ -358,7 +477,8 @@ def multicrop_views(image_uint8, seed, *, global_size=224, local_size=96, global
                         interpolation=interpolation, resize=resize) for c, size in zip(choices, sizes)]
         if levels:  # whole levels held in float32: exact
             made = [tf.saturate_cast(tf.round(image), tf.uint8) for image in made]
-    views = {name: image if levels else normalize(image) for name, image in zip(names, made)}
+    views = made if isinstance(made, dict) else {name: image if levels else normalize(image)
+                                                  for name, image in zip(names, made)}
     if image_ops == "device":
         views.update({name + OPS_SUFFIX: device_ops(c, active=active) for name, c in zip(names, choices)})
     params = {name: _public(c) for name, c in zip(names, choices)}

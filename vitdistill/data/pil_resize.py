@@ -18,6 +18,8 @@ the passes: its levels differ from PIL's by up to 8 on natural images (mean 0.3)
 PIL's integer arithmetic, so the levels are PIL's exactly; `tests/test_pil_resize.py` checks that
 against Pillow on random sizes, crops and both filters.
 """
+import math
+
 import tensorflow as tf
 
 PRECISION_BITS = 32 - 8 - 2
@@ -41,31 +43,52 @@ def _bilinear(x):
 FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_bilinear, 1.0)}
 
 
-def _coefficients(in_size, out_size, method):
+def _coefficients(in_size, out_size, method, ksize=None):
     """Resample.c `precompute_coeffs` + `normalize_coeffs_8bpc` for one axis.
 
     Returns (index [out, K] int32, weight [out, K] int32): output pixel `o` is
-    `sum_k input[index[o, k]] * weight[o, k]`, weights past a window's end being 0.
+    `sum_k input[index[o, k]] * weight[o, k]`, weights past a window's end being 0. `in_size` may also be
+    [L, 1] input sizes at once, giving [L, out, K]; then `ksize`, the taps kept (enough for the largest), is
+    required.
     """
     kernel, filter_support = FILTERS[method]
     in_f = tf.cast(in_size, tf.float64)
     scale = in_f / tf.cast(out_size, tf.float64)
     filterscale = tf.maximum(scale, 1.0)
     support = filter_support * filterscale
-    ksize = tf.cast(tf.math.ceil(support), tf.int32) * 2 + 1
+    if ksize is None:
+        ksize = tf.cast(tf.math.ceil(support), tf.int32) * 2 + 1
     center = (tf.cast(tf.range(out_size), tf.float64) + 0.5) * scale
     # C's (int) truncates towards zero; a negative start is clamped to 0 either way.
     xmin = tf.maximum(tf.cast(center - support + 0.5, tf.int32), 0)
     xmax = tf.minimum(tf.cast(center + support + 0.5, tf.int32), in_size) - xmin
     taps = tf.range(ksize)
-    positions = taps[None, :] + xmin[:, None]  # [out, K] input pixels
-    weights = kernel((tf.cast(positions, tf.float64) - center[:, None] + 0.5) * (1.0 / filterscale))  # Resample.c's `ss`
-    weights = tf.where(taps[None, :] < xmax[:, None], weights, tf.zeros_like(weights))
-    total = tf.reduce_sum(weights, axis=1, keepdims=True)
+    positions = taps + xmin[..., None]  # [..., out, K] input pixels
+    ss = tf.expand_dims(1.0 / filterscale, -1)  # Resample.c's `ss`
+    weights = kernel((tf.cast(positions, tf.float64) - center[..., None] + 0.5) * ss)
+    weights = tf.where(taps < xmax[..., None], weights, tf.zeros_like(weights))
+    total = tf.reduce_sum(weights, axis=-1, keepdims=True)
     weights = tf.where(total != 0.0, weights / tf.where(total != 0.0, total, 1.0), weights)
     fixed = weights * float(1 << PRECISION_BITS)
     fixed = tf.cast(tf.where(fixed < 0.0, fixed - 0.5, fixed + 0.5), tf.int32)  # truncation after +-0.5
-    return tf.minimum(positions, in_size - 1), fixed  # past a window's end: any pixel, weight 0
+    last = tf.expand_dims(tf.cast(in_size, tf.int32) - 1, -1)
+    return tf.minimum(positions, last), fixed  # past a window's end: any pixel, weight 0
+
+
+def taps(max_in: int, out_size: int, method: str = "bicubic") -> int:
+    """The most taps Resample.c's window has for inputs of up to `max_in` pixels resized to `out_size`."""
+    return math.ceil(FILTERS[method][1] * max(max_in / out_size, 1.0)) * 2 + 1
+
+
+def coefficient_table(max_in: int, out_size: int, method: str = "bicubic") -> tuple:
+    """`_coefficients` for every input size 1..max_in at once, padded to `taps(max_in, out_size, method)`:
+    (index, weight), int32 numpy [max_in, out_size, taps], row n - 1 for an input of n pixels."""
+    if method not in FILTERS:
+        raise ValueError(f"coefficient_table: method={method!r} is not one of {sorted(FILTERS)}")
+    with tf.init_scope():  # eagerly, also while a tf.data function is traced
+        sizes = tf.range(1, max_in + 1)[:, None]
+        index, weight = _coefficients(sizes, out_size, method, ksize=taps(max_in, out_size, method))
+        return index.numpy(), weight.numpy()
 
 
 def _rows_pass(image, out_size, method):

@@ -169,6 +169,8 @@ def random_arrays(shapes: dict, num_classes: int, seed: int = 0) -> dict:
             batch[name] = np.zeros(shape, dtype)
         elif name.endswith("_ops"):  # a DINO view's photometric choices (image_ops='device'): every op on
             batch[name] = np.broadcast_to(np.asarray(EVERY_DEVICE_OP, dtype), shape).copy()
+        elif name.endswith("_windows"):  # a DINO view's crop into the canvas (device_canvas): taps inside it
+            batch[name] = rng.randint(0, shapes["canvas"][0][1], shape).astype(dtype)
         else:
             batch[name] = rng.randint(0, num_classes, shape).astype(dtype)
     return batch

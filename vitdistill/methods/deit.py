@@ -139,6 +139,9 @@ def check(config) -> None:
     if deit_transforms.image_ops_of(config.data) == "device":
         raise ConfigError("config.data.image_ops='device' is DINO's (its photometric ops in the train step); DeiT's "
                           "RandAugment runs in the pipeline: use 'pil' (the default) or 'tf'")
+    if config.data.get("device_canvas", 0):
+        raise ConfigError(f"config.data.device_canvas={config.data.device_canvas} is DINO's (its crops in the train "
+                          "step); DeiT crops in the pipeline: use 0 (the default)")
     source = pipeline.check_training_split(config, jax.device_count())
     head = config.model.num_classes
     if head and head < source.num_classes:

@@ -21,7 +21,7 @@ import optax
 from tensorflow.io import gfile
 
 from vitdistill import losses, models, weights
-from vitdistill.data import deit_transforms, device_photometric, multicrop, pipeline
+from vitdistill.data import deit_transforms, device_photometric, device_resize, multicrop, pipeline
 from vitdistill.data.device_ops import normalize_levels
 from vitdistill.data.sources import get_source
 from vitdistill.errors import ConfigError
@@ -142,11 +142,14 @@ def step_rng(setup: DinoSetup, step):
 
 
 def view_levels(batch: dict, name: str, setup: DinoSetup):
-    """View `name` of the batch, its photometric ops applied if the pipeline left them to the step."""
+    """View `name` of the batch: cropped and resized from the canvas if the pipeline shipped the image once
+    (`data.device_canvas`), its photometric ops applied if the pipeline left them to the step."""
+    windows = batch.get(name + multicrop.WINDOWS_SUFFIX)
+    levels = batch[name] if windows is None else device_resize.resized_crops(batch[multicrop.CANVAS], windows)
     ops = batch.get(name + multicrop.OPS_SUFFIX)
     if ops is None:
-        return batch[name]
-    return device_photometric.apply_views(batch[name], ops, max_sigma=setup.max_sigma)
+        return levels
+    return device_photometric.apply_views(levels, ops, max_sigma=setup.max_sigma)
 
 
 def train_step(state: DinoState, batch: dict, frozen=None, *, setup: DinoSetup):
@@ -209,7 +212,8 @@ def train_transform(config):
                              global_scale=tuple(mc.global_scale), local_scale=tuple(mc.local_scale),
                              num_local=mc.num_local, blur_sigma=tuple(mc.blur_sigma),
                              resize=deit_transforms.resize_of(config.data),
-                             image_ops=deit_transforms.image_ops_of(config.data), levels=True)
+                             image_ops=deit_transforms.image_ops_of(config.data),
+                             canvas=int(config.data.get("device_canvas", 0)), levels=True)
 
 
 def knn_evaluator(config, mesh) -> Callable[..., dict]:
@@ -285,6 +289,12 @@ def check(config) -> None:
         raise ConfigError(f"config.multicrop.local_size={crops.local_size} is larger than global_size="
                           f"{crops.global_size}: DINO's local crops are the small views (96 against 224); swap "
                           "them or lower local_size")
+    sizes = [crops.global_size] * multicrop.NUM_GLOBAL_VIEWS + [crops.local_size] * crops.num_local
+    problem = multicrop.canvas_problem(config.data.get("device_canvas", 0), sizes,
+                                       image_ops=deit_transforms.image_ops_of(config.data),
+                                       resize=deit_transforms.resize_of(config.data), interpolation="bicubic")
+    if problem:
+        raise ConfigError(f"config.data.{problem}")
     pipeline.check_training_split(config, jax.device_count())
 
 
