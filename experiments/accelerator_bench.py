@@ -127,7 +127,7 @@ def batch_shapes(config) -> dict:
                 for name in multicrop.view_names(mc.num_local):
                     size = views.pop(name)[0][1]
                     views[name + multicrop.WINDOWS_SUFFIX] = (
-                        (b, 2, 2, size, pil_resize.taps(canvas, size, "bicubic")), "int32")
+                        (b, 2, size, 1 + pil_resize.taps(canvas, size, "bicubic")), "int32")
                 views[multicrop.CANVAS] = ((b, canvas, canvas, 3), "uint8")
         return {**views, "label": ((b,), "int32")}
     raise ValueError(f"no train step to measure for method {config.method!r}")

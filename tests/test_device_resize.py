@@ -33,7 +33,9 @@ def test_windows_resize_as_pillow_for_every_length_up_to_the_canvas(size, method
                      for n in range(1, canvas + 1)])
     offset = 7  # what lies beyond a crop must not leak in: shift the rows right and fill the rest
     shifted = np.concatenate([rng.integers(0, 256, (canvas, 2, offset, 3), dtype=np.uint8), rows], axis=2)
-    got = jax.jit(lambda *a: dr._resample(*a, axis=2))(shifted, index + offset, weight)
+    np.testing.assert_array_equal(index, np.minimum(index[:, :, :1] + np.arange(index.shape[2]),
+                                                    np.arange(canvas)[:, None, None]))  # a window: consecutive taps
+    got = jax.jit(lambda *a: dr._resample(*a, axis=2))(shifted, index[:, :, 0] + offset, weight)
     np.testing.assert_array_equal(np.asarray(got), want)
 
 

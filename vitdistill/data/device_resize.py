@@ -16,17 +16,18 @@ image's 13.3 ms once the photometric ops had moved to the device (`experiments/d
 import jax.numpy as jnp
 
 PRECISION_BITS = 22  # Resample.c's for 8-bit images: 32 - 8 - 2
-ROWS, COLUMNS = 0, 1  # a view's windows: [axis, (start of each tap | weight), output, tap]
+ROWS, COLUMNS = 0, 1  # a view's windows: [axis, output, (first tap | weight of each tap)]
 
 
-def _resample(image, index, weight, *, axis: int):
+def _resample(image, first, weight, *, axis: int):
     """One Resample.c pass along `axis` (1: rows, 2: columns) of uint8 [B, H, W, C] images: output pixel o is
-    clip((sum_k image[index[o, k]] * weight[o, k] + 2^21) >> 22) along that axis -> uint8; index and weight
-    int32 [B, out, K]."""
-    b, out, k = index.shape
+    clip((sum_k image[first[o] + k] * weight[o, k] + 2^21) >> 22) along that axis -> uint8; first int32 [B, out],
+    weight int32 [B, out, K]. Taps past a window's end weigh 0 (past the image's edge they read its last pixel)."""
+    b, out, k = weight.shape
     shape = [b, 1, 1, 1]
     shape[axis] = out * k
-    taps = jnp.take_along_axis(image, index.reshape(shape), axis=axis, mode="clip").astype(jnp.int32)
+    index = (first[:, :, None] + jnp.arange(k, dtype=first.dtype)).reshape(shape)
+    taps = jnp.take_along_axis(image, index, axis=axis, mode="clip").astype(jnp.int32)
     split = list(taps.shape)
     split[axis:axis + 1] = [out, k]
     weight_shape = [b, 1, 1, 1, 1]
@@ -37,6 +38,6 @@ def _resample(image, index, weight, *, axis: int):
 
 def resized_crops(canvas, windows):
     """A view of each image in the batch: uint8 canvas [B, H, W, C] and the view's int32 windows
-    [B, 2, 2, size, K] (`multicrop.view_windows`) -> uint8 [B, size, size, C], Pillow's levels."""
-    columns = _resample(canvas, windows[:, COLUMNS, 0], windows[:, COLUMNS, 1], axis=2)  # Pillow's order
-    return _resample(columns, windows[:, ROWS, 0], windows[:, ROWS, 1], axis=1)
+    [B, 2, size, 1 + K] (`multicrop.view_windows`) -> uint8 [B, size, size, C], Pillow's levels."""
+    columns = _resample(canvas, windows[:, COLUMNS, :, 0], windows[:, COLUMNS, :, 1:], axis=2)  # Pillow's order
+    return _resample(columns, windows[:, ROWS, :, 0], windows[:, ROWS, :, 1:], axis=1)

@@ -330,26 +330,24 @@ def window_tables(sizes, *, canvas: int, method="bicubic") -> dict:
 
 
 def view_windows(choices: dict, table: tuple) -> tf.Tensor:
-    """A view's crop, resize and flip as int32 [2, 2, size, K] (`device_resize`) from its size's `window_tables`
-    entry: for its rows, then its columns, where each output pixel's taps lie in the canvas and their weights
-    (Resample.c's, for the crop's length; K the most taps of a crop up to the canvas). A flip reverses the
-    columns' order."""
+    """A view's crop, resize and flip as int32 [2, size, 1 + K] (`device_resize`) from its size's `window_tables`
+    entry: for its rows, then its columns, where each output pixel's first tap lies in the canvas, then the
+    weights of its K taps (Resample.c's, for the crop's length; K the most taps of a crop up to the canvas;
+    taps past a window's end weigh 0). A flip reverses the columns' order."""
     index, weight = table
+
+    def axis(start, length):
+        return tf.concat([tf.gather(index, length - 1)[:, :1] + start, tf.gather(weight, length - 1)], axis=1)
+
     top, left, height, width = tf.unstack(choices["crop"])
-    rows = tf.stack([tf.gather(index, height - 1) + top, tf.gather(weight, height - 1)])
-    columns = tf.stack([tf.gather(index, width - 1) + left, tf.gather(weight, width - 1)])
-    columns = tf.where(choices["flip"], columns[:, ::-1], columns)
-    return tf.stack([rows, columns])
+    columns = axis(left, width)
+    return tf.stack([axis(top, height), tf.where(choices["flip"], columns[::-1], columns)])
 
 
 def _copy_windows(top: int, left: int, size: int, taps: int) -> tf.Tensor:
     """The windows that copy a `size` x `size` view from (top, left) of the canvas: one tap each, weight 1."""
     weight = tf.one_hot(tf.zeros([size], tf.int32), taps, on_value=1 << pil_resize.PRECISION_BITS, dtype=tf.int32)
-
-    def axis(start):
-        return tf.stack([tf.tile(tf.range(start, start + size)[:, None], [1, taps]), weight])
-
-    return tf.stack([axis(top), axis(left)])
+    return tf.stack([tf.concat([tf.range(start, start + size)[:, None], weight], axis=1) for start in (top, left)])
 
 
 def canvas_views(image_uint8, choices: list, sizes: list, *, canvas: int, active, interpolation="bicubic"):
