@@ -15,7 +15,8 @@ image's 13.3 ms once the photometric ops had moved to the device (`experiments/d
 """
 import jax.numpy as jnp
 
-PRECISION_BITS = 22  # Resample.c's for 8-bit images: 32 - 8 - 2
+from vitdistill.data.pil_resize import PRECISION_BITS  # Resample.c's fraction bits for 8-bit images
+
 ROWS, COLUMNS = 0, 1  # a view's windows: [axis, output, (first tap | weight of each tap)]
 
 

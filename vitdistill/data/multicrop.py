@@ -274,6 +274,13 @@ def device_ops(choices: dict, *, active) -> tf.Tensor:
                      flags["grayscale"], flags["blur"], *box_weights(choices["blur_sigma"]), flags["solarize"]])
 
 
+def geometric_views(image_uint8, choices: list, sizes: list, *, active, interpolation="bicubic", resize="pil"):
+    """The views' crop, resize and flip alone, by Pillow (`pil_views` with the photometric ops off): uint8."""
+    off = dict(color_jitter=False, grayscale=False, blur=False, solarize=False)
+    return pil_views(image_uint8, [dict(c, **off) for c in choices], sizes, active=active,
+                     interpolation=interpolation, resize=resize, dtype=tf.uint8)
+
+
 # With `device_canvas` (and image_ops="device") the pipeline ships each image once, in a canvas, and each view's
 # crop, resize and flip as Resample.c's windows into it (`view_windows`) for the step to apply
 # (`device_resize.resized_crops`).
@@ -306,7 +313,7 @@ def canvas_problem(canvas: int, sizes, *, image_ops: str, resize: str, interpola
     if resize != "pil" or interpolation not in pil_resize.FILTERS:
         return (f"device_canvas={canvas} resizes as Pillow does (resize='pil', bicubic or bilinear), not with "
                 f"resize={resize!r} and {interpolation!r}")
-    if canvas < 0 or canvas_layout(sizes, canvas) is None:
+    if canvas_layout(sizes, canvas) is None:
         least = next(side for side in range(max(sizes), 8 * sum(sizes), 32) if canvas_layout(sizes, side))
         counts = " + ".join(f"{sizes.count(side)} x {side}" for side in sorted(set(sizes), reverse=True))
         return (f"device_canvas={canvas} cannot hold the views ({counts} px) of "
@@ -316,22 +323,16 @@ def canvas_problem(canvas: int, sizes, *, image_ops: str, resize: str, interpola
 
 
 @functools.lru_cache(maxsize=None)
-def _window_table(canvas: int, size: int, method: str) -> tuple:
-    with tf.init_scope():  # eager tensors, which a tf.data function captures as inputs rather than constants
+def window_table(canvas: int, size: int, method: str) -> tuple:
+    """(index, weight): `pil_resize.coefficient_table` for views of `size`, as eager tensors made once per process,
+    which tf.data functions capture as inputs. As graph constants in the map function, the DINO pipeline's peak
+    memory (canvas 640, 2x224 + 10x96) was 2.9 GB with a copy a view and 2.1 GB with one a size, against 1.1 GB so."""
+    with tf.init_scope():  # eagerly, also while a tf.data function is traced
         return tuple(tf.constant(t) for t in pil_resize.coefficient_table(canvas, size, method))
 
 
-def window_tables(sizes, *, canvas: int, method="bicubic") -> dict:
-    """{size: (index, weight)}: `pil_resize.coefficient_table` for each view size, as eager tensors made once per
-    process, which tf.data functions capture as inputs. As graph constants in the map function, the DINO pipeline's
-    peak memory (canvas 640, 2x224 + 10x96) was 2.9 GB with a copy a view and 2.1 GB with one a size, against
-    1.1 GB so."""
-    return {size: _window_table(canvas, size, method) for size in sorted(set(sizes))}
-
-
 def view_windows(choices: dict, table: tuple) -> tf.Tensor:
-    """A view's crop, resize and flip as int32 [2, size, 1 + K] (`device_resize`) from its size's `window_tables`
-    entry: for its rows, then its columns, where each output pixel's first tap lies in the canvas, then the
+    """A view's crop, resize and flip as int32 [2, size, 1 + K] (`device_resize`) from its size's `window_table`: for its rows, then its columns, where each output pixel's first tap lies in the canvas, then the
     weights of its K taps (Resample.c's, for the crop's length; K the most taps of a crop up to the canvas;
     taps past a window's end weigh 0). A flip reverses the columns' order."""
     index, weight = table
@@ -358,15 +359,13 @@ def canvas_views(image_uint8, choices: list, sizes: list, *, canvas: int, active
     places = canvas_layout(sizes, canvas)
 
     def placed():
-        tables = window_tables(sizes, canvas=canvas, method=interpolation)
         margin = tf.maximum(canvas - shape[:2], 0)  # >= 0 also where this branch is not taken
         board = tf.pad(image_uint8, [[0, margin[0]], [0, margin[1]], [0, 0]])
-        return board, tuple(view_windows(c, tables[size]) for c, size in zip(choices, sizes))
+        return board, tuple(view_windows(c, window_table(canvas, size, interpolation))
+                            for c, size in zip(choices, sizes))
 
     def packed():
-        off = dict(color_jitter=False, grayscale=False, blur=False, solarize=False)
-        made = pil_views(image_uint8, [dict(c, **off) for c in choices], sizes, active=active,
-                         interpolation=interpolation, dtype=tf.uint8)
+        made = geometric_views(image_uint8, choices, sizes, active=active, interpolation=interpolation)
         board = tf.zeros([canvas, canvas, 3], tf.uint8)
         for view, (top, left) in zip(made, places):
             board += tf.image.pad_to_bounding_box(view, top, left, canvas, canvas)
@@ -450,23 +449,19 @@ def multicrop_views(image_uint8, seed, *, global_size=224, local_size=96, global
         choices.append(view_choices(image_uint8, view_seeds[index], **settings, **shared))
         sizes.append(global_size if index < NUM_GLOBAL_VIEWS else local_size)
     active = jitter_active(brightness, contrast, saturation, hue)
+    problem = canvas_problem(canvas, sizes, image_ops=image_ops, resize=resize, interpolation=interpolation)
+    if problem:
+        raise ValueError(problem)
     if image_ops == "device":
         if not levels:
             raise ValueError("image_ops='device' leaves the photometric ops to the train step: it needs levels=True")
-        problem = canvas_problem(canvas, sizes, image_ops=image_ops, resize=resize, interpolation=interpolation)
-        if problem:
-            raise ValueError(problem)
         if canvas:
             board, windows = canvas_views(image_uint8, choices, sizes, canvas=canvas, active=active,
                                           interpolation=interpolation)
             made = {CANVAS: board, **{name + WINDOWS_SUFFIX: w for name, w in zip(names, windows)}}
         else:
-            off = dict(color_jitter=False, grayscale=False, blur=False, solarize=False)
-            made = pil_views(image_uint8, [dict(c, **off) for c in choices], sizes, active=active,
-                             interpolation=interpolation, resize=resize, dtype=tf.uint8)
-    elif canvas:
-        raise ValueError(canvas_problem(canvas, sizes, image_ops=image_ops, resize=resize,
-                                        interpolation=interpolation))
+            made = geometric_views(image_uint8, choices, sizes, active=active, interpolation=interpolation,
+                                   resize=resize)
     elif image_ops == "pil":
         made = pil_views(image_uint8, choices, sizes, active=active, interpolation=interpolation, resize=resize,
                          dtype=tf.uint8 if levels else tf.float32)
