@@ -5,7 +5,9 @@
 
 The 224-px position embedding is resampled bicubically to the 24x24 grid on loading. Official
 fine-tuning settings (main.py --finetune): 30 epochs, lr 5e-6 x batch/512 with min lr 5e-6, after
-main.py's 5 warm-up epochs from 1e-6; evaluation resizes to 438 and centre-crops 384.
+main.py's 5 warm-up epochs from 1e-6, the model in inference mode while it trains (no drop path;
+`model.train_mode=False`, main.py's "keep in eval mode during finetuning"); evaluation resizes to 438
+and centre-crops 384.
 """
 from vitdistill import recipes, small_data
 

@@ -102,3 +102,69 @@ def test_a_checkpoint_of_another_width_is_refused_naming_the_clash(tmp_path):
     weights.save_variables(str(tmp_path / "narrow"), narrow, model="deit_micro_patch4_32")
     with pytest.raises(CheckpointError, match=r"(?s)do not fit this model.*pretrained \[.*64\], model \[.*128\]"):
         weights.load_pretrained(str(tmp_path / "narrow"), variables)
+
+
+def _finetune_config(name: str, arg=None):
+    import os
+
+    from ml_collections import config_flags
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return config_flags.config_flags._LoadConfigModule(
+        "config", os.path.join(root, "configs", name)).get_config(arg)
+
+
+def _micro_finetune_step(config, *, seed: int):
+    """One DeiT step of the micro distilled model under `config`'s mode, drop path 0.5, smoothing alone (no
+    mixup, so the targets are known): (loss, state before, state after, images, targets)."""
+    from vitdistill.train.schedules import RunLength
+    config.model.name = SOURCE
+    config.data.image_size = 32
+    config.model.drop_path_rate = 0.5
+    config.mixup.prob = 0.0
+    config.seed = seed
+    setup = deit.make_setup(config, num_classes=10, length=RunLength(steps_per_epoch=10, total_steps=300))
+    state = deit.init_state(jax.random.key(0), setup=setup)
+    images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3), jnp.float32)
+    labels = jnp.array([0, 3, 7, 9], jnp.int32)
+    new_state, metrics = jax.jit(lambda s, b: deit.train_step(s, b, {}, setup=setup))(
+        state, {"image": images, "label": labels})
+    targets = 0.9 * jax.nn.one_hot(labels, 10) + 0.1 / 10
+    return float(metrics["loss"]), setup, state, new_state, images, targets
+
+
+def test_deit_fine_tuning_trains_in_inference_mode_as_main_py_finetune():
+    """DeiT's main.py fine-tunes with the model in eval mode (the paper's code, a8e9096..ab57153:
+    `train_one_epoch(..., set_training_mode=args.finetune == '')`, "keep in eval mode during finetuning"; today's
+    with --no-train-mode): timm's DropPath is the identity and DistilledVisionTransformer returns
+    (x + x_dist) / 2, on which the criterion runs, so both heads train. Written out below: the smoothed
+    cross-entropy of the mean of the two heads' logits, without drop path."""
+    config = _finetune_config("deit_b_distilled_384.py")
+    assert config.model.train_mode is False and config.distill.kind == "none"
+    assert _finetune_config("deit_b_384.py").model.train_mode is False
+    loss, setup, state, new_state, images, targets = _micro_finetune_step(config, seed=0)
+    cls, dist = setup.model.apply({"params": state.params}, images, train=False, both_heads=True)
+    logits = (np.asarray(cls, np.float64) + np.asarray(dist, np.float64)) / 2
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    want = float(np.mean(-(np.asarray(targets) * log_p).sum(-1)))
+    assert loss == pytest.approx(want, rel=1e-5)
+    # No drop path: another seed (other drop-path draws in training mode) gives the same loss.
+    assert _micro_finetune_step(_finetune_config("deit_b_distilled_384.py"), seed=5)[0] == pytest.approx(loss, rel=1e-6)
+    # Both heads train: the distillation head moves by Adam's step, not only by the 1e-8 weight decay.
+    moved = np.abs(np.asarray(new_state.params["head_dist"]["kernel"] - state.params["head_dist"]["kernel"]))
+    assert moved.max() > 1e-8
+    # In training mode (pre-training, or `:distill`) the class head alone takes this loss, under drop path.
+    train_config = _finetune_config("deit_b_distilled_384.py")
+    train_config.model.train_mode = True
+    assert abs(_micro_finetune_step(train_config, seed=0)[0] - want) > 1e-3
+
+
+def test_distillation_needs_training_mode_and_the_distill_fine_tune_has_it():
+    from vitdistill.errors import ConfigError
+    config = _finetune_config("deit_b_distilled_384.py")
+    config.distill.kind = "hard"
+    with pytest.raises(ConfigError, match=r"train_mode=False.*mean of its heads.*--config.model.train_mode=True"):
+        deit.check_distillation(config)
+    distill = _finetune_config("deit_b_distilled_384.py", "distill")
+    assert distill.distill.kind == "hard" and distill.model.train_mode is True
+    deit.check_distillation(distill)

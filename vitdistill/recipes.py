@@ -72,6 +72,8 @@ def deit(model: str = "deit_small_patch16_224", *, distilled: bool = False) -> C
         "patch_size": _opt(int),       # ViTs; default: the model's own
         "drop_path_rate": 0.1,
         "drop_rate": 0.0,
+        "train_mode": True,            # train the student in training mode (drop path on, a distilled one's heads
+                                       # apart); False: in inference mode, as DeiT fine-tunes (--no-train-mode)
         "dtype": "auto",               # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
         "remat": False,                # ViTs: recompute each block in the backward pass (less memory, more compute)
         "fused_attention": True,       # ViTs: cuDNN flash attention on GPUs in half precision
@@ -132,8 +134,13 @@ def deit_finetune(model: str = "deit_base_patch16_384", *, distilled: bool = Fal
     30 epochs, batch 512, lr 5e-6 x batch/512 with min lr 5e-6 (so constant after main.py's default 5
     warm-up epochs from 1e-6, with its one-epoch lag), weight decay 1e-8; evaluation resizes to
     int(size / 0.875) (438 for 384) and centre-crops, as build_transform does with eval_crop_ratio 0.875.
+    The student trains in inference mode (`model.train_mode=False`), as main.py fine-tunes: the paper's code
+    (`set_training_mode=args.finetune == ''`, "keep in eval mode during finetuning") and today's with
+    `--no-train-mode` ("keep in eval mode for deit finetuning"): no drop path, and a distilled model's one
+    output, the mean of its heads, takes the cross-entropy, so both heads train.
     Without distillation: main.py refuses --finetune with a distillation type ("Finetuning with
-    distillation not yet supported"); `distill.kind` may still be set (the paper's ⚗↑384 used a teacher)."""
+    distillation not yet supported"); `distill.kind` may still be set (the paper's ⚗↑384 used a teacher),
+    with `model.train_mode=True` (the distillation loss needs the two heads apart)."""
     c = deit(model, distilled=distilled)
     c.data.image_size = image_size
     c.epochs = 30.0
@@ -142,6 +149,7 @@ def deit_finetune(model: str = "deit_base_patch16_384", *, distilled: bool = Fal
     c.optim.min_lr = 5e-6
     c.optim.weight_decay = 1e-8
     c.distill.kind = "none"
+    c.model.train_mode = False
     return c
 
 
@@ -245,6 +253,7 @@ def linear(model: str = "vit_small_patch16_224") -> ConfigDict:
         "lrs": (1e-3,),                # one head per base lr, trained on the same features in one pass
         "momentum": 0.9,
         "scale": (0.08, 1.0),          # RandomResizedCrop(224)'s default scale
+        "interpolation": "bilinear",   # ...and its default resampling (the evaluation resize is bicubic)
     })
     return _run(c, epochs=100.0, batch_size=1024)
 

@@ -68,6 +68,7 @@ class DeitSetup:
     ema_decay: float                # 0: no model EMA
     seed: int                       # the config's; the step's randomness is drawn from seed + 1
     teacher: Optional[nn.Module] = None
+    train_mode: bool = True         # False: the student runs as at inference while it trains (DeiT's fine-tuning)
 
     @property
     def distilled(self) -> bool:
@@ -103,6 +104,14 @@ def model_overrides(model_config, image_size: int) -> dict:
     return overrides
 
 
+def train_mode_of(config) -> bool:
+    """`config.model.train_mode`: whether the student trains in training mode (drop path on; a distilled model's
+    two heads apart, each with its loss term), as DeiT pre-trains, or in inference mode (no drop path; a distilled
+    model's one output, the mean of its heads, takes the cross-entropy), as DeiT fine-tunes (main.py:
+    `set_training_mode=args.finetune == ''`, later `--no-train-mode`). Configs written before the key: True."""
+    return bool(config.model.get("train_mode", True))
+
+
 def check_distillation(config) -> None:
     """A valid `distill.kind`, and a student with a distillation head for soft or hard distillation."""
     kind = config.distill.kind
@@ -111,6 +120,11 @@ def check_distillation(config) -> None:
     if kind != "none" and not is_distilled(models.create(config.model.name)):
         raise ConfigError(f"config.distill.kind={kind!r} needs a distilled student (deit_*_distilled_*), but "
                           f"config.model.name={config.model.name!r} has no distillation head")
+    if kind != "none" and not train_mode_of(config):
+        raise ConfigError(f"config.distill.kind={kind!r} with config.model.train_mode=False: in inference mode the "
+                          "student gives one output, the mean of its heads, and the distillation loss needs the two "
+                          "apart (main.py refuses it too); set --config.model.train_mode=True, or "
+                          "--config.distill.kind=none")
 
 
 def mixing_groups(config) -> int:
@@ -170,7 +184,8 @@ def make_setup(config, *, num_classes: int, length: schedules.RunLength,
                      kind=config.distill.kind, alpha=config.distill.alpha, tau=config.distill.tau,
                      mixing=Mixing(mix.mixup_alpha, mix.cutmix_alpha, mix.switch_prob, mix.prob, mix.label_smoothing,
                                    groups),
-                     ema_decay=config.model_ema_decay, seed=config.seed, teacher=teacher)
+                     ema_decay=config.model_ema_decay, seed=config.seed, teacher=teacher,
+                     train_mode=train_mode_of(config))
 
 
 def init_state(rng, *, setup: DeitSetup) -> DeitState:
@@ -230,9 +245,10 @@ def train_step(state: DeitState, batch: dict, teacher_variables, *, setup: DeitS
     def loss_fn(params):
         variables = state.model_variables(params)
         mutable = ["batch_stats"] if state.batch_stats else False
-        out = setup.model.apply(variables, images, train=True, rngs={"dropout": drop_rng}, mutable=mutable)
+        out = setup.model.apply(variables, images, train=setup.train_mode, rngs={"dropout": drop_rng},
+                                mutable=mutable)
         out, new_stats = out if mutable else (out, {})
-        cls_logits, dist_logits = out if distilled else (out, None)
+        cls_logits, dist_logits = out if distilled and setup.train_mode else (out, None)
         parts = losses.deit_loss_parts(cls_logits, dist_logits, targets, teacher_logits, kind=setup.kind,
                                        alpha=setup.alpha, tau=setup.tau)
         return parts["loss"], (parts, new_stats.get("batch_stats", {}) if new_stats else {})
