@@ -150,3 +150,33 @@ def test_the_backbone_is_required_and_checked(tmp_path):
     config.linear.avgpool_patchtokens = True
     with pytest.raises(ConfigError, match="n_last_blocks=1"):
         methods.get("linear").build_task(config, str(tmp_path))
+
+
+def test_the_probe_trains_on_eval_linears_bilinear_crops():
+    """eval_linear.py's train transform is `RandomResizedCrop(224)` with torchvision's default interpolation,
+    bilinear (only its evaluation resize asks for bicubic): each training view is Pillow's bilinear resize of
+    the drawn crop, flipped by the drawn coin, normalised."""
+    from PIL import Image
+
+    import tensorflow as tf
+    from augment_testing import eager, pil_resize_reference, sample_image
+    from vitdistill.data import deit_transforms as dt
+
+    config = recipes.linear("vit_micro_patch4_32")
+    assert config.linear.interpolation == "bilinear"
+    config.data.image_size = 40
+    transform = linear.train_transform(config)
+    image = sample_image("flower", size=(160, 120))
+    mean, std = np.array(dt.IMAGENET_MEAN) * 255, np.array(dt.IMAGENET_STD) * 255
+    flips = set()
+    for k in range(6):
+        seed = np.array([k, 11], np.int64)
+        got = eager(lambda s: transform(tf.constant(image), s)["image"], seed)
+        crop_seed, flip_seed = eager(lambda s: tf.stack(dt.split_seed(s, 2)), seed)
+        top, left, h, w = (int(v) for v in eager(lambda s: tf.stack(dt.sample_crop_box(s, 120, 160)), crop_seed))
+        view = pil_resize_reference(Image.fromarray(image).crop((left, top, left + w, top + h)), (40, 40), "bilinear")
+        flip = bool(eager(lambda s: dt.coin(s, 0.5), flip_seed))
+        flips.add(flip)
+        want = (np.asarray(view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view, np.float32) - mean) / std
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert flips == {True, False}

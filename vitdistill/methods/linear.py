@@ -97,12 +97,16 @@ def train_step(state: LinearState, batch: dict, backbone_params, *, setup: Linea
 
 
 def train_transform(config):
+    """eval_linear.py's `RandomResizedCrop(224)` (bilinear, torchvision's default; configs written before
+    `linear.interpolation` took bicubic, DeiT's), `RandomHorizontalFlip()`, normalisation."""
     size, scale = config.data.image_size, tuple(config.linear.scale)
     resize = deit_transforms.resize_of(config.data)
+    method = config.linear.get("interpolation", "bicubic")
 
     def transform(image, seed):
         crop_seed, flip_seed = deit_transforms.split_seed(seed, 2)
-        image = deit_transforms.random_resized_crop(image, crop_seed, size, scale=scale, resize=resize)
+        image = deit_transforms.random_resized_crop(image, crop_seed, size, scale=scale, method=method,
+                                                    resize=resize)
         return {"image": deit_transforms.normalize(deit_transforms.horizontal_flip(image, flip_seed))}
 
     return transform
@@ -163,6 +167,9 @@ def build_task(config, workdir: str) -> loop.Task:
                           "CLS and mean patch features, which only lines up for one block)")
     if not lin.lrs:
         raise ConfigError("config.linear.lrs is empty; give one or more base learning rates, e.g. (0.001,)")
+    if lin.get("interpolation", "bicubic") not in ("bilinear", "bicubic"):
+        raise ConfigError(f"config.linear.interpolation={lin.interpolation!r}; use 'bilinear' (eval_linear.py's "
+                          "RandomResizedCrop, the default) or 'bicubic'")
     backbone, backbone_params, _ = weights.frozen_vit(config.model, what="the linear probe")
     if lin.n_last_blocks > backbone.depth:
         raise ConfigError(f"config.linear.n_last_blocks={lin.n_last_blocks} but {config.model.name} has "
