@@ -11,5 +11,6 @@ from vitdistill import recipes, small_data
 
 
 def get_config(arg=None):
+    recipes.check_config_arg("configs/deit_b.py", arg, ("runlocal",))
     config = recipes.deit("deit_base_patch16_224", distilled=False)
     return small_data.runlocal(config) if arg == "runlocal" else config

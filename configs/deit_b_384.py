@@ -13,5 +13,6 @@ from vitdistill import recipes, small_data
 
 
 def get_config(arg=None):
+    recipes.check_config_arg("configs/deit_b_384.py", arg, ("runlocal",))
     config = recipes.deit_finetune("deit_base_patch16_384", distilled=False)
     return small_data.runlocal(config) if arg == "runlocal" else config

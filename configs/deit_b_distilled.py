@@ -11,6 +11,7 @@ from vitdistill import recipes, small_data
 
 
 def get_config(arg=None):
+    recipes.check_config_arg("configs/deit_b_distilled.py", arg, ("runlocal",))
     config = recipes.deit("deit_base_distilled_patch16_224", distilled=True)
     # The DeiT paper's teacher: RegNetY-16GF (82.9% top-1). Convert the official weights once:
     #   python -m vitdistill.convert --checkpoint=regnety_160-a5fe301d.pth --model=regnety_160 --output=DIR

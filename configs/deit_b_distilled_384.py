@@ -16,6 +16,7 @@ from vitdistill import recipes, small_data
 
 
 def get_config(arg=None):
+    recipes.check_config_arg("configs/deit_b_distilled_384.py", arg, ("distill", "runlocal"))
     config = recipes.deit_finetune("deit_base_distilled_patch16_384", distilled=True)
     if arg == "distill":
         config.distill.kind = "hard"

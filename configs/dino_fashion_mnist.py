@@ -18,11 +18,11 @@ At full length (4.5 epochs) teacher temperature 0.04 with an unnormalised last l
 75.95, and 4-px patches for 1.8 epochs at 67.45: the README's sweep table
 (experiments/results/dino_fashion_mnist_sweep.json) has every run; none beats raw pixels (81.10).
 """
-from vitdistill import small_data
+from vitdistill import recipes, small_data
 
 
 def get_config(arg=None):
-    del arg
+    recipes.check_config_arg("configs/dino_fashion_mnist.py", arg, ())
     config = small_data.small_dino("fashion_mnist", image_size=28, local_size=14, num_local=6, epochs=4.5,
                                    patch_size=7, warmup_epochs=0.3, freeze_last_layer_epochs=0.3)
     config.knn.train_limit = 10_000

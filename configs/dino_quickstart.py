@@ -6,10 +6,10 @@ A micro ViT (4 blocks, width 128) learns from 2 global 16-px crops and 4 local 8
 1,438 training digits, without their labels; the k-NN classifier (k 20, T 0.07) on its teacher's CLS
 features is measured on the 359 test digits at initialisation and at the end.
 """
-from vitdistill import small_data
+from vitdistill import recipes, small_data
 
 
 def get_config(arg=None):
-    del arg
+    recipes.check_config_arg("configs/dino_quickstart.py", arg, ())
     return small_data.small_dino("digits", image_size=16, local_size=8, num_local=4, epochs=60,
                                  warmup_epochs=10, freeze_last_layer_epochs=10)

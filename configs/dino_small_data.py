@@ -12,9 +12,9 @@ the command line is kept. k-NN (k 20, T 0.07) is measured at initialisation and 
 used for nothing else. The same recipe, unchanged, is the README's three-dataset table
 (`experiments/small_data_table.py`).
 """
-from vitdistill import small_data
+from vitdistill import recipes, small_data
 
 
 def get_config(arg=None):
-    del arg
+    recipes.check_config_arg("configs/dino_small_data.py", arg, ())
     return small_data.small_dino_recipe("digits")

@@ -10,6 +10,7 @@ from vitdistill import recipes, small_data
 
 
 def get_config(arg=None):
+    recipes.check_config_arg("configs/eval_knn.py", arg, ("digits",))
     config = recipes.knn_eval()
     if arg == "digits":
         small_data.use_small_data(config, "digits")

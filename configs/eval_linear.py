@@ -12,6 +12,7 @@ from vitdistill import recipes, small_data
 
 
 def get_config(arg=None):
+    recipes.check_config_arg("configs/eval_linear.py", arg, ("runlocal",))
     config = recipes.linear()
     if arg == "runlocal":
         small_data.use_small_data(config, "digits")

@@ -15,9 +15,10 @@ TRAIN_IMAGES = 10_000
 
 
 def get_config(arg="hard"):
+    recipes.check_config_arg("configs/fashion_mnist_deit.py", arg, ("teacher", "none", "soft", "hard"))
     if arg == "teacher":
         config = small_data.cnn_teacher("fashion_mnist", epochs=15)
-    elif arg in ("none", "soft", "hard"):
+    else:  # none, soft, hard
         distilled = arg != "none"
         model = "deit_micro_distilled_patch4_32" if distilled else "deit_micro_patch4_32"
         config = recipes.deit(model, distilled=distilled)
@@ -31,8 +32,6 @@ def get_config(arg="hard"):
             config.distill.alpha = 0.1
         if distilled:
             config.teacher.train = small_data.cnn_teacher("fashion_mnist", epochs=15)
-    else:
-        raise ValueError(f"configs/fashion_mnist_deit.py takes teacher, none, soft or hard, not {arg!r}")
     for run in (config, config.teacher.train) if config.teacher.train else (config,):
         run.data.image_size = 28
         run.data.train_limit = TRAIN_IMAGES

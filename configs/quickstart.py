@@ -10,7 +10,7 @@ from vitdistill import recipes, small_data
 
 
 def get_config(arg=None):
-    del arg
+    recipes.check_config_arg("configs/quickstart.py", arg, ())
     config = recipes.deit("deit_micro_distilled_patch4_32", distilled=True)
     small_data.use_small_data(config, "digits")
     small_data.light_deit_augment(config)

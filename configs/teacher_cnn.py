@@ -14,12 +14,11 @@ from vitdistill import recipes, small_data
 
 
 def get_config(arg="fashion_mnist"):
+    recipes.check_config_arg("configs/teacher_cnn.py", arg, ("digits", "fashion_mnist", "regnety_160"))
     if arg in ("digits", "fashion_mnist"):
         return small_data.cnn_teacher(arg, epochs=15)
-    if arg == "regnety_160":
-        config = recipes.deit("regnety_160")
-        config.epochs = 0.0
-        config.model.drop_path_rate = 0.0
-        config.model_ema_decay = 0.0
-        return config
-    raise ValueError(f"configs/teacher_cnn.py takes digits, fashion_mnist or regnety_160, not {arg!r}")
+    config = recipes.deit("regnety_160")  # regnety_160
+    config.epochs = 0.0
+    config.model.drop_path_rate = 0.0
+    config.model_ema_decay = 0.0
+    return config

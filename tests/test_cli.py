@@ -188,9 +188,58 @@ def test_dino_vits16_is_the_readme_command_it_cites_and_boost_is_the_readmes_boo
     assert not boost.model.norm_last_layer and boost.multicrop.num_local == 8
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_refuses_a_variant_it_does_not_know(path):
+    """A misspelt `:ARG` (`:runlcoal`) must not silently load the full recipe, which on a machine with ImageNet
+    starts a 300-epoch run."""
+    from vitdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"configs/\S+\.py:runlcoal is not a variant of this config"):
+        recipes.from_file(path, "runlcoal")
+
+
 def test_an_unknown_config_variant_is_one_line_naming_the_valid_ones(tmp_path):
     run = _main("--config=configs/dino_vits16.py:paper", f"--workdir={tmp_path / 'run'}")
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     assert ("vitdistill: configs/dino_vits16.py:paper is not a variant of this config; valid: boost, runlocal"
             in run.stderr)
+
+
+@pytest.mark.parametrize("source, flag, message", [
+    ("def get_config(:\n    pass\n", "", r"The config file \S+bad\.py does not parse: invalid syntax at line 1; fix"),
+    ("x = 1\n", "", r"The config file \S+bad\.py defines no get_config\(\)"),
+    ("def get_config(arg=None):\n    raise ValueError('no such data')\n", "",
+     r"The config file \S+bad\.py failed to load: ValueError: no such data; fix the file, or run with --debug"),
+    ("import no_such_module_here\n", "",
+     r"The config file \S+bad\.py failed to load: ModuleNotFoundError: No module named 'no_such_module_here'"),
+    (None, "--wrkdir=x", r"Unknown command line flag 'wrkdir'. Did you mean: workdir \?"),
+], ids=["syntax", "no_get_config", "raises", "import", "unknown_flag"])
+def test_a_config_file_that_does_not_load_or_an_unknown_flag_is_one_line(tmp_path, source, flag, message):
+    import re
+
+    path = os.path.join(ROOT, "configs", "quickstart.py")
+    if source is not None:
+        path = tmp_path / "bad.py"
+        path.write_text(source)
+    run = _main(f"--config={path}", f"--workdir={tmp_path / 'run'}", *([flag] if flag else []))
+    assert run.returncode == 2, _stderr(run)
+    assert "Traceback" not in run.stderr, _stderr(run)
+    assert re.search("^vitdistill: " + message, run.stderr, re.M), _stderr(run)
+
+
+def test_messages_name_the_fix_for_a_wrong_split_a_vit_default_on_a_cnn_and_empty_class_folders(tmp_path):
+    from vitdistill.data import sources
+    from vitdistill.errors import ConfigError, DataError
+
+    with pytest.raises(DataError, match=r"digits has splits 'train' and 'test', not 'validation': use "
+                                        r"--config.data.train_split=train and --config.data.eval_split=test"):
+        sources.digits("validation")
+    with pytest.raises(ConfigError, match=r"resnet_micro \(ResNet\) has no field 'drop_path_rate' \(set "
+                                          r"--config.model.drop_path_rate=0: the config's default is for ViTs\)"):
+        models.create("resnet_micro", drop_path_rate=0.1)
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("no image")
+    with pytest.raises(DataError, match=r"No images .* in the class folders of \S+/train \(the layout is "
+                                        r"\S+/train/<class>/<image>\): put the images there"):
+        sources.image_folder(str(tmp_path), "train")

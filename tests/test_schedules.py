@@ -174,3 +174,29 @@ def test_the_384_fine_tuning_recipe_warms_up_as_deits_main_py():
         want = 1e-6 + t * (5e-6 - 1e-6) / 5 if t < 5 else 5e-6 + (5e-6 - 5e-6) * (1 + np.cos(np.pi * t / 30)) / 2
         for step in (10 * epoch, 10 * epoch + 9):
             assert float(setup.lr(step)) == pytest.approx(want, rel=1e-6), (epoch, step)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("max_steps", -1, r"config.max_steps=-1; use a count of steps >= 1, or 0 \(or unset\) for the whole run"),
+    ("epochs", -2.0, r"config.epochs=-2.0; use a length >= 0"),
+])
+def test_a_negative_run_length_is_refused(key, value, message):
+    from ml_collections import ConfigDict
+
+    from vitdistill.errors import ConfigError
+
+    config = ConfigDict({"epochs": 3.0, "batch_size": 8, "max_steps": None})
+    assert schedules.run_length(config, 80) == schedules.RunLength(10, 30)
+    config.max_steps = 0  # 0: no limit, as unset
+    assert schedules.run_length(config, 80) == schedules.RunLength(10, 30)
+    config[key] = value
+    with pytest.raises(ConfigError, match=message):
+        schedules.run_length(config, 80)
+
+
+def test_a_negative_learning_rate_is_refused():
+    from vitdistill.errors import ConfigError
+
+    assert schedules.scaled_lr(5e-4, 1024, 512) == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match=r"learning rate of -1.0 .* is negative"):
+        schedules.scaled_lr(-1.0, 1024, 512)

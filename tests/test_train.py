@@ -262,8 +262,22 @@ def test_a_corrupt_image_stops_training_naming_the_file(tmp_path):
     with pytest.raises(BadImageError, match=r"broken\.jpg") as err:
         methods.train_and_evaluate(config, str(tmp_path / "run"))
     assert "Remove or replace" in str(err.value)
-    config.epochs = 0.0  # evaluation alone meets it too, and names it as well
+    config.epochs = 0.0  # evaluation alone (of given weights) meets it too, and names it as well
+    from vitdistill import weights
+    initial = models.create(config.model.name, img_size=16).init(jax.random.key(0), np.zeros((1, 16, 16, 3)))
+    weights.save_variables(str(tmp_path / "initial"), {"params": initial["params"]}, model=config.model.name)
+    config.model.init_from = str(tmp_path / "initial")
     with pytest.raises(BadImageError, match=r"broken\.jpg"):
+        methods.train_and_evaluate(config, str(tmp_path / "eval"))
+
+
+def test_evaluating_without_weights_is_refused_naming_init_from(tmp_path):
+    """epochs=0 trains nothing: without init_from or a checkpoint in the workdir, the run would score the random
+    initialisation (chance) and exit 0; it stops before any compute instead."""
+    config = _deit_config("none", steps=2)
+    config.epochs = 0.0
+    with pytest.raises(ConfigError, match=r"Nothing to evaluate: config.epochs=0.0 trains nothing.*"
+                                          r"--config.model.init_from=DIR"):
         methods.train_and_evaluate(config, str(tmp_path / "eval"))
 
 
@@ -559,7 +573,7 @@ import asyncio, sys, time
 import tensorstore as ts
 if sys.argv[1] == "quiet":
     from vitdistill.train import state_checkpoints
-    state_checkpoints._quiet_orbax_errors()
+    state_checkpoints.quiet_orbax_errors()
 
 async def start_a_write():  # what orbax's save does: awaits tensorstore writes in an event loop of its own
     array = await ts.open({"driver": "zarr", "kvstore": {"driver": "memory"}, "create": True,
@@ -587,7 +601,7 @@ Other()
 def test_writes_finishing_after_orbax_closed_their_event_loop_print_nothing():
     """The tracebacks of the full-disk case, reproduced without a disk: a tensorstore write that finishes after
     its event loop was closed reports RuntimeError('Event loop is closed') as an unraisable error (136 of them on
-    the 1 MiB disk). Without `_quiet_orbax_errors` they are printed (the scenario is real); with it, only they are
+    the 1 MiB disk). Without `quiet_orbax_errors` they are printed (the scenario is real); with it, only they are
     dropped: another unraisable error is still printed."""
     import subprocess
     import sys
@@ -609,7 +623,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_the_last_good_checkpoint_re
     """A real full disk (no monkeypatching): nano DINO checkpointing every step on a 1 MiB tmpfs. The save that
     does not fit stops the run with exit status 2 and one line naming the step, the cause and the last good
     checkpoint, with no traceback; the workdir copied to another disk, as the line says, resumes from that
-    checkpoint and ends bit-identical to an uninterrupted run. (Before `_quiet_orbax_errors` caught the
+    checkpoint and ends bit-identical to an uninterrupted run. (Before `quiet_orbax_errors` caught the
     unraisable "Event loop is closed" errors, it failed 2 runs in 3 on them.)"""
     import re
     import shutil

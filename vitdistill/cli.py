@@ -1,6 +1,6 @@
 """The command line's flag parsing, shared by `vitdistill.main` and `vitdistill.bench`: a fault in the flags (a
-missing config file, an unknown or mistyped override, a config file's own `UserError`) is one line that names it
-and the fix, exit status 2, never a traceback."""
+missing config file or one that does not load, an unknown flag, an unknown or mistyped override, a config file's
+own error) is one line that names it and the fix, exit status 2, never a traceback (but with --debug)."""
 import os
 import sys
 
@@ -64,31 +64,56 @@ def missing_config_file(argv) -> str:
     return f"No config file {path!r} (from --config={config_arg}){listing}"
 
 
+def config_file_fault(argv, error) -> str:
+    """One line for a config file that does not load (a syntax error, a failed import, an exception of its
+    get_config that is not a `UserError`, no get_config at all), naming the file, the fault and the fix."""
+    path = (config_flag_value(argv) or "").partition(":")[0]
+    fix = "fix the file, or run with --debug for the traceback"
+    if isinstance(error, SyntaxError):
+        return f"The config file {path} does not parse: {error.msg} at line {error.lineno}; {fix}"
+    if isinstance(error, AttributeError) and "get_config" in str(error):
+        return (f"The config file {path} defines no get_config(): a config file returns its ConfigDict from "
+                "get_config(arg=None) (see configs/)")
+    text = str(error)
+    if isinstance(error, flags.IllegalFlagValueError) and "Traceback" in text:
+        # ml_collections wraps get_config's exception with its traceback: keep the exception's own last line
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        return f"The config file {path} failed to load: {last}; {fix}"
+    return f"The config file {path} failed to load: {type(error).__name__}: {text}; {fix}"
+
+
 def parse_flags(argv, program: str = "vitdistill"):
     """absl's flag parsing for an entry point with a --config flag, its faults one line each (`program: ...`,
-    exit status 2, no traceback): a config file that is missing, an override of a key the config lacks or of the
-    wrong type, and a config file's own `UserError` (its traceback with --debug)."""
+    exit status 2, no traceback): a config file that is missing or does not load, an unknown flag, an override of
+    a key the config lacks or of the wrong type, and a config file's own `UserError` (tracebacks with --debug)."""
     missing = missing_config_file(argv)
     if missing:
         print(f"{program}: {missing}", file=sys.stderr)
         sys.exit(2)
+
+    def fail(message):
+        print(f"{program}: {message}", file=sys.stderr)
+        sys.exit(2)
+
     try:
         return flags.FLAGS(argv)
-    except flags.IllegalFlagValueError as e:  # e.g. --config.batch_size=abc, or a config file's own UserError
+    except flags.UnrecognizedFlagError as e:  # e.g. --wrkdir: absl names it and the nearest flag
+        fail(f"{e} (the flags: --helpfull)")
+    except flags.IllegalFlagValueError as e:  # e.g. --config.batch_size=abc, or a config file's own error
         user_error = first_user_error(e)
-        if "--debug" in argv and user_error is not None:
+        if "--debug" in argv:
             raise
+        if user_error is None and "Error whilst parsing config file" in str(e):
+            fail(config_file_fault(argv, e))
         hint = "; give the key a value of its type (see the config file)" if str(e).startswith("flag --config.") else ""
-        message = user_error or f"{e}{hint}"
-        print(f"{program}: {message}", file=sys.stderr)
-        sys.exit(2)
+        fail(user_error or f"{e}{hint}")
     except (AttributeError, KeyError) as e:
-        message = unknown_override(argv) or f"Bad --config override: {e}"
-        print(f"{program}: {message}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as e:  # noqa: BLE001 -- only a config file's own UserError is shortened
-        user_error = first_user_error(e)
-        if user_error is None or "--debug" in argv:
+        if "--debug" in argv:
             raise
-        print(f"{program}: {user_error}", file=sys.stderr)
-        sys.exit(2)
+        if isinstance(e, AttributeError) and "get_config" in str(e):
+            fail(config_file_fault(argv, e))
+        fail(unknown_override(argv) or f"Bad --config override: {e}")
+    except Exception as e:  # noqa: BLE001 -- loading the config file (its import or get_config) failed
+        if "--debug" in argv:
+            raise
+        fail(first_user_error(e) or config_file_fault(argv, e))

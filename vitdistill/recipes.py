@@ -43,6 +43,8 @@ def check_config_arg(path: str, arg, valid: tuple) -> None:
     if arg is not None and arg not in valid:
         from vitdistill.errors import ConfigError
 
+        if not valid:
+            raise ConfigError(f"{path}:{arg} is not a variant of this config, which has none: use {path}")
         raise ConfigError(f"{path}:{arg} is not a variant of this config; valid: {', '.join(valid)} "
                           f"(or none: {path})")
 
@@ -51,7 +53,7 @@ def _run(config: ConfigDict, *, epochs: float, batch_size: int) -> ConfigDict:
     config.seed = 0
     config.epochs = epochs
     config.batch_size = batch_size     # global, over all devices and hosts
-    config.max_steps = _opt(int)       # stop early (smoke runs); schedules still span `epochs`
+    config.max_steps = _opt(int)       # stop early (smoke runs; 0 or unset: no); schedules still span `epochs`
     config.log_every_steps = 100
     config.eval_every_epochs = 1.0
     config.checkpoint_every_steps = 1000

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vitdistill import models, paths
-from vitdistill.errors import CheckpointError
+from vitdistill.errors import CheckpointError, first_line
 from vitdistill.train import sharding, state_checkpoints
 from vitdistill.train.reporting import CONFIG_FILE
 
@@ -67,8 +67,19 @@ def load_variables(directory: str, *, model: str | None = None) -> dict[str, Any
         raise CheckpointError(f"{paths.absolute(directory)} holds variables of model {record.get('model')!r}, "
                               f"not {model!r}: pass the matching model name, or convert the weights for {model!r}")
     path = os.path.join(paths.absolute(directory), VARIABLES_DIR)
+    state_checkpoints.quiet_orbax_errors()  # a damaged file: orbax's reader threads report closed event loops
     with ocp.PyTreeCheckpointer() as checkpointer:
-        return checkpointer.restore(path, args=state_checkpoints.as_numpy(checkpointer.metadata(path).item_metadata.tree))
+        try:
+            saved = checkpointer.metadata(path).item_metadata
+            if saved is None:
+                raise CheckpointError(f"no arrays in {path}")
+            return checkpointer.restore(path, args=state_checkpoints.as_numpy(saved.tree))
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise bare Exceptions for damaged files
+            raise CheckpointError(
+                f"Cannot read the weights in {paths.absolute(directory)} "
+                f"({first_line(state_checkpoints.root_cause(e))}): the folder is damaged or "
+                f"incomplete (a copy cut short?). Copy the whole folder again, or re-run the conversion "
+                f"({HOW_TO_MAKE}).") from e
 
 
 NETWORKS = ("auto", "student", "teacher", "ema")  # which network of a training workdir: state fields below

@@ -93,7 +93,8 @@ def digits(split: str, *, test_fraction: float = 0.2) -> Source:
     elif split == "test":
         keep = np.flatnonzero(is_test)
     else:
-        raise DataError(f"digits has splits 'train' and 'test', not {split!r}")
+        raise DataError(f"digits has splits 'train' and 'test', not {split!r}: use "
+                        "--config.data.train_split=train and --config.data.eval_split=test")
     return in_memory(f"digits:{split}", images[keep], labels[keep], 10, [str(c) for c in range(10)])
 
 
@@ -124,7 +125,8 @@ def fashion_mnist(split: str, data_dir: Optional[str] = None) -> Source:
     data_dir = data_dir or FASHION_MNIST_DIR
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
-        raise DataError(f"fashion_mnist has splits 'train' and 'test', not {split!r}")
+        raise DataError(f"fashion_mnist has splits 'train' and 'test', not {split!r}: use "
+                        "--config.data.train_split=train and --config.data.eval_split=test")
     files = []
     for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
         candidates = [os.path.join(data_dir, f"{prefix}-{kind}{ext}") for ext in (".gz", "")]
@@ -150,7 +152,8 @@ def fashion_small(split: str, data_dir: Optional[str] = None) -> Source:
     images of those classes. Smaller, coarser and with fewer classes than either digits or Fashion-MNIST, so
     that a small-data recipe is tried on something it was not written for."""
     if split not in FASHION_SMALL_SIZES:
-        raise DataError(f"fashion_small has splits 'train' and 'test', not {split!r}")
+        raise DataError(f"fashion_small has splits 'train' and 'test', not {split!r}: use "
+                        "--config.data.train_split=train and --config.data.eval_split=test")
     full = fashion_mnist(split, data_dir)
     images, labels = full.arrays
     keep = np.flatnonzero(np.isin(labels, FASHION_SMALL_CLASSES))[: FASHION_SMALL_SIZES[split]]
@@ -210,7 +213,9 @@ def image_folder(root: str, split: Optional[str] = None, *, class_names: Optiona
                 files.append(os.path.join(class_dir, file))
                 labels.append(label)
     if not files:
-        raise DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {directory!r}/<class>/")
+        raise DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {directory} (the layout "
+                        f"is {directory}/<class>/<image>): put the images there, or point --config.data.data_dir at "
+                        "the folder that holds the split folders")
     empty = _empty_classes(class_names, labels) if discovered else []
     if empty:  # torchvision's ImageFolder refuses them too: a class no image can teach
         shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")

@@ -24,7 +24,7 @@ from vitdistill.errors import ConfigError
 from vitdistill.evaluate import batched
 from vitdistill.evaluate.classify import fractions, topk_correct
 from vitdistill.methods import teacher as teachers
-from vitdistill.train import diagnostics, loop, optim, schedules, sharding
+from vitdistill.train import diagnostics, loop, optim, schedules, sharding, state_checkpoints
 from vitdistill.train.reporting import markdown_table
 from vitdistill.train.state import TrainState
 
@@ -386,6 +386,11 @@ def build_task(config, workdir: str) -> loop.Task:
                        teacher=teacher.module if teacher is not None else None)
     mesh = sharding.make_mesh(config.get("mesh"))
     init_from = config.model.init_from
+    if not length.total_steps and not init_from and not state_checkpoints.has_checkpoint(workdir):
+        raise ConfigError(f"Nothing to evaluate: config.epochs={config.epochs} trains nothing, and neither "
+                          f"config.model.init_from nor --workdir={workdir} gives weights (its initialisation would "
+                          "score at chance); pass --config.model.init_from=DIR (a `python -m vitdistill.convert` "
+                          "output or a training workdir)")
     steps_per_epoch = length.steps_per_epoch
     return loop.Task(
         name=f"deit:{config.model.name}",

@@ -82,8 +82,10 @@ def create(name: str, **overrides) -> nn.Module:
     fields = [f.name for f in dataclasses.fields(module_cls) if f.name not in ('parent', 'name')]
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
-        raise ConfigError(f"{name} ({module_cls.__name__}) has no field {', '.join(map(repr, unknown))}; "
-                         f"valid fields: {', '.join(fields)}")
+        keys = [f"--config.model.{key}=0" for key in unknown if key in ("drop_path_rate", "drop_rate")]
+        fix = f" (set {' '.join(keys)}: the config's default is for ViTs)" if keys else ""
+        raise ConfigError(f"{name} ({module_cls.__name__}) has no field {', '.join(map(repr, unknown))}{fix}; "
+                          f"valid fields: {', '.join(fields)}")
     return module_cls(**{**defaults, **overrides})
 
 

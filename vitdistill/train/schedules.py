@@ -20,8 +20,13 @@ def run_length(config, num_examples: int) -> RunLength:
     """Steps per epoch and in all: an epoch is one pass over `num_examples` at the global batch.
 
     `config.epochs = 0` means no training: the run only evaluates (a converted checkpoint, say).
-    `config.max_steps` cuts the run short; the schedules still span `config.epochs`.
+    `config.max_steps` cuts the run short (0 or None: it does not); the schedules still span `config.epochs`.
     """
+    if config.epochs is not None and config.epochs < 0:
+        raise ConfigError(f"config.epochs={config.epochs}; use a length >= 0 (0: evaluate only, nothing trained)")
+    if config.get("max_steps") is not None and config.max_steps < 0:
+        raise ConfigError(f"config.max_steps={config.max_steps}; use a count of steps >= 1, or 0 (or unset) for the "
+                          "whole run (config.epochs=0 evaluates only)")
     steps_per_epoch = num_examples // config.batch_size
     if steps_per_epoch < 1:
         raise ConfigError(f"batch_size {config.batch_size} is larger than the {num_examples} training examples; "
@@ -42,7 +47,11 @@ def epochs_to_steps(epochs, steps_per_epoch):
 
 
 def scaled_lr(base, global_batch, reference_batch):
-    """The linear scaling rule: DeiT uses base·batch/512, DINO base·batch/256."""
+    """The linear scaling rule: DeiT uses base·batch/512, DINO base·batch/256. A negative `base` (gradient
+    ascent) is refused."""
+    if base < 0:
+        raise ConfigError(f"A learning rate of {base} (config.optim.lr, or config.linear.lrs) is negative: it would "
+                          "climb the loss; use a rate > 0")
     return base * global_batch / reference_batch
 
 

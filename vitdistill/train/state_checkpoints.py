@@ -28,7 +28,7 @@ class StateCheckpoints:
         self.every_steps = max(1, int(every_steps))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
-        _quiet_orbax_errors()
+        quiet_orbax_errors()
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers=ocp.StandardCheckpointHandler())
         self._saving: Optional[int] = None  # the step of the save last started
@@ -49,10 +49,8 @@ class StateCheckpoints:
             if legacy:
                 return _restore_leaving_out(os.path.join(self.directory, str(step), _ITEM), abstract_state)
             return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(
-                f"The checkpoint at step {step} in {self.directory} does not fit this config's model and optimiser "
-                f"({e}). Either use the config that wrote it, or start afresh in another --workdir.") from e
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise bare Exceptions for damaged files
+            raise unreadable(self.directory, step, e, other_config=True) from e
 
     def check_fits(self, abstract_state, *, saved_run: str = "") -> None:
         """Raises CheckpointError naming the arrays whose shape or presence differ, if the latest checkpoint
@@ -60,7 +58,10 @@ class StateCheckpoints:
         step = self.latest_step()
         if step is None:
             return
-        saved = self.manager.item_metadata(step)
+        try:
+            saved = self.manager.item_metadata(step)
+        except Exception as e:  # noqa: BLE001 - e.g. an empty or cut-short _METADATA file
+            raise unreadable(self.directory, step, e) from e
         saved = getattr(saved, "tree", saved)
         if not isinstance(saved, dict):
             return
@@ -99,8 +100,9 @@ class StateCheckpoints:
         return True
 
     def check(self) -> None:
-        """Raises CheckpointSaveError if an asynchronous save has failed (asked at every step boundary, so that
-        a run never trains on past a checkpoint it could not write)."""
+        """Raises CheckpointSaveError if an asynchronous save has failed (asked at every step boundary, so that a
+        run stops at the first boundary after the failure is known; the steps trained while the write was in
+        flight are not saved, and the next save waits for the write, so they never pass the next checkpoint)."""
         if self._failed is not None:
             raise self._failed
         try:
@@ -145,6 +147,11 @@ def check_writable(workdir: str) -> None:
 
     directory = os.path.join(workdir, CHECKPOINTS_DIR)
     probe = os.path.join(directory, f".write-check-{os.getpid()}")
+    if tf.io.gfile.exists(workdir) and not tf.io.gfile.isdir(workdir):
+        from vitdistill.errors import ConfigError
+
+        raise ConfigError(f"--workdir={workdir} is a file, not a directory: give --workdir a directory (a new path, "
+                          "or an earlier run's workdir to resume it)")
     try:
         tf.io.gfile.makedirs(directory)
         with tf.io.gfile.GFile(probe, "w") as f:
@@ -160,6 +167,36 @@ def check_writable(workdir: str) -> None:
             "--workdir pointing there.") from e
 
 
+def unreadable(directory: str, step: int, error: Exception, *, other_config: bool = False) -> CheckpointError:
+    """The error for a checkpoint that cannot be read: it names the step, the cause, and the way back (the step
+    before it, where there is one); with `other_config`, also the other reading (another config wrote it)."""
+    earlier = [s for s in _finished_steps(directory) if s < step]
+    error = root_cause(error)
+    back = (f"delete {os.path.join(directory, str(step))} to resume from step {earlier[-1]}" if earlier else
+            f"delete {os.path.join(directory, str(step))} to start afresh (no earlier checkpoint is there)")
+    other = (" If another config wrote it, resume with that config, or start afresh in another --workdir."
+             if other_config else "")
+    return CheckpointError(
+        f"Cannot read the checkpoint of step {step} in {directory} ({first_line(error)}). If it is damaged or "
+        f"incomplete (a run killed while writing it, a copy cut short, a full disk), {back}, or copy it again "
+        f"from a whole copy.{other}")
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain: tensorstore's read error ("OUT_OF_RANGE: Error reading ... Requested
+    byte range ...") rather than orbax's wrapper around it, whose message is a page of TensorStore spec."""
+    seen = set()
+    while id(error) not in seen and (error.__cause__ or error.__context__) is not None:
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether `workdir` holds a finished training checkpoint (a run there resumes instead of starting)."""
+    return bool(_finished_steps(os.path.join(workdir, CHECKPOINTS_DIR)))
+
+
 def _finished_steps(directory: str) -> list:
     """The steps whose checkpoint was finished (orbax renames a step's directory to its number at the end)."""
     import tensorflow as tf
@@ -170,9 +207,10 @@ def _finished_steps(directory: str) -> list:
         return []
 
 
-def _quiet_orbax_errors() -> None:
-    """Orbax logs each failed background write with its traceback (hundreds of lines for a full disk); the
-    failure reaches the run as one CheckpointSaveError instead, so those records are dropped."""
+def quiet_orbax_errors() -> None:
+    """Orbax logs each failed background write or read with its traceback (hundreds of lines for a full disk);
+    the failure reaches the run as one CheckpointSaveError or CheckpointError instead, so those records are
+    dropped."""
     import logging as std_logging
 
     absl_logger = std_logging.getLogger("absl")
@@ -239,13 +277,17 @@ def latest_raw_state(workdir: str) -> tuple[int, dict[str, Any]]:
     Raises CheckpointError if the workdir has no finished checkpoint.
     """
     directory = os.path.join(workdir, CHECKPOINTS_DIR)
+    quiet_orbax_errors()  # a damaged file: orbax's reader threads report their closed event loops
     with ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler()) as manager:
         step = manager.latest_step()
         if step is None:
             raise CheckpointError(f"{directory} holds no finished checkpoint; finish (or re-run) that training run "
                                   "first")
-        saved = manager.item_metadata(step)
-        return step, manager.restore(step, args=as_numpy(getattr(saved, "tree", saved)))
+        try:
+            saved = manager.item_metadata(step)
+            return step, manager.restore(step, args=as_numpy(getattr(saved, "tree", saved)))
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise bare Exceptions for damaged files
+            raise unreadable(directory, step, e) from e
 
 
 def as_numpy(tree) -> ocp.args.PyTreeRestore:
