@@ -214,7 +214,8 @@ def test_an_unknown_config_variant_is_one_line_naming_the_valid_ones(tmp_path):
     ("import no_such_module_here\n", "",
      r"The config file \S+bad\.py failed to load: ModuleNotFoundError: No module named 'no_such_module_here'"),
     (None, "--wrkdir=x", r"Unknown command line flag 'wrkdir'. Did you mean: workdir \?"),
-], ids=["syntax", "no_get_config", "raises", "import", "unknown_flag"])
+    (None, "stray", r"unexpected arguments 'stray': every setting is a flag, --name=value"),
+], ids=["syntax", "no_get_config", "raises", "import", "unknown_flag", "positional"])
 def test_a_config_file_that_does_not_load_or_an_unknown_flag_is_one_line(tmp_path, source, flag, message):
     import re
 

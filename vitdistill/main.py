@@ -58,8 +58,10 @@ def _exit_now(status: int):
 
 
 def _main(argv, preemption):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if len(argv) > 1:  # one line, not absl's usage page: a value without its flag, or a flag without "--"
+        print(f"vitdistill: unexpected arguments {' '.join(map(repr, argv[1:]))}: every setting is a flag, "
+              "--name=value (--config=FILE, --workdir=DIR, --config.KEY=VALUE); see --helpfull", file=sys.stderr)
+        sys.exit(2)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and TF are chatty at INFO; the progress bar says enough
     import tensorflow as tf
