@@ -30,7 +30,7 @@ def test_an_unknown_choice_names_the_variable_and_the_choices(monkeypatch):
 
 def test_the_command_line_names_a_bad_choice_in_one_line(tmp_path):
     env = {**os.environ, cpu_gemm.CHOICE: "bogus", "VITDISTILL_MALLOC": "system"}
-    done = subprocess.run([sys.executable, "-m", "vitdistill.main", "--config=configs/dino_quickstart.py:runlocal",
+    done = subprocess.run([sys.executable, "-m", "vitdistill.main", "--config=configs/dino_quickstart.py",
                            f"--workdir={tmp_path}"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
