@@ -107,7 +107,8 @@ def batch_shapes(config) -> dict:
     """{name: (shape, dtype)} of a training batch of `config`, as its pipeline yields it (without building the
     pipeline): DeiT an image, its erase box (with erasing on) and a label; DINO two global and `num_local` local
     crops (with `data.image_ops="device"` each with its photometric choices, `multicrop.device_ops`; with a
-    `data.device_canvas` too, the image's canvas and each crop's windows instead of the crops), and the label. Images come as uint8 levels, normalised (and erased) in the step."""
+    `data.device_canvas` too, the image's canvas and each crop's windows instead of the crops), and the label.
+    Images come as uint8 levels, normalised (and erased) in the step."""
     b = config.batch_size
     if config.method == "deit":
         side = config.data.image_size

@@ -107,10 +107,8 @@ def test_a_checkpoint_of_another_width_is_refused_naming_the_clash(tmp_path):
 def _finetune_config(name: str, arg=None):
     import os
 
-    from ml_collections import config_flags
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return config_flags.config_flags._LoadConfigModule(
-        "config", os.path.join(root, "configs", name)).get_config(arg)
+    return recipes.from_file(os.path.join(root, "configs", name), arg)
 
 
 def _micro_finetune_step(config, *, seed: int):

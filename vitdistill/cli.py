@@ -82,6 +82,23 @@ def config_file_fault(argv, error) -> str:
     return f"The config file {path} failed to load: {type(error).__name__}: {text}; {fix}"
 
 
+def flags_fault(argv, error) -> str:
+    """The one line for an error of absl's flag parsing: a config file's own `UserError`, an unknown flag, an
+    override of the wrong type or of a key the config lacks, or a config file that does not load."""
+    user_error = first_user_error(error)
+    if user_error is not None:
+        return str(user_error)
+    text = str(error)
+    if isinstance(error, flags.UnrecognizedFlagError):  # e.g. --wrkdir: absl names it and the nearest flag
+        return f"{text} (the flags: --helpfull)"
+    if isinstance(error, flags.IllegalFlagValueError) and "Error whilst parsing config file" not in text:
+        hint = "; give the key a value of its type (see the config file)" if text.startswith("flag --config.") else ""
+        return f"{text}{hint}"  # e.g. --config.batch_size=abc
+    if isinstance(error, (AttributeError, KeyError)) and "get_config" not in text:
+        return unknown_override(argv) or f"Bad --config override: {error}"
+    return config_file_fault(argv, error)  # its import or get_config failed
+
+
 def parse_flags(argv, program: str = "vitdistill"):
     """absl's flag parsing for an entry point with a --config flag, its faults one line each (`program: ...`,
     exit status 2, no traceback): a config file that is missing or does not load, an unknown flag, an override of
@@ -90,30 +107,10 @@ def parse_flags(argv, program: str = "vitdistill"):
     if missing:
         print(f"{program}: {missing}", file=sys.stderr)
         sys.exit(2)
-
-    def fail(message):
-        print(f"{program}: {message}", file=sys.stderr)
-        sys.exit(2)
-
     try:
         return flags.FLAGS(argv)
-    except flags.UnrecognizedFlagError as e:  # e.g. --wrkdir: absl names it and the nearest flag
-        fail(f"{e} (the flags: --helpfull)")
-    except flags.IllegalFlagValueError as e:  # e.g. --config.batch_size=abc, or a config file's own error
-        user_error = first_user_error(e)
+    except Exception as e:  # noqa: BLE001 -- each fault is one line (`flags_fault`)
         if "--debug" in argv:
             raise
-        if user_error is None and "Error whilst parsing config file" in str(e):
-            fail(config_file_fault(argv, e))
-        hint = "; give the key a value of its type (see the config file)" if str(e).startswith("flag --config.") else ""
-        fail(user_error or f"{e}{hint}")
-    except (AttributeError, KeyError) as e:
-        if "--debug" in argv:
-            raise
-        if isinstance(e, AttributeError) and "get_config" in str(e):
-            fail(config_file_fault(argv, e))
-        fail(unknown_override(argv) or f"Bad --config override: {e}")
-    except Exception as e:  # noqa: BLE001 -- loading the config file (its import or get_config) failed
-        if "--debug" in argv:
-            raise
-        fail(first_user_error(e) or config_file_fault(argv, e))
+        print(f"{program}: {flags_fault(argv, e)}", file=sys.stderr)
+        sys.exit(2)

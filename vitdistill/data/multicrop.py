@@ -332,9 +332,10 @@ def window_table(canvas: int, size: int, method: str) -> tuple:
 
 
 def view_windows(choices: dict, table: tuple) -> tf.Tensor:
-    """A view's crop, resize and flip as int32 [2, size, 1 + K] (`device_resize`) from its size's `window_table`: for its rows, then its columns, where each output pixel's first tap lies in the canvas, then the
-    weights of its K taps (Resample.c's, for the crop's length; K the most taps of a crop up to the canvas;
-    taps past a window's end weigh 0). A flip reverses the columns' order."""
+    """A view's crop, resize and flip as int32 [2, size, 1 + K] (`device_resize`) from its size's `window_table`:
+    for its rows, then its columns, where each output pixel's first tap lies in the canvas, then the weights of
+    its K taps (Resample.c's, for the crop's length; K the most taps of a crop up to the canvas; taps past a
+    window's end weigh 0). A flip reverses the columns' order."""
     index, weight = table
 
     def axis(start, length):

@@ -73,6 +73,11 @@ def in_memory(name: str, images: np.ndarray, labels: np.ndarray, num_classes: in
                   arrays=(images[..., 0] if gray else images, np.asarray(labels, np.int32)))
 
 
+def _train_and_test_only(name: str, split: str) -> DataError:
+    return DataError(f"{name} has splits 'train' and 'test', not {split!r}: use --config.data.train_split=train and "
+                     "--config.data.eval_split=test")
+
+
 def digits(split: str, *, test_fraction: float = 0.2) -> Source:
     """scikit-learn's 8x8 digits (1,797 images, 10 classes): ships with scikit-learn, no download.
 
@@ -93,8 +98,7 @@ def digits(split: str, *, test_fraction: float = 0.2) -> Source:
     elif split == "test":
         keep = np.flatnonzero(is_test)
     else:
-        raise DataError(f"digits has splits 'train' and 'test', not {split!r}: use "
-                        "--config.data.train_split=train and --config.data.eval_split=test")
+        raise _train_and_test_only("digits", split)
     return in_memory(f"digits:{split}", images[keep], labels[keep], 10, [str(c) for c in range(10)])
 
 
@@ -125,8 +129,7 @@ def fashion_mnist(split: str, data_dir: Optional[str] = None) -> Source:
     data_dir = data_dir or FASHION_MNIST_DIR
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
-        raise DataError(f"fashion_mnist has splits 'train' and 'test', not {split!r}: use "
-                        "--config.data.train_split=train and --config.data.eval_split=test")
+        raise _train_and_test_only("fashion_mnist", split)
     files = []
     for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
         candidates = [os.path.join(data_dir, f"{prefix}-{kind}{ext}") for ext in (".gz", "")]
@@ -152,8 +155,7 @@ def fashion_small(split: str, data_dir: Optional[str] = None) -> Source:
     images of those classes. Smaller, coarser and with fewer classes than either digits or Fashion-MNIST, so
     that a small-data recipe is tried on something it was not written for."""
     if split not in FASHION_SMALL_SIZES:
-        raise DataError(f"fashion_small has splits 'train' and 'test', not {split!r}: use "
-                        "--config.data.train_split=train and --config.data.eval_split=test")
+        raise _train_and_test_only("fashion_small", split)
     full = fashion_mnist(split, data_dir)
     images, labels = full.arrays
     keep = np.flatnonzero(np.isin(labels, FASHION_SMALL_CLASSES))[: FASHION_SMALL_SIZES[split]]
