@@ -83,3 +83,26 @@ def test_a_workdir_that_is_a_file_is_named_as_such(tmp_path):
     with pytest.raises(ConfigError, match=r"--workdir=\S+/afile is a file, not a directory: give --workdir a "
                                           r"directory"):
         check_writable(str(tmp_path / "afile"))
+    with pytest.raises(ConfigError, match=r"\S+/afile is a file, not a directory, and this run's folder \S+/afile/teacher "
+                                          r"would be inside it: give --workdir a directory"):
+        check_writable(str(tmp_path / "afile" / "teacher"))
+
+
+def test_a_workdirs_config_json_cut_short_leaves_its_weights_readable_and_is_written_whole(tmp_path):
+    """A config.json cut short (a run killed while writing it, before save_config wrote a temporary file and
+    renamed it) made reading the workdir's weights (k-NN, init_from, a teacher, visualize) a JSONDecodeError
+    traceback; the model name is then unknown, as for a workdir without one, and the callers ask for it."""
+    from ml_collections import ConfigDict
+
+    from vitdistill.train import reporting
+
+    _saved(tmp_path).close()
+    reporting.save_config(ConfigDict({"model": {"name": "vit_micro_patch4_32"}, "batch_size": 4}), str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "config.json"]  # no temporary file left
+    loaded = weights.read_weights(str(tmp_path), "student")
+    assert loaded.model == "vit_micro_patch4_32"
+    text = (tmp_path / "config.json").read_text()
+    (tmp_path / "config.json").write_text(text[: len(text) // 2])
+    loaded = weights.read_weights(str(tmp_path), "student")
+    assert loaded.model is None
+    np.testing.assert_array_equal(loaded.variables["params"]["w"], 2.0)

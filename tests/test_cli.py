@@ -244,3 +244,45 @@ def test_messages_name_the_fix_for_a_wrong_split_a_vit_default_on_a_cnn_and_empt
     with pytest.raises(DataError, match=r"No images .* in the class folders of \S+/train \(the layout is "
                                         r"\S+/train/<class>/<image>\): put the images there"):
         sources.image_folder(str(tmp_path), "train")
+
+
+def test_a_run_that_stops_at_once_prints_its_one_line_and_nothing_of_tensorflows_start(tmp_path):
+    """TensorFlow 2.21 logs before absl is initialised, past TF_CPP_MIN_LOG_LEVEL (four lines before every run's
+    output); the workdir here is a file one folder above the teacher phase's, which used to pass the file check
+    and fail later as 'Cannot write checkpoints ... not a directory' with the advice to free disk space."""
+    (tmp_path / "afile").write_text("not a directory")
+    run = _main("--config=configs/quickstart.py", f"--workdir={tmp_path / 'afile'}", timeout=120)
+    assert run.returncode == 2, _stderr(run)
+    assert run.stderr.splitlines() == [
+        f"vitdistill: {tmp_path / 'afile'} is a file, not a directory, and this run's folder "
+        f"{tmp_path / 'afile' / 'teacher'} would be inside it: give --workdir a directory (a new path, or an "
+        "earlier run's workdir to resume it)"], _stderr(run)
+
+
+def test_tensorflows_early_log_lines_are_filtered_by_its_level_and_everything_else_kept(tmp_path, capfd,
+                                                                                       monkeypatch):
+    from vitdistill import tf_import
+
+    # what `import tensorflow` 2.21 writes to fd 2 on this kind of host, then lines that must stay
+    written = (tf_import.ABSL_PREAMBLE + "\n"
+               "I0000 00:00:1796675216.652117   14187 port.cc:153] oneDNN custom operations are on.\n"
+               "I0000 00:00:1796675216.689688   14187 cpu_feature_guard.cc:227] This TensorFlow binary is optimized\n"
+               "To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow\n"
+               "W0000 00:00:1796675216.70   14187 port.cc:9] a warning\n"
+               "its second line\n"
+               "E1207 20:26:17.000001   14187 x.cc:1] an error\n"
+               "/x.py:1: UserWarning: a Python warning\n")
+    assert tf_import.kept_lines(written, 1) == "".join(written.splitlines(keepends=True)[4:])
+    assert tf_import.kept_lines(written, 2) == "".join(written.splitlines(keepends=True)[6:])
+    assert tf_import.kept_lines(written, 3) == ""  # a line without a prefix goes with the message before it
+    assert tf_import.kept_lines("a first line\n" + written, 3) == "a first line\n"
+    module = tmp_path / "noisy_import_probe.py"
+    module.write_text(f"import os\nos.write(2, {written.encode()!r})\nVALUE = 7\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    capfd.readouterr()
+    assert tf_import.quiet_import("noisy_import_probe").VALUE == 7
+    out, err = capfd.readouterr()
+    assert err == "".join(written.splitlines(keepends=True)[6:]) and out == ""
+    os.write(2, b"fd 2 is back\n")
+    assert capfd.readouterr().err == "fd 2 is back\n"

@@ -269,9 +269,10 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     import tempfile
 
-    import tensorflow as tf
-
+    from vitdistill import tf_import
     from vitdistill.errors import UserError
+
+    tf = tf_import.tensorflow()
 
     tf.config.set_visible_devices([], "GPU")
     from vitdistill import methods, small_data

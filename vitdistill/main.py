@@ -64,8 +64,9 @@ def _main(argv, preemption):
         sys.exit(2)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and TF are chatty at INFO; the progress bar says enough
-    import tensorflow as tf
+    from vitdistill import tf_import
 
+    tf = tf_import.tensorflow()  # without the start-up lines TF_CPP_MIN_LOG_LEVEL no longer silences
     tf.config.set_visible_devices([], "GPU")  # tf.data runs on the host; accelerators belong to JAX
     import jax
 

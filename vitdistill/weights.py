@@ -123,8 +123,11 @@ def read_weights(path: str, network: str = "auto") -> ModelWeights:
         model = None
         config_path = os.path.join(path, CONFIG_FILE)
         if paths.exists(config_path):
-            with paths.open_file(config_path) as f:
-                model = json.load(f).get('model', {}).get('name')
+            try:
+                with paths.open_file(config_path) as f:
+                    model = (json.load(f).get('model') or {}).get('name')
+            except (ValueError, OSError, AttributeError):  # cut short or edited: the caller's name, or none
+                model = None
         return ModelWeights(variables, model, f"the {network} of the training workdir {path} at step {step}")
     raise CheckpointError(
         f"No model checkpoint at {path!r}: expected a `python -m vitdistill.convert` output (with "

@@ -144,11 +144,17 @@ def save_config(config, workdir: str):
     import tensorflow as tf
 
     path = os.path.join(workdir, CONFIG_FILE)
+    partial = f"{path}.tmp-{os.getpid()}"  # then renamed: a run killed while writing leaves the old file whole
     try:
         tf.io.gfile.makedirs(workdir)
-        with tf.io.gfile.GFile(path, "w") as f:
+        with tf.io.gfile.GFile(partial, "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        tf.io.gfile.rename(partial, path, overwrite=True)
     except (OSError, tf.errors.OpError) as e:  # a read-only or full workdir, before anything was trained
+        try:
+            tf.io.gfile.remove(partial)
+        except (OSError, tf.errors.OpError):
+            pass  # never written
         raise CheckpointSaveError(f"Cannot write {path}: {first_line(e)}. Nothing was trained. "
                                   "Make the workdir writable (or free space on its disk), or pass another "
                                   "--workdir.") from e

@@ -147,10 +147,13 @@ def check_writable(workdir: str) -> None:
 
     directory = os.path.join(workdir, CHECKPOINTS_DIR)
     probe = os.path.join(directory, f".write-check-{os.getpid()}")
-    if tf.io.gfile.exists(workdir) and not tf.io.gfile.isdir(workdir):
+    blocking = _file_in_the_way(workdir)
+    if blocking is not None:
         from vitdistill.errors import ConfigError
 
-        raise ConfigError(f"--workdir={workdir} is a file, not a directory: give --workdir a directory (a new path, "
+        where = (f"--workdir={workdir} is a file, not a directory" if blocking == workdir else
+                 f"{blocking} is a file, not a directory, and this run's folder {workdir} would be inside it")
+        raise ConfigError(f"{where}: give --workdir a directory (a new path, "
                           "or an earlier run's workdir to resume it)")
     try:
         tf.io.gfile.makedirs(directory)
@@ -165,6 +168,19 @@ def check_writable(workdir: str) -> None:
             f"Cannot write checkpoints to {directory}: {first_line(e)}. Nothing was trained. {kept}. Make the "
             "directory writable (or free space on its disk), or copy the workdir to another disk and pass "
             "--workdir pointing there.") from e
+
+
+def _file_in_the_way(workdir: str):
+    """`workdir`, or the nearest of its parents that exists, where that is a file (a local path; None else)."""
+    import tensorflow as tf
+
+    path = workdir
+    while "://" not in path and not tf.io.gfile.exists(path):
+        parent = os.path.dirname(path.rstrip("/"))
+        if not parent or parent == path:
+            return None
+        path = parent
+    return path if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path) else None
 
 
 def unreadable(directory: str, step: int, error: Exception, *, other_config: bool = False) -> CheckpointError:
