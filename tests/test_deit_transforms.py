@@ -351,3 +351,75 @@ def test_pillow_backend_is_timms_transform_for_the_drawn_choices(monkeypatch):
     assert len(set(applied)) == len(ra.OP_NAMES) and len(applied) >= 60, sorted(applied)
     difference = np.abs(pil.astype(np.int32) - tf_levels.astype(np.int32))
     assert difference.mean() <= 0.01 and (difference > 1).mean() <= 1e-3, (difference.mean(), difference.max())
+
+
+def _encoded_variants():
+    """JPEGs of every chroma layout Pillow writes (4:2:0 and 4:2:2 at widths that are not multiples of 16,
+    where cropping exactly at the window's columns changes pixels), grayscale, progressive and CMYK, and a PNG."""
+    import io
+
+    from PIL import Image
+
+    photo = Image.fromarray(sample_image("china", size=(333, 221)))
+
+    def encoded(picture, **kwargs):
+        out = io.BytesIO()
+        picture.save(out, **kwargs)
+        return out.getvalue()
+
+    return {"420_odd": encoded(photo, format="JPEG", quality=80, subsampling=2),
+            "422_odd": encoded(photo.crop((1, 0, 310, 200)), format="JPEG", quality=90, subsampling=1),
+            "444": encoded(photo, format="JPEG", quality=90, subsampling=0),
+            "gray": encoded(photo.convert("L"), format="JPEG"),
+            "progressive": encoded(photo.crop((0, 3, 301, 221)), format="JPEG", progressive=True, subsampling=2),
+            "cmyk": encoded(photo.convert("CMYK"), format="JPEG"),
+            "png": encoded(photo, format="PNG")}
+
+
+@pytest.mark.parametrize("jpeg", ["accurate", "fast"])
+def test_decoding_only_the_crops_window_gives_the_whole_decodings_pixels(jpeg):
+    """`sources.decode_crop` (the DeiT pipeline's decoding) against the whole image decoded, then sliced:
+    with accurate decoding that is Pillow's decoding (torchvision's), checked here for the RGB and gray files."""
+    import io
+
+    import tensorflow as tf
+    from PIL import Image
+
+    from vitdistill.data import sources
+
+    rng = np.random.default_rng(0 if jpeg == "accurate" else 1)
+    for name, data in _encoded_variants().items():
+        whole = sources.decode_image(tf.constant(data), jpeg).numpy()
+        if jpeg == "accurate" and name != "cmyk":
+            np.testing.assert_array_equal(whole, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+        height, width = whole.shape[:2]
+        boxes = [[rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w]
+                 for h, w in zip(rng.integers(1, height + 1, 40), rng.integers(1, width + 1, 40))]
+        boxes += [[0, 0, height, width], [height - 1, width - 1, 1, 1], [5, 17, 9, 31]]
+
+        def crop(box):
+            return sources.decode_crop(tf.constant(data), lambda h, w: tf.constant(box, tf.int32), jpeg)
+
+        for box in boxes:
+            top, left, h, w = box
+            np.testing.assert_array_equal(crop(box).numpy(), whole[top:top + h, left:left + w],
+                                          err_msg=f"{name} {box}")
+
+
+@pytest.mark.parametrize("image_ops", ["pil", "tf"])
+def test_deits_view_of_an_encoded_image_is_its_view_of_the_decoded_image(image_ops):
+    """The pipeline hands DeiT's transform a file's bytes (`Source.load_encoded`); the views must be those of the
+    decoded image, crop window, flip, RandAugment and erase box alike."""
+    import tensorflow as tf
+
+    from vitdistill.data import sources
+
+    seeds = np.array([[k, 5] for k in range(10)], np.int64)
+    kwargs = dict(size=32, erase_prob=0.5, image_ops=image_ops, levels=True)
+    for name in ("420_odd", "png"):
+        data = _encoded_variants()[name]
+        decoded = sources.decode_image(tf.constant(data)).numpy()
+        want = map_in_tf_data(lambda s: dt.deit_train_transform(decoded, s, **kwargs), seeds)
+        got = map_in_tf_data(lambda s: dt.deit_train_transform(tf.constant(data), s, **kwargs), seeds)
+        np.testing.assert_array_equal(got["image"], want["image"], err_msg=name)
+        np.testing.assert_array_equal(got["erase"], want["erase"], err_msg=name)

@@ -247,3 +247,31 @@ def test_jpegs_decode_to_pils_pixels_bit_for_bit(tmp_path):
     sample = sources.sample_images(num_examples=2)
     np.testing.assert_array_equal(sample.load(tf.constant(0))["image"].numpy(),
                                   np.asarray(Image.open(load_sample_images().filenames[0]).convert("RGB")))
+
+
+def test_deits_training_stream_from_encoded_images_is_the_stream_from_decoded_ones():
+    """DeiT's transform takes a file's bytes and decodes its crop's window alone (`Source.load_encoded`); the
+    batches must be those of the decoded images, and the source's decoded `load` must not be called at all."""
+    import dataclasses
+    import functools
+
+    from vitdistill import recipes
+    from vitdistill.methods import deit
+
+    config = recipes.from_file(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "deit_s.py"))
+    config.data.image_size = 32
+    transform = deit.train_transform(config)
+    assert transform.decodes
+    source = sources.sample_images(num_examples=12)
+
+    def never(index):
+        raise AssertionError("the decoded load was used")
+
+    encoded = pipeline.train_dataset(dataclasses.replace(source, load=never), transform, seed=3, global_batch=6,
+                                     start_step=1)
+    plain = functools.partial(transform.func, *transform.args, **transform.keywords)  # without `decodes`
+    decoded = pipeline.train_dataset(source, plain, seed=3, global_batch=6, start_step=1)
+    for got, want in zip(encoded.take(2).as_numpy_iterator(), decoded.take(2).as_numpy_iterator()):
+        assert sorted(got) == sorted(want) == ["erase", "image", "label"]
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)

@@ -11,7 +11,7 @@ import math
 import tensorflow as tf
 
 from vitdistill.data import IMAGENET_MEAN, IMAGENET_STD
-from vitdistill.data import pil_ops
+from vitdistill.data import pil_ops, sources
 from vitdistill.data.pil_resize import pil_resize
 from vitdistill.data.randaugment import FILL as RA_FILL
 from vitdistill.data.randaugment import rand_augment as _rand_augment
@@ -208,12 +208,20 @@ def random_erasing(image_normalised, seed, p=0.25, scale=(0.02, 1 / 3), ratio=(0
     return tf.cond(erase, erased, lambda: image_normalised)
 
 
-def _deit_levels(image_uint8, crop_seed, flip_seed, ra_seed, *, size, scale, ratio, interpolation, hflip,
-                 rand_augment, ra_num_ops, ra_magnitude, ra_magnitude_std, ra_prob, resize, image_ops, dtype):
+def _deit_levels(image, crop_seed, flip_seed, ra_seed, *, size, scale, ratio, interpolation, hflip,
+                 rand_augment, ra_num_ops, ra_magnitude, ra_magnitude_std, ra_prob, resize, image_ops, dtype, jpeg):
     """The crop, flip and RandAugment of `deit_train_transform`: the view's levels as `dtype` (float32 or uint8)."""
+    def crop_box_of(height, width):
+        return tf.stack(sample_crop_box(crop_seed, height, width, scale=scale, ratio=ratio))
+
+    if image.dtype == tf.string:  # encoded: only the crop's window is decoded, and is the whole box
+        image_uint8 = sources.decode_crop(image, crop_box_of, jpeg)
+        box = tf.concat([[0, 0], tf.shape(image_uint8, out_type=tf.int32)[:2]], 0)
+    else:
+        image_uint8 = image
+        shape = tf.shape(image_uint8, out_type=tf.int32)
+        box = crop_box_of(shape[0], shape[1])
     if image_ops == "pil":
-        shape = tf.shape(image_uint8)
-        box = tf.stack(sample_crop_box(crop_seed, shape[0], shape[1], scale=scale, ratio=ratio))
         image_uint8, box = pil_source(image_uint8, box, size, interpolation=interpolation, resize=resize)
         flip = coin(flip_seed, hflip) if hflip > 0 else tf.constant(False)
         if rand_augment:
@@ -224,8 +232,7 @@ def _deit_levels(image_uint8, crop_seed, flip_seed, ra_seed, *, size, scale, rat
                       "magnitude": tf.zeros([0]), "sign": tf.zeros([0])}
         return pil_ops.tf_deit_view(image_uint8, box, size, flip, params, fill=RA_FILL, method=interpolation,
                                     dtype=dtype)
-    image = random_resized_crop(image_uint8, crop_seed, size, scale=scale, ratio=ratio, method=interpolation,
-                                resize=resize)
+    image = resized_crop(image_uint8, tuple(tf.unstack(box)), size, method=interpolation, resize=resize)
     if hflip > 0:
         image = horizontal_flip(image, flip_seed, p=hflip)
     if rand_augment:
@@ -237,8 +244,11 @@ def _deit_levels(image_uint8, crop_seed, flip_seed, ra_seed, *, size, scale, rat
 def deit_train_transform(image_uint8, seed, *, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                          interpolation="bicubic", hflip=0.5, rand_augment=True, ra_num_ops=2,
                          ra_magnitude=9.0, ra_magnitude_std=0.5, ra_prob=0.5, erase_prob=0.25, resize="pil",
-                         image_ops="pil", levels=False):
+                         image_ops="pil", levels=False, jpeg="accurate"):
     """DeiT's training augmentation of one image -> float32 [size, size, 3], normalised.
+
+    `image_uint8` is uint8 [H, W, 3], or an encoded image (a scalar string: a source's `load_encoded`), of which
+    only the crop's window is decoded (`sources.decode_crop`, JPEGs with `jpeg`): the same pixels and views.
 
     Keywords are named like `config.augment`; `hflip=0`, `rand_augment=False` (or None) and
     `erase_prob=0` switch those steps off. `image_ops` says who applies the crop, flip and RandAugment
@@ -254,7 +264,7 @@ def deit_train_transform(image_uint8, seed, *, size=224, scale=(0.08, 1.0), rati
     image = _deit_levels(image_uint8, crop_seed, flip_seed, ra_seed, size=size, scale=scale, ratio=ratio,
                          interpolation=interpolation, hflip=hflip, rand_augment=rand_augment, ra_num_ops=ra_num_ops,
                          ra_magnitude=ra_magnitude, ra_magnitude_std=ra_magnitude_std, ra_prob=ra_prob,
-                         resize=resize, image_ops=image_ops, dtype=tf.uint8 if levels else tf.float32)
+                         resize=resize, image_ops=image_ops, dtype=tf.uint8 if levels else tf.float32, jpeg=jpeg)
     if levels:
         out = {"image": image}
         if erase_prob > 0:

@@ -23,7 +23,8 @@ from vitdistill.data.sources import Source, get_source
 from vitdistill.errors import ConfigError
 
 AUTOTUNE = tf.data.AUTOTUNE
-Transform = Callable[[tf.Tensor, tf.Tensor], dict]  # (uint8 image, seed [2]) -> {view name: float32 image}
+# (uint8 image, seed [2]) -> {view name: image}; one with `decodes` = True also takes (encoded bytes, seed, jpeg=)
+Transform = Callable[[tf.Tensor, tf.Tensor], dict]
 _NEVER_ENDING = 2 ** 40
 
 
@@ -112,6 +113,8 @@ def train_dataset(source: Source, transform: Transform, *, seed: int, global_bat
         return {**views, "label": example["label"]}
 
     if source.random_access:
+        # a transform that decodes (`decodes`, DeiT's) gets an encoded source's bytes: it decodes its crop alone
+        decodes = getattr(transform, "decodes", False) and source.load_encoded is not None
         positions = index_stream(source.num_examples, seed=seed, start_position=start_step * global_batch,
                                  repeats=repeats).batch(global_batch)
         rows_t = tf.constant(rows, tf.int64)
@@ -120,6 +123,10 @@ def train_dataset(source: Source, transform: Transform, *, seed: int, global_bat
             return tf.gather(position, rows_t), tf.gather(index, rows_t)
 
         def load_and_prepare(position, index):
+            if decodes:
+                example = source.load_encoded(index)
+                views = transform(example["encoded"], stream_seed(seed, 1, position), jpeg=source.jpeg)
+                return {**views, "label": example["label"]}
             return prepare(position, source.load(index))
 
         ds = positions.map(mine).unbatch().map(_plain(load_and_prepare), num_parallel_calls=AUTOTUNE)

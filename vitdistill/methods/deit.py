@@ -279,6 +279,7 @@ def train_transform(config):
         ra_magnitude=aug.ra_magnitude, ra_magnitude_std=aug.ra_magnitude_std, erase_prob=aug.erase_prob,
         resize=deit_transforms.resize_of(config.data), image_ops=deit_transforms.image_ops_of(config.data),
         levels=True)
+    augment.decodes = True  # given an encoded image (and jpeg=), decodes only its crop's window
     return augment  # {'image': uint8 levels, 'erase': the erase box}: the step normalises and erases
 
 
