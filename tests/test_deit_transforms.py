@@ -355,7 +355,7 @@ def test_pillow_backend_is_timms_transform_for_the_drawn_choices(monkeypatch):
 
 def _encoded_variants():
     """JPEGs of every chroma layout Pillow writes (4:2:0 and 4:2:2 at widths that are not multiples of 16,
-    where cropping exactly at the window's columns changes pixels), grayscale, progressive and CMYK, and a PNG."""
+    where cropping exactly at the window's columns changes pixels), grayscale, progressive and CMYK, one with bytes after its end, and a PNG."""
     import io
 
     from PIL import Image
@@ -373,6 +373,7 @@ def _encoded_variants():
             "gray": encoded(photo.convert("L"), format="JPEG"),
             "progressive": encoded(photo.crop((0, 3, 301, 221)), format="JPEG", progressive=True, subsampling=2),
             "cmyk": encoded(photo.convert("CMYK"), format="JPEG"),
+            "trailing_bytes": encoded(photo, format="JPEG") + b"data after the end-of-image marker",
             "png": encoded(photo, format="PNG")}
 
 
@@ -423,3 +424,20 @@ def test_deits_view_of_an_encoded_image_is_its_view_of_the_decoded_image(image_o
         got = map_in_tf_data(lambda s: dt.deit_train_transform(tf.constant(data), s, **kwargs), seeds)
         np.testing.assert_array_equal(got["image"], want["image"], err_msg=name)
         np.testing.assert_array_equal(got["erase"], want["erase"], err_msg=name)
+
+
+def test_a_jpeg_cut_short_is_refused_whatever_window_is_cropped():
+    """libjpeg decodes a window's rows alone, so a file cut short below the window would decode, and train, where
+    the whole decoding (and Pillow, torchvision's) refuses it: `decode_crop` must refuse it too."""
+    import tensorflow as tf
+
+    from vitdistill.data import sources
+
+    data = _encoded_variants()["420_odd"]
+    for fraction in (0.5, 0.9, 0.99):
+        cut = tf.constant(data[:int(len(data) * fraction)])
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            sources.decode_image(cut)
+        for box in ([0, 0, 8, 8], [0, 0, 221, 333]):
+            with pytest.raises(tf.errors.InvalidArgumentError):
+                sources.decode_crop(cut, lambda h, w: tf.constant(box, tf.int32))

@@ -205,8 +205,10 @@ def decode_crop(data, crop_box_of: Callable, jpeg: str = "accurate") -> "tf.Tens
     Cropped to the exact columns, libjpeg-turbo's upsampling of subsampled chroma differs at the window's left and
     right edges (up to 22 levels, in 247 of 600 random windows of JPEGs with 4:2:0 or 4:2:2 chroma and a width
     not a multiple of 16); widened, none of 1,800 windows (4:4:4, 4:2:2, 4:2:0, grayscale) differed. For a
-    427x640 photo and RandomResizedCrop's windows that took 0.79 of a whole decode's time. Other formats are
-    decoded whole and sliced."""
+    427x640 photo and RandomResizedCrop's windows that took 0.79 of a whole decode's time. A JPEG that does not
+    end with its end-of-image marker (cut short, or with bytes after it) is decoded whole, as are other formats,
+    then sliced: libjpeg reads a window's rows only, so a file cut short below the window would decode, where the
+    whole decoding (and Pillow's) refuses it."""
     dct_method = JPEG_DECODING[check_jpeg_decoding(jpeg)]
 
     def jpeg_window():
@@ -219,12 +221,15 @@ def decode_crop(data, crop_box_of: Callable, jpeg: str = "accurate") -> "tf.Tens
         return rows[:, left - first:left - first + width]
 
     def whole_then_slice():
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        image = decode_image(data, jpeg)
         shape = tf.shape(image, out_type=tf.int32)
         top, left, height, width = tf.unstack(crop_box_of(shape[0], shape[1]))
         return image[top:top + height, left:left + width]
 
-    crop = tf.cond(tf.io.is_jpeg(data), jpeg_window, whole_then_slice)
+    length = tf.strings.length(data)
+    complete = tf.logical_and(tf.io.is_jpeg(data), tf.logical_and(
+        length >= 4, tf.equal(tf.strings.substr(data, tf.maximum(length - 2, 0), 2), b"\xff\xd9")))
+    crop = tf.cond(complete, jpeg_window, whole_then_slice)
     crop.set_shape([None, None, 3])
     return crop
 
