@@ -143,3 +143,45 @@ def test_two_processes_each_hold_one_copy_of_an_image_as_rasampler_ranks_do(prep
                 assert holders == {0, 1}
                 spread += 1
     assert spread >= 12  # most of the 16 distinct images of 4 batches have their copies on both processes
+
+
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_a_tfrecord_stream_shuffles_encoded_images_and_gives_the_batches_of_decoded_ones(prepared, monkeypatch,
+                                                                                          repeats):
+    """Left as TFRecord, a dataset is read in order and shuffled in a buffer of 16 batches: of encoded images
+    now (`Source.sequential_encoded`; decoded ones took five times the memory or more), decoded after it, by
+    DeiT's transform for its crop alone or before the repeated copies once. The batches must be those of the
+    decoded stream, for DeiT's transform and for one that takes decoded images."""
+    import dataclasses
+    import functools
+
+    from vitdistill.data import pipeline
+    from vitdistill.methods import deit
+
+    monkeypatch.setattr(sources, "IN_MEMORY_LIMIT_BYTES", 0)
+    source = sources.tfds_source(tiny_tfds.NAME, "train", prepared["tfrecord"])
+    assert not source.random_access and source.sequential_encoded is not None
+    decoded_only = dataclasses.replace(source, sequential_encoded=None)  # the stream as it was: decode, then shuffle
+    config = _deit_on(prepared["tfrecord"], 2)
+    transform = deit.train_transform(config)
+    plain = functools.partial(transform.func, *transform.args, **transform.keywords)  # takes decoded images only
+    for fn in (transform, plain):
+        kwargs = dict(seed=4, global_batch=8, start_step=2, repeats=repeats)
+        got = pipeline.train_dataset(source, fn, **kwargs).take(3)
+        want = pipeline.train_dataset(decoded_only, fn, **kwargs).take(3)
+        for a, b in zip(got.as_numpy_iterator(), want.as_numpy_iterator()):
+            assert sorted(a) == sorted(b)
+            for key in b:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_bench_leaves_a_tfrecord_evaluation_split_whole_and_cuts_an_array_record_one(prepared, tmp_path):
+    """`bench --data=config` cut the evaluation split to one batch, which a dataset read in order refuses: the
+    pipeline benchmark stopped on any TFRecord dataset before timing anything."""
+    from vitdistill import bench
+
+    for data_dir, cut in ((prepared["tfrecord"], None), (prepared["converted"], 8)):
+        config = bench.bench_config(_deit_on(data_dir, 2), data="config")
+        assert config.data.eval_limit == cut
+        task = methods.get("deit").build_task(config, str(tmp_path))  # as bench builds it: no DataError
+        assert task.data.source.random_access == (cut is not None)

@@ -77,15 +77,24 @@ def bench_config(config, data: str = "sample_images"):
     if data == "sample_images":
         config.data.source = "sample_images"
         config.data.train_limit = None
-    config.data.eval_limit = config.batch_size
+    # the evaluations' data is set up, never read: cut it short, unless the source is read in order (TFRecord),
+    # which cannot be cut
+    cut = config.batch_size if data == "sample_images" or _random_access(config.data) else None
+    config.data.eval_limit = cut
     if config.method == "deit":
         config.teacher.train = type(config.teacher.train)()
         if not config.teacher.checkpoint:
             config.teacher.checkpoint = "random"
     if config.method == "dino":
-        config.knn.train_limit = config.batch_size
-        config.knn.eval_limit = config.batch_size
+        config.knn.train_limit = cut
+        config.knn.eval_limit = cut
     return config
+
+
+def _random_access(data_config) -> bool:
+    from vitdistill.data import sources
+
+    return sources.get_source(data_config, data_config.eval_split).random_access
 
 
 def matmul_peak_tflops(dtype) -> float:

@@ -19,6 +19,7 @@ from typing import Callable
 
 import tensorflow as tf
 
+from vitdistill.data import sources
 from vitdistill.data.sources import Source, get_source
 from vitdistill.errors import ConfigError
 
@@ -108,13 +109,17 @@ def train_dataset(source: Source, transform: Transform, *, seed: int, global_bat
     rows = process_rows(global_batch, process_index, process_count, num_shards)
     local_batch = len(rows)
 
+    decodes = getattr(transform, "decodes", False)  # takes bytes (DeiT's): it decodes its crop's window alone
+
     def prepare(position, example):
-        views = transform(example["image"], stream_seed(seed, 1, position))
+        if "encoded" in example:
+            views = transform(example["encoded"], stream_seed(seed, 1, position), jpeg=source.jpeg)
+        else:
+            views = transform(example["image"], stream_seed(seed, 1, position))
         return {**views, "label": example["label"]}
 
     if source.random_access:
-        # a transform that decodes (`decodes`, DeiT's) gets an encoded source's bytes: it decodes its crop alone
-        decodes = getattr(transform, "decodes", False) and source.load_encoded is not None
+        load = source.load_encoded if decodes and source.load_encoded is not None else source.load
         positions = index_stream(source.num_examples, seed=seed, start_position=start_step * global_batch,
                                  repeats=repeats).batch(global_batch)
         rows_t = tf.constant(rows, tf.int64)
@@ -123,17 +128,19 @@ def train_dataset(source: Source, transform: Transform, *, seed: int, global_bat
             return tf.gather(position, rows_t), tf.gather(index, rows_t)
 
         def load_and_prepare(position, index):
-            if decodes:
-                example = source.load_encoded(index)
-                views = transform(example["encoded"], stream_seed(seed, 1, position), jpeg=source.jpeg)
-                return {**views, "label": example["label"]}
-            return prepare(position, source.load(index))
+            return prepare(position, load(index))
 
         ds = positions.map(mine).unbatch().map(_plain(load_and_prepare), num_parallel_calls=AUTOTUNE)
     else:
-        # Sequential sources (TFDS in TFRecords): a seeded shuffle that restarts from a new seed on resume.
-        ds = source.sequential(process_index, process_count, seed + start_step)
+        # Sequential sources (TFDS in TFRecords): a seeded shuffle that restarts from a new seed on resume, of the
+        # encoded images where the source gives them (a fifth of the memory or less), decoded after it: by the
+        # transform that decodes its crop alone, else here (and once for the repeated copies)
+        encoded = source.sequential_encoded is not None
+        ds = (source.sequential_encoded if encoded else source.sequential)(process_index, process_count,
+                                                                          seed + start_step)
         ds = ds.repeat().shuffle(16 * local_batch, seed=seed + start_step)
+        if encoded and (repeats > 1 or not decodes):
+            ds = ds.map(_plain(sources.decoded(source.jpeg)), num_parallel_calls=AUTOTUNE)
         if repeats > 1:
             ds = ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(repeats))
         first = start_step * global_batch + process_index * local_batch

@@ -36,7 +36,8 @@ class Source:
     `describe(index)` names example `index` in error messages (a file path, say).
     Sources of encoded images (files, TFDS records, the sample photos) also have `load_encoded` (index ->
     {'encoded': the file's bytes, 'label'}; `load` is it decoded by `decode_image(..., jpeg)`), for a
-    transform that decodes only the window it crops (`decode_crop`).
+    transform that decodes only the window it crops (`decode_crop`); a sequential one `sequential_encoded`
+    (the same stream, undecoded), which the training stream shuffles before it decodes.
     """
 
     name: str
@@ -50,6 +51,7 @@ class Source:
     skipped: tuple = ()  # (path, reason) of the images left out as undecodable (`data.skip_bad_images`)
     arrays: Optional[tuple] = dataclasses.field(default=None, repr=False)  # in-memory sources: (images, labels)
     load_encoded: Optional[Callable[[tf.Tensor], dict]] = None
+    sequential_encoded: Optional[Callable[[int, int, int], tf.data.Dataset]] = None
     jpeg: str = "accurate"  # how `load` decodes JPEGs (config.data.jpeg_decoding)
 
     @property
@@ -299,13 +301,17 @@ def image_folder(root: str, split: Optional[str] = None, *, class_names: Optiona
                   load_encoded=load_encoded, jpeg=jpeg)
 
 
-def _decoding(load_encoded: Callable, jpeg: str) -> Callable:
-    """A source's `load`: its `load_encoded` decoded."""
-    def load(index):
-        example = load_encoded(index)
+def decoded(jpeg: str) -> Callable:
+    """{'encoded', 'label'} -> {'image', 'label'}: an encoded example decoded by `decode_image`."""
+    def decode(example):
         return {"image": decode_image(example["encoded"], jpeg), "label": example["label"]}
 
-    return load
+    return decode
+
+
+def _decoding(load_encoded: Callable, jpeg: str) -> Callable:
+    """A source's `load`: its `load_encoded` decoded."""
+    return lambda index: decoded(jpeg)(load_encoded(index))
 
 
 def _empty_classes(class_names, labels) -> list:
@@ -387,21 +393,26 @@ def tfds_source(name: str, split: str, data_dir: Optional[str] = None, *, manual
         return _tfds_random_access(builder, split, full_name, num_examples, num_classes, class_names, jpeg)
     size_bytes = info.splits[split].num_bytes or 0
     if size_bytes and size_bytes < IN_MEMORY_LIMIT_BYTES and info.features["image"].shape[0] is not None:
-        decoded = builder.as_dataset(split=split, decoders=skip_image).map(
+        pairs = builder.as_dataset(split=split, decoders=skip_image).map(
             lambda ex: (decode_image(ex["image"], jpeg), ex["label"]))
-        images, labels = zip(*tfds.as_numpy(decoded)) if num_examples else ((), ())
+        images, labels = zip(*tfds.as_numpy(pairs)) if num_examples else ((), ())
         return in_memory(full_name, np.stack(images), np.asarray(labels), num_classes, class_names)
 
-    def sequential(process_index, process_count, seed):
+    def sequential_encoded(process_index, process_count, seed):
         shard = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
         ds = builder.as_dataset(split=shard, shuffle_files=True, decoders=skip_image,
                                 read_config=tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=16))
-        return ds.map(lambda ex: {"image": decode_image(ex["image"], jpeg), "label": tf.cast(ex["label"], tf.int32)})
+        return ds.map(lambda ex: {"encoded": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
+
+    def sequential(process_index, process_count, seed):
+        return sequential_encoded(process_index, process_count, seed).map(decoded(jpeg),
+                                                                          num_parallel_calls=tf.data.AUTOTUNE)
 
     note = (f"{full_name} is stored as TFRecord, which can only be read in order: a resumed run reshuffles "
             "(approximate resume) and repeated-augmentation copies stay on one device. For random access and "
             f"exact resume, add ArrayRecord shards once: `python -m vitdistill.data.tfds_convert {builder.data_dir}`.")
-    return Source(full_name, num_examples, num_classes, sequential=sequential, class_names=class_names, note=note)
+    return Source(full_name, num_examples, num_classes, sequential=sequential, class_names=class_names, note=note,
+                  sequential_encoded=sequential_encoded, jpeg=jpeg)
 
 
 def _tfds_random_access(builder, split: str, name: str, num_examples: int, num_classes: int,
