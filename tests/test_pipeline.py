@@ -275,3 +275,31 @@ def test_deits_training_stream_from_encoded_images_is_the_stream_from_decoded_on
         assert sorted(got) == sorted(want) == ["erase", "image", "label"]
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_a_sequential_streams_repeated_copies_go_to_different_devices_of_the_process():
+    """RASampler gives an image's 3 copies to 3 ranks; a stream read in order (TFRecord) repeats them next to each
+    other, and the batch's rows went to the devices in blocks, so the copies stayed on one device (one mixup
+    lambda and partner block for all three). Device k now takes every D-th example of the batch, as the
+    random-access rows do: the copies are spread, and the batch holds the same examples."""
+    ids = np.arange(400, dtype=np.int32)  # more than the shuffle buffer: no second epoch's copy in 4 batches
+    images = np.stack([ids // 256, ids % 256, ids % 7], -1).astype(np.uint8)[:, None, None, :]
+    source = sources.Source("in_order", 400, 400, sequential=lambda index, count, seed:
+                            tf.data.Dataset.from_tensor_slices({"image": images, "label": ids}))
+
+    def identity(image, seed):
+        return {"image": image}
+
+    for devices in (1, 2, 3):
+        batches = pipeline.train_dataset(source, identity, seed=1, global_batch=12, num_shards=devices, repeats=3)
+        spread = 0
+        for batch in batches.take(4).as_numpy_iterator():
+            labels = batch["label"]
+            np.testing.assert_array_equal(batch["image"][:, 0, 0], images[labels, 0, 0])  # rows moved whole
+            assert sorted(np.unique(labels, return_counts=True)[1]) == [3] * 4  # 4 images, 3 copies each
+            holders = labels.reshape(devices, -1)  # device k's rows
+            for label in np.unique(labels):
+                on = {k for k in range(devices) if label in holders[k]}
+                assert len(on) == min(3, devices), (devices, label, holders)
+                spread += len(on) > 1
+        assert spread == (0 if devices == 1 else 16)

@@ -146,6 +146,13 @@ def train_dataset(source: Source, transform: Transform, *, seed: int, global_bat
         first = start_step * global_batch + process_index * local_batch
         ds = ds.enumerate(first).map(_plain(prepare), num_parallel_calls=AUTOTUNE)
     ds = ds.batch(local_batch, drop_remainder=True)
+    local_devices = max(num_shards, process_count) // process_count
+    if not source.random_access and local_devices > 1:
+        # consecutive examples (a repeated image's copies) to different devices of this process, as RASampler
+        # gives them to different ranks: device k takes the batch's k-th, (k + D)-th, ... example, the rule the
+        # random-access rows follow (a process's devices only: each process reads its own part of the files)
+        order = tf.constant(process_rows(local_batch, 0, 1, local_devices), tf.int64)
+        ds = ds.map(lambda batch: tf.nest.map_structure(lambda rows: tf.gather(rows, order), batch))
     return ds.prefetch(prefetch).with_options(_options())
 
 

@@ -409,8 +409,8 @@ def tfds_source(name: str, split: str, data_dir: Optional[str] = None, *, manual
                                                                           num_parallel_calls=tf.data.AUTOTUNE)
 
     note = (f"{full_name} is stored as TFRecord, which can only be read in order: a resumed run reshuffles "
-            "(approximate resume) and repeated-augmentation copies stay on one device. For random access and "
-            f"exact resume, add ArrayRecord shards once: `python -m vitdistill.data.tfds_convert {builder.data_dir}`.")
+            "(approximate resume) and repeated-augmentation copies stay within one process's devices. For random "
+            f"access and exact resume, add ArrayRecord shards once: `python -m vitdistill.data.tfds_convert {builder.data_dir}`.")
     return Source(full_name, num_examples, num_classes, sequential=sequential, class_names=class_names, note=note,
                   sequential_encoded=sequential_encoded, jpeg=jpeg)
 
