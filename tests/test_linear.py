@@ -180,3 +180,27 @@ def test_the_probe_trains_on_eval_linears_bilinear_crops():
         want = (np.asarray(view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view, np.float32) - mean) / std
         np.testing.assert_allclose(got, want, atol=1e-5)
     assert flips == {True, False}
+
+
+def test_the_probes_training_view_of_a_jpegs_bytes_is_its_view_of_the_decoded_image():
+    """The probe's transform takes a file's bytes too (`decodes`) and decodes only its crop's window: the views
+    must be those of the decoded image (a 4:2:0 JPEG of odd width, where the window's columns need a margin)."""
+    import io
+
+    import tensorflow as tf
+    from PIL import Image
+
+    from augment_testing import map_in_tf_data, sample_image
+    from vitdistill.data import sources
+
+    config = recipes.linear("vit_micro_patch4_32")
+    config.data.image_size = 40
+    transform = linear.train_transform(config)
+    assert transform.decodes
+    out = io.BytesIO()
+    Image.fromarray(sample_image("china", size=(171, 121))).save(out, format="JPEG", quality=85, subsampling=2)
+    decoded = sources.decode_image(tf.constant(out.getvalue())).numpy()
+    seeds = np.array([[k, 2] for k in range(8)], np.int64)
+    want = map_in_tf_data(lambda s: transform(decoded, s)["image"], seeds)
+    got = map_in_tf_data(lambda s: transform(tf.constant(out.getvalue()), s)["image"], seeds)
+    np.testing.assert_array_equal(got, want)

@@ -143,12 +143,25 @@ def resized_crop(image, box, size, *, method="bicubic", resize="pil"):
     return tf.ensure_shape(resized, [size, size, image.shape[-1]])
 
 
+def crop_source(image, seed, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jpeg="accurate"):
+    """(image, box): RandomResizedCrop's box drawn for `image` (uint8 [H, W, C]), or, for an encoded image (a
+    scalar string), only that box's window decoded (`sources.decode_crop`, JPEGs with `jpeg`) and its whole box."""
+    def crop_box_of(height, width):
+        return tf.stack(sample_crop_box(seed, height, width, scale=scale, ratio=ratio))
+
+    if image.dtype == tf.string:
+        window = sources.decode_crop(image, crop_box_of, jpeg)
+        return window, tf.concat([[0, 0], tf.shape(window, out_type=tf.int32)[:2]], 0)
+    shape = tf.shape(image, out_type=tf.int32)
+    return image, crop_box_of(shape[0], shape[1])
+
+
 def random_resized_crop(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), method="bicubic",
-                        resize="pil"):
-    """torchvision RandomResizedCrop(size, scale, ratio, interpolation) -> float32 [size, size, C]."""
-    shape = tf.shape(image)
-    box = sample_crop_box(seed, shape[0], shape[1], scale=scale, ratio=ratio)
-    return resized_crop(image, box, size, method=method, resize=resize)
+                        resize="pil", jpeg="accurate"):
+    """torchvision RandomResizedCrop(size, scale, ratio, interpolation) -> float32 [size, size, C]. `image` may be
+    encoded (a scalar string): then only the crop's window is decoded (`crop_source`), with the same result."""
+    image, box = crop_source(image, seed, scale=scale, ratio=ratio, jpeg=jpeg)
+    return resized_crop(image, tuple(tf.unstack(box)), size, method=method, resize=resize)
 
 
 def horizontal_flip(image, seed, p=0.5):
@@ -208,19 +221,16 @@ def random_erasing(image_normalised, seed, p=0.25, scale=(0.02, 1 / 3), ratio=(0
     return tf.cond(erase, erased, lambda: image_normalised)
 
 
+def no_rand_augment():
+    """`pil_ops.tf_deit_view`'s RandAugment parameters for no op (made in the graph that uses them)."""
+    return {"op": tf.zeros([0], tf.int32), "apply": tf.zeros([0], tf.bool), "magnitude": tf.zeros([0]),
+            "sign": tf.zeros([0])}
+
+
 def _deit_levels(image, crop_seed, flip_seed, ra_seed, *, size, scale, ratio, interpolation, hflip,
                  rand_augment, ra_num_ops, ra_magnitude, ra_magnitude_std, ra_prob, resize, image_ops, dtype, jpeg):
     """The crop, flip and RandAugment of `deit_train_transform`: the view's levels as `dtype` (float32 or uint8)."""
-    def crop_box_of(height, width):
-        return tf.stack(sample_crop_box(crop_seed, height, width, scale=scale, ratio=ratio))
-
-    if image.dtype == tf.string:  # encoded: only the crop's window is decoded, and is the whole box
-        image_uint8 = sources.decode_crop(image, crop_box_of, jpeg)
-        box = tf.concat([[0, 0], tf.shape(image_uint8, out_type=tf.int32)[:2]], 0)
-    else:
-        image_uint8 = image
-        shape = tf.shape(image_uint8, out_type=tf.int32)
-        box = crop_box_of(shape[0], shape[1])
+    image_uint8, box = crop_source(image, crop_seed, scale=scale, ratio=ratio, jpeg=jpeg)  # encoded: its window
     if image_ops == "pil":
         image_uint8, box = pil_source(image_uint8, box, size, interpolation=interpolation, resize=resize)
         flip = coin(flip_seed, hflip) if hflip > 0 else tf.constant(False)
@@ -228,8 +238,7 @@ def _deit_levels(image, crop_seed, flip_seed, ra_seed, *, size, scale, ratio, in
             params = sample_ra_params(ra_seed, num_ops=ra_num_ops, magnitude=ra_magnitude,
                                       magnitude_std=ra_magnitude_std, prob=ra_prob)
         else:
-            params = {"op": tf.zeros([0], tf.int32), "apply": tf.zeros([0], tf.bool),
-                      "magnitude": tf.zeros([0]), "sign": tf.zeros([0])}
+            params = no_rand_augment()
         return pil_ops.tf_deit_view(image_uint8, box, size, flip, params, fill=RA_FILL, method=interpolation,
                                     dtype=dtype)
     image = resized_crop(image_uint8, tuple(tf.unstack(box)), size, method=interpolation, resize=resize)
