@@ -181,18 +181,41 @@ def _torchvision_eval(photo, resize, crop):
     return np.asarray(transforms.CenterCrop(crop)(resized))
 
 
+@pytest.mark.parametrize("image_ops", ["tf", "pil"])
 @pytest.mark.parametrize("height,width", [(300, 400), (450, 320)])
-def test_eval_transform_keeps_centre_and_equals_pil(height, width):
+def test_eval_transform_keeps_centre_and_equals_pil(height, width, image_ops):
+    def transform(image):
+        return dt.eval_transform(image, image_ops=image_ops)
+
     image = _disc_image(height, width)
-    got = eager(dt.eval_transform, image)
+    got = eager(transform, image)
     assert got.shape == (224, 224, 3) and got.dtype == np.float32
-    np.testing.assert_allclose(in_tf_data(dt.eval_transform, image), got, atol=1e-4)
+    np.testing.assert_allclose(in_tf_data(transform, image), got, atol=1e-4)
     bright = unnormalize(got)[..., 0] > 130
     rows, cols = np.nonzero(bright)
     assert abs(rows.mean() - 111.5) <= 0.75 and abs(cols.mean() - 111.5) <= 0.75  # odd margins: half a pixel
 
     photo = sample_image("china", size=(width, height))
-    np.testing.assert_array_equal(_levels(eager(dt.eval_transform, photo)), _torchvision_eval(photo, 256, 224))
+    np.testing.assert_array_equal(_levels(eager(transform, photo)), _torchvision_eval(photo, 256, 224))
+
+
+def test_the_eval_transform_on_pillow_gives_the_tf_ops_levels_at_every_shape():
+    """`eval_transform_of` runs Pillow's resize and crop unless data.image_ops='tf': the same levels as the TF
+    ops (each checked against torchvision above) for tall, wide, square, already-sized and upscaled images."""
+    from ml_collections import ConfigDict
+
+    shapes = [(300, 400), (451, 320), (256, 256), (256, 300), (300, 256), (8, 8), (9, 14), (20, 17)]
+    for size, crop_pct in ((224, 0.875), (16, 0.875), (16, 1.0)):
+        transforms = {ops: dt.eval_transform_of(ConfigDict({"image_size": size, "crop_pct": crop_pct,
+                                                            "resize": "pil", "image_ops": ops}))
+                      for ops in ("tf", "pil", "device")}
+        for height, width in shapes:
+            if size == 224 and min(height, width) < 32:
+                continue
+            photo = sample_image("flower", size=(width, height))
+            views = {ops: in_tf_data(t, photo)["image"] for ops, t in transforms.items()}
+            np.testing.assert_array_equal(views["pil"], views["tf"], err_msg=f"{size} {crop_pct} {height}x{width}")
+            np.testing.assert_array_equal(views["device"], views["pil"])
 
 
 def test_eval_transform_refuses_crop_pct_above_one():

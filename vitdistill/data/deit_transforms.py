@@ -306,17 +306,27 @@ def center_crop(image, size):
     return tf.ensure_shape(crop, [size, size, image.shape[-1]])
 
 
-def eval_transform(image_uint8, *, size=224, crop_pct=0.875, interpolation="bicubic", resize="pil"):
-    """DeiT/timm evaluation: resize the shorter side to int(size / crop_pct), centre crop, normalise."""
+def eval_transform(image_uint8, *, size=224, crop_pct=0.875, interpolation="bicubic", resize="pil",
+                   image_ops="tf"):
+    """DeiT/timm evaluation: resize the shorter side to int(size / crop_pct), centre crop, normalise.
+
+    `image_ops='pil'` (with resize='pil') has Pillow resize and crop (`pil_ops.eval_view`, one numpy_function:
+    the same levels, about twice the images/s of the TF ops that emulate its resize); otherwise TF ops."""
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct={crop_pct} must be in (0, 1]: the resized image has to cover the crop")
+    if image_ops == "pil" and resize == "pil":
+        return normalize(tf.cast(pil_ops.tf_eval_view(image_uint8, int(size / crop_pct), size,
+                                                      method=interpolation), tf.float32))
     image = resize_shorter_side(image_uint8, int(size / crop_pct), method=interpolation, resize=resize)
     return normalize(center_crop(image, size))
 
 
 def eval_transform_of(data_config, size=None):
     """The eval transform of `config.data` as a tf.data map function, `image -> {'image': ...}`: resize by
-    `data.crop_pct` (with `data.resize`), centre crop `size` (default `data.image_size`), normalise."""
+    `data.crop_pct` (with `data.resize`), centre crop `size` (default `data.image_size`), normalise; on Pillow's
+    ops unless `data.image_ops='tf'` (DINO's 'device' moves training ops only)."""
     size = data_config.image_size if size is None else size
     crop_pct, resize = data_config.crop_pct, resize_of(data_config)
-    return lambda image: {"image": eval_transform(image, size=size, crop_pct=crop_pct, resize=resize)}
+    image_ops = "tf" if image_ops_of(data_config) == "tf" else "pil"
+    return lambda image: {"image": eval_transform(image, size=size, crop_pct=crop_pct, resize=resize,
+                                                  image_ops=image_ops)}

@@ -39,6 +39,28 @@ def resized_crop(picture: Image.Image, box, size: int, method: str = "bicubic") 
     return resize(picture.crop((left, top, left + width, top + height)), size, size, method)
 
 
+def eval_view(image, shorter, size, method) -> np.ndarray:
+    """torchvision's Resize(shorter) then CenterCrop(size) of a PIL image, as DeiT's and DINO's evaluations apply
+    them: the shorter side to `shorter`, the longer to int(shorter * long / short), then the centre size x size at
+    offsets int(round((side - size) / 2)). uint8 [size, size, 3]."""
+    shorter, size = int(shorter), int(size)
+    picture = Image.fromarray(np.asarray(image))
+    width, height = picture.size
+    if width <= height:
+        width, height = shorter, int(shorter * height / width)
+    else:
+        width, height = int(shorter * width / height), shorter
+    picture = resize(picture, width, height, _text(method))
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return np.asarray(picture.crop((left, top, left + size, top + size)), np.uint8)
+
+
+def tf_eval_view(image_uint8, shorter: int, size: int, *, method="bicubic"):
+    """`eval_view` inside a TF graph (one `tf.numpy_function`): uint8 [size, size, 3]."""
+    view = tf.numpy_function(eval_view, [image_uint8, shorter, size, method], tf.uint8, stateful=False)
+    return tf.ensure_shape(view, [size, size, 3])
+
+
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
 
