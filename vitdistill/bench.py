@@ -77,24 +77,20 @@ def bench_config(config, data: str = "sample_images"):
     if data == "sample_images":
         config.data.source = "sample_images"
         config.data.train_limit = None
-    # the evaluations' data is set up, never read: cut it short, unless the source is read in order (TFRecord),
-    # which cannot be cut
-    cut = config.batch_size if data == "sample_images" or _random_access(config.data) else None
-    config.data.eval_limit = cut
+    from vitdistill.data import sources
+
+    def cut(split):  # the evaluations' data is set up, never read: one batch, unless read in order (uncuttable)
+        return None if sources.read_in_order(config.data, split) else config.batch_size
+
+    config.data.eval_limit = cut(config.data.eval_split)
     if config.method == "deit":
         config.teacher.train = type(config.teacher.train)()
         if not config.teacher.checkpoint:
             config.teacher.checkpoint = "random"
     if config.method == "dino":
-        config.knn.train_limit = cut
-        config.knn.eval_limit = cut
+        config.knn.train_limit = cut(config.data.train_split)
+        config.knn.eval_limit = cut(config.data.eval_split)
     return config
-
-
-def _random_access(data_config) -> bool:
-    from vitdistill.data import sources
-
-    return sources.get_source(data_config, data_config.eval_split).random_access
 
 
 def matmul_peak_tflops(dtype) -> float:

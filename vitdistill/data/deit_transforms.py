@@ -221,12 +221,6 @@ def random_erasing(image_normalised, seed, p=0.25, scale=(0.02, 1 / 3), ratio=(0
     return tf.cond(erase, erased, lambda: image_normalised)
 
 
-def no_rand_augment():
-    """`pil_ops.tf_deit_view`'s RandAugment parameters for no op (made in the graph that uses them)."""
-    return {"op": tf.zeros([0], tf.int32), "apply": tf.zeros([0], tf.bool), "magnitude": tf.zeros([0]),
-            "sign": tf.zeros([0])}
-
-
 def _deit_levels(image, crop_seed, flip_seed, ra_seed, *, size, scale, ratio, interpolation, hflip,
                  rand_augment, ra_num_ops, ra_magnitude, ra_magnitude_std, ra_prob, resize, image_ops, dtype, jpeg):
     """The crop, flip and RandAugment of `deit_train_transform`: the view's levels as `dtype` (float32 or uint8)."""
@@ -238,7 +232,8 @@ def _deit_levels(image, crop_seed, flip_seed, ra_seed, *, size, scale, ratio, in
             params = sample_ra_params(ra_seed, num_ops=ra_num_ops, magnitude=ra_magnitude,
                                       magnitude_std=ra_magnitude_std, prob=ra_prob)
         else:
-            params = no_rand_augment()
+            params = {"op": tf.zeros([0], tf.int32), "apply": tf.zeros([0], tf.bool),
+                      "magnitude": tf.zeros([0]), "sign": tf.zeros([0])}
         return pil_ops.tf_deit_view(image_uint8, box, size, flip, params, fill=RA_FILL, method=interpolation,
                                     dtype=dtype)
     image = resized_crop(image_uint8, tuple(tf.unstack(box)), size, method=interpolation, resize=resize)
@@ -248,6 +243,17 @@ def _deit_levels(image, crop_seed, flip_seed, ra_seed, *, size, scale, ratio, in
         image = _rand_augment(image, ra_seed, num_ops=ra_num_ops, magnitude=ra_magnitude,
                               magnitude_std=ra_magnitude_std, prob=ra_prob, interpolation=interpolation)
     return image if dtype == tf.float32 else tf.saturate_cast(tf.round(image), dtype)  # whole levels: exact
+
+
+def crop_and_flip(image, crop_seed, flip_seed, *, size, scale=(0.08, 1.0), interpolation="bicubic", hflip=0.5,
+                  resize="pil", image_ops="pil", jpeg="accurate"):
+    """RandomResizedCrop and RandomHorizontalFlip with the seeds given -> float32 levels [size, size, 3]: DeiT's view
+    without RandAugment (`_deit_levels`; Pillow's ops with image_ops='pil', TF's otherwise). `image` may be
+    encoded, as in `deit_train_transform`."""
+    return _deit_levels(image, crop_seed, flip_seed, None, size=size, scale=scale, ratio=(3 / 4, 4 / 3),
+                        interpolation=interpolation, hflip=hflip, rand_augment=False, ra_num_ops=0, ra_magnitude=0.0,
+                        ra_magnitude_std=0.0, ra_prob=0.0, resize=resize, image_ops=image_ops, dtype=tf.float32,
+                        jpeg=jpeg)
 
 
 def deit_train_transform(image_uint8, seed, *, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),

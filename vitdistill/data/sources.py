@@ -355,12 +355,9 @@ def scan_images(files: tuple, jpeg: str = "accurate") -> list:
     return _SCANS[key]
 
 
-def tfds_source(name: str, split: str, data_dir: Optional[str] = None, *, manual_dir: Optional[str] = None,
-                jpeg: str = "accurate") -> Source:
-    """A TFDS dataset that is already prepared (or, like ImageNet, preparable from a manual download)."""
+def _prepared_builder(name: str, data_dir: Optional[str], manual_dir: Optional[str]):
+    """The TFDS builder of a prepared dataset, read from its files (DataError naming the way to prepare it)."""
     import tensorflow_datasets as tfds
-
-    skip_image = {"image": tfds.decode.SkipDecoding()}  # decoded by decode_image
 
     try:
         builder = tfds.builder(name, data_dir=data_dir)
@@ -380,7 +377,37 @@ def tfds_source(name: str, split: str, data_dir: Optional[str] = None, *, manual
                         f"config.data.data_dir={data_dir!r}). {hint}; vitdistill never downloads data at run time. "
                         "On a machine without it, try --config=configs/quickstart.py (scikit-learn's digits).")
     # Read from the prepared files, not the builder's code: only they list the formats a conversion added.
-    builder = tfds.builder_from_directory(builder.data_dir)
+    return tfds.builder_from_directory(builder.data_dir)
+
+
+def _tfds_layout(info, split: str) -> str:
+    """How `tfds_source` reads a split: 'array_record' (by index), 'memory' (TFRecord small enough to load, images
+    of one shape) or 'in_order' (TFRecord, read sequentially)."""
+    formats = {str(getattr(f, "value", f)) for f in [info.file_format, *info.alternative_file_formats] if f}
+    if "array_record" in formats:
+        return "array_record"
+    size_bytes = info.splits[split].num_bytes or 0
+    if size_bytes and size_bytes < IN_MEMORY_LIMIT_BYTES and info.features["image"].shape[0] is not None:
+        return "memory"
+    return "in_order"
+
+
+def read_in_order(data_config, split: str) -> bool:
+    """Whether `get_source(data_config, split)` would be a sequential source (a TFDS split left as TFRecord and too
+    large for memory), which cannot be limited, found from the dataset's metadata without reading it."""
+    if data_config.source != "tfds":
+        return False
+    info = _prepared_builder(data_config.name, data_config.get("data_dir"), data_config.get("manual_dir")).info
+    return split in info.splits and _tfds_layout(info, split) == "in_order"
+
+
+def tfds_source(name: str, split: str, data_dir: Optional[str] = None, *, manual_dir: Optional[str] = None,
+                jpeg: str = "accurate") -> Source:
+    """A TFDS dataset that is already prepared (or, like ImageNet, preparable from a manual download)."""
+    import tensorflow_datasets as tfds
+
+    skip_image = {"image": tfds.decode.SkipDecoding()}  # decoded by decode_image
+    builder = _prepared_builder(name, data_dir, manual_dir)
     info = builder.info
     if split not in info.splits:
         raise DataError(f"TFDS {name} has splits {sorted(info.splits)}, not {split!r}")
@@ -388,11 +415,10 @@ def tfds_source(name: str, split: str, data_dir: Optional[str] = None, *, manual
     num_classes = info.features["label"].num_classes
     class_names = info.features["label"].names
     full_name = f"tfds:{name}:{split}"
-    formats = {str(getattr(f, "value", f)) for f in [info.file_format, *info.alternative_file_formats] if f}
-    if "array_record" in formats:
+    layout = _tfds_layout(info, split)
+    if layout == "array_record":
         return _tfds_random_access(builder, split, full_name, num_examples, num_classes, class_names, jpeg)
-    size_bytes = info.splits[split].num_bytes or 0
-    if size_bytes and size_bytes < IN_MEMORY_LIMIT_BYTES and info.features["image"].shape[0] is not None:
+    if layout == "memory":
         pairs = builder.as_dataset(split=split, decoders=skip_image).map(
             lambda ex: (decode_image(ex["image"], jpeg), ex["label"]))
         images, labels = zip(*tfds.as_numpy(pairs)) if num_examples else ((), ())
@@ -410,7 +436,8 @@ def tfds_source(name: str, split: str, data_dir: Optional[str] = None, *, manual
 
     note = (f"{full_name} is stored as TFRecord, which can only be read in order: a resumed run reshuffles "
             "(approximate resume) and repeated-augmentation copies stay within one process's devices. For random "
-            f"access and exact resume, add ArrayRecord shards once: `python -m vitdistill.data.tfds_convert {builder.data_dir}`.")
+            "access and exact resume, add ArrayRecord shards once: "
+            f"`python -m vitdistill.data.tfds_convert {builder.data_dir}`.")
     return Source(full_name, num_examples, num_classes, sequential=sequential, class_names=class_names, note=note,
                   sequential_encoded=sequential_encoded, jpeg=jpeg)
 

@@ -24,11 +24,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-import tensorflow as tf
 from tensorflow.io import gfile
 
 from vitdistill import weights
-from vitdistill.data import deit_transforms, pil_ops, pipeline
+from vitdistill.data import deit_transforms, pipeline
 from vitdistill.data.sources import Source, get_source
 from vitdistill.errors import ConfigError
 from vitdistill.evaluate import batched
@@ -103,19 +102,12 @@ def train_transform(config):
     size, scale = config.data.image_size, tuple(config.linear.scale)
     resize = deit_transforms.resize_of(config.data)
     method = config.linear.get("interpolation", "bicubic")
-    pillow = deit_transforms.image_ops_of(config.data) == "pil"
+    image_ops = "pil" if deit_transforms.image_ops_of(config.data) == "pil" else "tf"
 
-    def transform(image, seed, jpeg="accurate"):
+    def transform(image, seed, jpeg="accurate"):  # Pillow's crop, resize and flip in one call with image_ops='pil'
         crop_seed, flip_seed = deit_transforms.split_seed(seed, 2)
-        image, box = deit_transforms.crop_source(image, crop_seed, scale=scale, jpeg=jpeg)  # encoded: its window
-        if pillow:  # Pillow's crop, resize and flip, in one call (as DeiT's view without RandAugment)
-            image, box = deit_transforms.pil_source(image, box, size, interpolation=method, resize=resize)
-            view = pil_ops.tf_deit_view(image, box, size, deit_transforms.coin(flip_seed, 0.5),
-                                        deit_transforms.no_rand_augment(), fill=0, method=method)
-        else:  # the same levels in TF ops
-            view = deit_transforms.horizontal_flip(
-                deit_transforms.resized_crop(image, tuple(tf.unstack(box)), size, method=method, resize=resize),
-                flip_seed)
+        view = deit_transforms.crop_and_flip(image, crop_seed, flip_seed, size=size, scale=scale, interpolation=method,
+                                             resize=resize, image_ops=image_ops, jpeg=jpeg)
         return {"image": deit_transforms.normalize(view)}
 
     transform.decodes = True  # given an encoded image (and jpeg=), decodes only its crop's window

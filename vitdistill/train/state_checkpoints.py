@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from vitdistill import paths
 from vitdistill.errors import CheckpointError, CheckpointSaveError, first_line
 
 CHECKPOINTS_DIR = "checkpoints"  # inside a workdir
@@ -175,7 +176,7 @@ def _file_in_the_way(workdir: str):
     import tensorflow as tf
 
     path = workdir
-    while "://" not in path and not tf.io.gfile.exists(path):
+    while not paths.is_remote(path) and not tf.io.gfile.exists(path):
         parent = os.path.dirname(path.rstrip("/"))
         if not parent or parent == path:
             return None
