@@ -440,8 +440,9 @@ def test_deits_view_of_an_encoded_image_is_its_view_of_the_decoded_image(image_o
 
     seeds = np.array([[k, 5] for k in range(10)], np.int64)
     kwargs = dict(size=32, erase_prob=0.5, image_ops=image_ops, levels=True)
+    variants = _encoded_variants()
     for name in ("420_odd", "png"):
-        data = _encoded_variants()[name]
+        data = variants[name]
         decoded = sources.decode_image(tf.constant(data)).numpy()
         want = map_in_tf_data(lambda s: dt.deit_train_transform(decoded, s, **kwargs), seeds)
         got = map_in_tf_data(lambda s: dt.deit_train_transform(tf.constant(data), s, **kwargs), seeds)
