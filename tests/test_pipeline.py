@@ -46,6 +46,54 @@ def test_repeated_augmentation_repeats_each_image_in_a_row_and_keeps_the_epoch_l
     assert len(set(stream)) == 4  # an epoch covers a third of the distinct images
 
 
+def test_an_epoch_drops_its_last_partial_batch_and_the_next_starts_a_new_order():
+    """DistributedSampler + DataLoader(drop_last=True), as official DINO and DeiT read an epoch: a new
+    permutation each epoch, len(perm) // batch batches of it, the rest dropped. 10 examples at batch 4: each
+    epoch is 2 batches of the epoch's permutation's first 8 (chained epochs put the tail of one epoch and the
+    head of the next in one batch, one image twice in it)."""
+    src = _toy(10)
+    batches = [b["image"][:, 0, 0, 0].astype(int).tolist()
+               for b in _ids(pipeline.train_dataset(src, _identity, seed=5, global_batch=4), 8)]
+    for epoch in range(4):
+        perm = pipeline.epoch_permutation(10, 5, epoch).numpy().tolist()
+        assert batches[2 * epoch] + batches[2 * epoch + 1] == perm[:8]
+    resumed = [b["image"][:, 0, 0, 0].astype(int).tolist()
+               for b in _ids(pipeline.train_dataset(src, _identity, seed=5, global_batch=4, start_step=3), 5)]
+    assert resumed == batches[3:]
+
+
+def test_repeated_augmentation_keeps_rasamplers_epoch():
+    """DeiT's RASampler (samplers.py), written out: rank r of W yields floor(N // 256 * 256 / W) of the
+    3-times-repeated permutation, and the loader drop_last batches of B of them."""
+    import math
+
+    from vitdistill import data
+
+    for n in (600, 1000, 50_000, 1_281_167):
+        for world, per_rank in ((1, 8), (2, 64), (4, 32), (16, 64)):
+            if world * per_rank > n // 256 * 256:
+                continue  # the official epoch is empty (the error below)
+            official = int(math.floor(n // 256 * 256 / world)) // per_rank
+            assert data.steps_per_epoch(n, world * per_rank, repeats=3) == official, (n, world, per_rank)
+            assert data.steps_per_epoch(n, world * per_rank) == n // (world * per_rank)  # no repeats: N // G
+    assert data.steps_per_epoch(60, 12, repeats=3) == 5  # under 256 RASampler keeps nothing: the whole set
+    with pytest.raises(ConfigError, match=r"larger than the 256 positions an epoch of repeated augmentation keeps "
+                                          r"of the 300 training examples .* --config.augment.repeats=1"):
+        data.steps_per_epoch(300, 512, repeats=3)
+    # 600 examples at 64: 8 batches an epoch (512 positions: 170 images 3 times, one twice), then a new order
+    stream = [int(i) for _, i in pipeline.index_stream(600, seed=2, repeats=3, epoch_length=512).take(1024)
+              .as_numpy_iterator()]
+    for epoch in range(2):
+        perm = pipeline.epoch_permutation(600, 2, epoch).numpy()
+        assert stream[512 * epoch:512 * (epoch + 1)] == np.repeat(perm, 3)[:512].tolist()
+    assert pipeline.epoch_positions(600, 64, repeats=3) == 512
+    from vitdistill.train import schedules  # DeiT's schedules count the same epochs (run_length's `repeats`)
+
+    config = ConfigDict({"epochs": 2.0, "batch_size": 64, "max_steps": None})
+    assert schedules.run_length(config, 600, repeats=3) == schedules.RunLength(8, 16)
+    assert schedules.run_length(config, 600) == schedules.RunLength(9, 18)
+
+
 def test_train_batches_resume_at_a_step_and_split_between_processes():
     src = _toy(10)
     full = _ids(pipeline.train_dataset(src, _identity, seed=5, global_batch=4), 6)

@@ -1,15 +1,19 @@
 """tf.data assembly: index streams, per-process shards, transforms, batches.
 
-The training stream is a pure function of (seed, position): stream position `p` holds
-example `perm_e[p - e*N]` of epoch `e = p // N`, where `perm_e` is a permutation drawn
-from (seed, e), and its augmentation is seeded from (seed, p). Global batch `b` covers
-positions `[b*G, (b+1)*G)`. Its rows are split over the D devices (batch shards) in
-`jax.devices()` order, B = G/D each, and device `d` takes every D-th position: its row `j` is
-position `b*G + j*D + d`, as DistributedSampler and DeiT's RASampler give rank `d` every
-D-th index; so the repeated-augmentation copies of an image, adjacent in the stream, land
-on different devices (and processes). Process `k` holds the rows of its own devices.
-Resuming at step `s` therefore starts at position `s*G` and sees exactly the batches the
-uninterrupted run would have seen, on the same devices.
+The training stream is a pure function of (seed, position). An epoch is `S` global batches of `G`
+examples (`data.steps_per_epoch`: `S = N // G`, as DistributedSampler with drop_last gives them;
+with DeiT's repeated augmentation RASampler's `N // 256 * 256` positions, then `// G`), so
+`L = S * G` positions: stream position `p` holds example `perm_e[p - e*L]` of epoch `e = p // L`,
+where `perm_e` is a permutation drawn from (seed, e) whose last `N - L` entries that epoch drops
+(each epoch starts a new order on a batch boundary, and a batch never spans two epochs), and its
+augmentation is seeded from (seed, p). Global batch `b` covers positions `[b*G, (b+1)*G)`. Its
+rows are split over the D devices (batch shards) in `jax.devices()` order, B = G/D each, and
+device `d` takes every D-th position: its row `j` is position `b*G + j*D + d`, as
+DistributedSampler and DeiT's RASampler give rank `d` every D-th index; so the
+repeated-augmentation copies of an image, adjacent in the stream, land on different devices
+(and processes). Process `k` holds the rows of its own devices. Resuming at step `s` therefore
+starts at position `s*G` and sees exactly the batches the uninterrupted run would have seen, on
+the same devices.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from typing import Callable
 
 import tensorflow as tf
 
-from vitdistill.data import sources
+from vitdistill.data import sources, steps_per_epoch
 from vitdistill.data.sources import Source, get_source
 from vitdistill.errors import ConfigError
 
@@ -57,16 +61,27 @@ def epoch_permutation(num_examples: int, seed: int, epoch, repeats: int = 1) -> 
     return perm
 
 
-def index_stream(num_examples: int, *, seed: int, start_position: int = 0, repeats: int = 1) -> tf.data.Dataset:
-    """An endless dataset of (position, example index), starting at `start_position`."""
-    start_epoch = start_position // num_examples
+def index_stream(num_examples: int, *, seed: int, start_position: int = 0, repeats: int = 1,
+                 epoch_length: int | None = None) -> tf.data.Dataset:
+    """An endless dataset of (position, example index), starting at `start_position`: epochs of
+    `epoch_length` positions (all `num_examples` by default), each the start of a new permutation."""
+    length = num_examples if epoch_length is None else epoch_length
+    if not 1 <= length <= num_examples:
+        raise ValueError(f"epoch_length={epoch_length} for {num_examples} examples")
+    start_epoch = start_position // length
 
     def one_epoch(epoch):
-        positions = epoch * num_examples + tf.range(num_examples, dtype=tf.int64)
-        return tf.data.Dataset.from_tensor_slices((positions, epoch_permutation(num_examples, seed, epoch, repeats)))
+        positions = epoch * length + tf.range(length, dtype=tf.int64)
+        order = epoch_permutation(num_examples, seed, epoch, repeats)[:length]
+        return tf.data.Dataset.from_tensor_slices((positions, order))
 
     epochs = tf.data.Dataset.range(start_epoch, _NEVER_ENDING)
-    return epochs.flat_map(one_epoch).skip(start_position - start_epoch * num_examples)
+    return epochs.flat_map(one_epoch).skip(start_position - start_epoch * length)
+
+
+def epoch_positions(num_examples: int, global_batch: int, repeats: int = 1) -> int:
+    """The positions of a training epoch: whole global batches (`data.steps_per_epoch`), the rest dropped."""
+    return steps_per_epoch(num_examples, global_batch, repeats) * global_batch
 
 
 def _plain(fn: Callable) -> Callable:
@@ -121,7 +136,9 @@ def train_dataset(source: Source, transform: Transform, *, seed: int, global_bat
     if source.random_access:
         load = source.load_encoded if decodes and source.load_encoded is not None else source.load
         positions = index_stream(source.num_examples, seed=seed, start_position=start_step * global_batch,
-                                 repeats=repeats).batch(global_batch)
+                                 repeats=repeats,
+                                 epoch_length=epoch_positions(source.num_examples, global_batch, repeats)
+                                 ).batch(global_batch)
         rows_t = tf.constant(rows, tf.int64)
 
         def mine(position, index):
@@ -237,7 +254,8 @@ def batch_examples(source: Source, step: int, config, repeats: int = 1, process_
     if not source.random_access:
         return [f"(a record of {source.name}; sequential sources cannot name it)"]
     global_batch = config.batch_size
-    stream = index_stream(source.num_examples, seed=config.seed, start_position=step * global_batch, repeats=repeats)
+    stream = index_stream(source.num_examples, seed=config.seed, start_position=step * global_batch, repeats=repeats,
+                          epoch_length=epoch_positions(source.num_examples, global_batch, repeats))
     indices = [int(i) for _, i in stream.take(global_batch).as_numpy_iterator()]
     mine = [indices[r] for r in process_rows(global_batch, process_index, process_count, num_shards)]
     return [source.describe(i) for i in sorted(set(mine))][:limit]

@@ -382,7 +382,7 @@ def build_task(config, workdir: str) -> loop.Task:
     num_classes = config.model.num_classes or train_source.num_classes
     check_distillation(config)
     teacher = teachers.load_teacher(config, workdir, num_classes) if config.distill.kind != "none" else None
-    length = schedules.run_length(config, train_source.num_examples)
+    length = schedules.run_length(config, train_source.num_examples, config.augment.repeats)
     setup = make_setup(config, num_classes=num_classes, length=length,
                        teacher=teacher.module if teacher is not None else None)
     mesh = sharding.make_mesh(config.get("mesh"))

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
+from vitdistill import data
 from vitdistill.errors import ConfigError
 
 
@@ -16,8 +17,10 @@ class RunLength(NamedTuple):
     total_steps: int
 
 
-def run_length(config, num_examples: int) -> RunLength:
-    """Steps per epoch and in all: an epoch is one pass over `num_examples` at the global batch.
+def run_length(config, num_examples: int, repeats: int = 1) -> RunLength:
+    """Steps per epoch and in all: an epoch is one pass over `num_examples` at the global batch, its last
+    partial batch dropped (with `repeats` > 1, DeiT's repeated augmentation: RASampler's epoch,
+    `data.steps_per_epoch`; the pipeline's epochs are the same).
 
     `config.epochs = 0` means no training: the run only evaluates (a converted checkpoint, say).
     `config.max_steps` cuts the run short (0 or None: it does not); the schedules still span `config.epochs`.
@@ -27,10 +30,7 @@ def run_length(config, num_examples: int) -> RunLength:
     if config.get("max_steps") is not None and config.max_steps < 0:
         raise ConfigError(f"config.max_steps={config.max_steps}; use a count of steps >= 1, or 0 (or unset) for the "
                           "whole run (config.epochs=0 evaluates only)")
-    steps_per_epoch = num_examples // config.batch_size
-    if steps_per_epoch < 1:
-        raise ConfigError(f"batch_size {config.batch_size} is larger than the {num_examples} training examples; "
-                          "lower --config.batch_size")
+    steps_per_epoch = data.steps_per_epoch(num_examples, config.batch_size, repeats)
     total = int(round(config.epochs * steps_per_epoch))
     if config.get("max_steps"):
         total = min(total, int(config.max_steps))
