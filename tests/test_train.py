@@ -182,6 +182,38 @@ def _poison(monkeypatch, bad_steps):
     monkeypatch.setattr(deit, "train_step", poisoned)
 
 
+def test_a_skipped_step_moves_the_schedules_on_but_not_adams_moments():
+    """The official loops index lr and decay by iteration: after a skipped update, step s still trains at
+    lr(s). Adam's per-parameter counts (bias correction) stay, as when GradScaler skips optimizer.step()."""
+    import jax.numpy as jnp
+    import optax
+
+    from vitdistill.train import loop, optim
+    from vitdistill.train.state import TrainState
+
+    def lr(count):
+        return 0.1 * (count + 1.0)  # step s: 0.1 (s + 1)
+
+    tx = optim.adamw(lr, weight_decay=0.0, decay_mask=lambda p: jax.tree.map(lambda _: False, p))
+    params = {"w": jnp.zeros(3)}
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    def train_step(state, batch, frozen):
+        updates, opt_state = tx.update({"w": jnp.ones(3)}, state.opt_state, state.params)
+        loss = jnp.where(state.step == 1, jnp.nan, 1.0)  # step 1's update is thrown away
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state), {"loss": loss}
+
+    step, counters, w = jax.jit(loop.skipping_nonfinite(train_step)), loop.skip_counters(), []
+    for _ in range(4):
+        state, metrics, counters = step(state, None, None, counters)
+        w.append(float(state.params["w"][0]))
+    # a constant gradient of 1: each applied Adam update is -lr (m^ = v^ = 1; eps 1e-8 aside)
+    np.testing.assert_allclose(w, [-0.1, -0.1, -0.1 - 0.3, -0.1 - 0.3 - 0.4], rtol=1e-6)
+    assert int(state.step) == 4 and int(state.opt_state.count) == 4 and int(state.opt_state.leaf_steps["w"]) == 3
+    assert int(counters["total"]) == 1
+
+
 def test_skipping_non_finite_steps_keeps_the_state_counts_them_and_stops_after_n_in_a_row(tmp_path, monkeypatch,
                                                                                           capsys):
     config = _deit_config("none", steps=5)

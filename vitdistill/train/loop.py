@@ -18,7 +18,7 @@ from absl import logging
 from vitdistill import paths
 from vitdistill.data import pipeline
 from vitdistill.errors import BadImageError, EvalStopped, NonFiniteLossError, Preempted, StoppedAtOnce
-from vitdistill.train import sharding
+from vitdistill.train import optim, sharding
 from vitdistill.train import preemption
 from vitdistill.train.preemption import StopRequests
 from vitdistill.train.reporting import CONFIG_FILE, Reporter, save_config
@@ -103,14 +103,18 @@ def skip_counters() -> dict:
 
 def skipping_nonfinite(train_step):
     """A step that keeps the state it was given when the update is not finite (a NaN or infinite loss, or a
-    non-finite array in the new state), only counting the step on: (state, batch, frozen, counters) ->
+    non-finite array in the new state), only counting the step on, and the optimizer's schedule counts
+    (`optim.keep_schedule_counts`): (state, batch, frozen, counters) ->
     (state, metrics, counters). The metrics gain `skipped` (this step) and the counters."""
 
     def step(state, batch, frozen, counters):
         new_state, metrics = train_step(state, batch, frozen)
         leaves = [x for x in jax.tree.leaves(new_state) if jnp.issubdtype(x.dtype, jnp.inexact)]
         ok = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-        kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state).replace(step=new_state.step)
+        kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+        # the step counts on, and the optimizer's schedules with it (lr, decay, freezing: indexed by iteration)
+        kept = kept.replace(step=new_state.step,
+                            opt_state=optim.keep_schedule_counts(kept.opt_state, new_state.opt_state))
         in_a_row = jnp.where(ok, 0, counters["in_a_row"] + 1)
         counters = {"in_a_row": in_a_row, "longest": jnp.maximum(counters["longest"], in_a_row),
                     "total": counters["total"] + (~ok).astype(jnp.int32)}

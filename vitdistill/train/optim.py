@@ -101,13 +101,25 @@ def clip_by_tensor_norm(max_norm):
 class AdamWState(NamedTuple):
     """A plain pytree, so orbax checkpoints it as is.
 
-    count: updates applied so far, which indexes the learning-rate and decay schedules.
+    count: steps so far, which indexes the learning-rate and decay schedules (a step the loop skips for a
+      non-finite update counts: `keep_schedule_counts`).
     leaf_steps: PyTorch's per-parameter state['step'], which drives the bias correction.
     """
     count: jax.Array
     leaf_steps: Any
     mu: Any
     nu: Any
+
+
+def keep_schedule_counts(kept, new):
+    """An optimizer state `kept` from before a step whose update was thrown away, with the schedule counts of
+    `new`, the state after it: the learning rate, weight decay and freezing go on with the step, as the
+    official loops index them by iteration (and as PyTorch's schedulers go on when GradScaler skips a step),
+    while Adam's moments and per-parameter step counts (its bias correction) stay as they were."""
+    def is_adamw(x):
+        return isinstance(x, AdamWState)
+
+    return jax.tree.map(lambda k, n: k._replace(count=n.count) if is_adamw(k) else k, kept, new, is_leaf=is_adamw)
 
 
 def _one_minus_power(beta, step):
