@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from vitdistill.data import IMAGENET_MEAN, IMAGENET_STD
+from vitdistill.data import IMAGENET_MEAN, IMAGENET_STD, pil_order
 from vitdistill.errors import ConfigError, DataError, UserError
 
 
@@ -48,7 +48,7 @@ def load_image(path: str, image_size: Sequence[int], patch_size: int) -> np.ndar
         size = (int(image_size[1]), int(image_size[0]))
     else:
         raise ConfigError(f"--image_size={','.join(map(str, image_size))}: give H,W or one number (shorter side)")
-    array = np.asarray(image.resize(size, Image.BILINEAR))
+    array = np.asarray(pil_order.resize(image, *size, "bilinear"))  # torchvision's on Pillow <= 12, as DINO ran
     h, w = array.shape[0] - array.shape[0] % patch_size, array.shape[1] - array.shape[1] % patch_size
     if h == 0 or w == 0:
         raise ConfigError(f"--image_size={','.join(map(str, image_size))} is smaller than one {patch_size}-pixel patch")

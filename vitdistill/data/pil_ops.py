@@ -6,31 +6,20 @@ over the host's cores. The random choices are drawn in TF (the stateless, per-ex
 ops in `multicrop` and `deit_transforms`), so both backends make the same choices and resume alike; only
 applying them happens here, in `tf.numpy_function`.
 
-Pillow 13 may run a resize's vertical pass before the horizontal one (python-pillow/Pillow#9549); DeiT
-and DINO ran on Pillow <= 12, horizontal first, so `resize` makes the two one-axis calls itself.
+Resizes run in the order Pillow <= 12 ran them (`pil_order.resize`: Pillow 13 may run the vertical pass
+first, python-pillow/Pillow#9549).
 """
 import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+from vitdistill.data.pil_order import FILTERS, resize
 from vitdistill.data.randaugment import OP_NAMES
-
-FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
 def _text(value) -> str:
     """A string argument as tf.numpy_function passes it (bytes), or as Python code does."""
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def resize(picture: Image.Image, width: int, height: int, method: str = "bicubic") -> Image.Image:
-    """`picture.resize((width, height))` as Pillow <= 12 runs it: the horizontal pass, then the vertical."""
-    resample = FILTERS[method]
-    if width != picture.width:
-        picture = picture.resize((width, picture.height), resample)
-    if height != picture.height:
-        picture = picture.resize((width, height), resample)
-    return picture
 
 
 def resized_crop(picture: Image.Image, box, size: int, method: str = "bicubic") -> Image.Image:
