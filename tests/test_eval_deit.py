@@ -80,6 +80,9 @@ def test_three_heads_of_a_converted_distilled_deit_score_as_timms_forward(tmp_pa
     assert expected == {"top1_cls": 1.0, "top1_dist": 0.5, "top1": 0.75}, expected  # the heads disagree as built
     for name, value in expected.items():
         assert final[name] == pytest.approx(value, abs=1e-9), (name, final[name], value)
+    # engine.evaluate's loss: CrossEntropyLoss on the model's eval output (the heads' mean), over the images
+    loss = torch.nn.CrossEntropyLoss()(torch.from_numpy(average), torch.from_numpy(labels).long()).item()
+    assert final["loss"] == pytest.approx(loss, rel=1e-5)
     assert final["step"] == 0
     out = capsys.readouterr().out
     assert "distillation" in out and "average" in out and "32 images" in out

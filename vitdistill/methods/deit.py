@@ -289,17 +289,21 @@ def eval_transform(config):
 
 def classifier_counts(params, batch_stats, batch, *, model):
     """Top-1/top-5 counts of a classifier on a padded batch; a distilled one: of the averaged heads, and of
-    each head (`_cls`, `_dist`)."""
+    each head (`_cls`, `_dist`). `loss` sums the cross-entropy of the (averaged) logits, as engine.evaluate's
+    criterion computes it (a mean once divided by `count`)."""
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
     labels, mask = batch["label"], batch["mask"]
     if is_distilled(model):
         cls_logits, dist_logits = model.apply(variables, batch["image"], train=False, both_heads=True)
-        avg = (cls_logits + dist_logits) / 2
-        counts = {f"{k}": v for k, v in topk_correct(avg, labels, mask).items()}
+        logits = (cls_logits + dist_logits) / 2
+        counts = {f"{k}": v for k, v in topk_correct(logits, labels, mask).items()}
         counts.update({f"{k}_cls": v for k, v in topk_correct(cls_logits, labels, mask).items()})
         counts.update({f"{k}_dist": v for k, v in topk_correct(dist_logits, labels, mask).items()})
     else:
-        counts = topk_correct(model.apply(variables, batch["image"], train=False), labels, mask)
+        logits = model.apply(variables, batch["image"], train=False)
+        counts = topk_correct(logits, labels, mask)
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels.astype(jnp.int32))
+    counts["loss"] = jnp.sum(jnp.where(mask > 0, per_example, 0.0))
     counts["count"] = jnp.sum(mask)
     return counts
 
