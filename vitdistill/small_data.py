@@ -297,10 +297,11 @@ def _steps_per_epoch(facts: DataFacts, batch_size: int) -> int:
 # lost (28-px letters mean +6.98 against +7.85, 10-class 8-px letters +2.78 against +4.86), and the official
 # 0.996 left the teacher near its initialisation (28-px letters +0.93: over 1,200 steps its momentum sums
 # 1 - m to about 2.4, so it still holds about 9 % of its initial weights at the end).
-# The quick starts (`small_dino`) keep the plain rule they were measured with (digits: 0.96, k-NN 70.19).
+# `small_dino` (the Fashion-MNIST experiment) keeps the plain rule it was measured with; the DINO quick start is
+# this recipe since the epochs dropped their partial batches (experiments/results/README.md, "Quick starts").
 MIN_SMALL_MOMENTUM = 0.99
 
-# The self-sizing DINO recipe's local crops: 6 (the quick starts, `small_dino`, keep the 4 they were measured with).
+# The self-sizing DINO recipe's local crops: 6 (`small_dino`'s callers pass their own).
 #
 # Chosen on the held-out sets (experiments/results/README.md; runs `nl6_s*` in the three
 # experiments/results/heldout_letters*_dino.json), against a bar committed before the runs (d802f3b): seeds 0-3 on
@@ -311,7 +312,7 @@ MIN_SMALL_MOMENTUM = 0.99
 SMALL_DINO_LOCAL_CROPS = 6
 
 # The self-sizing DINO recipe's lr: the official linear rule, 5e-4 x batch / 256 (1.25e-4 at its batch of 64), not
-# `small_dino`'s twice that (which the quick starts keep). A batch given on the command line scales it the same way.
+# `small_dino`'s twice that. A batch given on the command line scales it the same way.
 #
 # Chosen on a held-out cut shaped like digits in classes as well (`experiments/heldout_letters.py --side=8
 # --classes=10 --train_per_class=144 --test_per_class=36`; experiments/results/heldout_letters8c10_dino.json),
