@@ -41,9 +41,7 @@ def load_image(path: str, image_size: Sequence[int], patch_size: int) -> np.ndar
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"--image={path!r} is not an image PIL can read ({e})") from None
     if len(image_size) == 1:
-        short = int(image_size[0])
-        w, h = image.size
-        size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # (width, height)
+        size = pil_order.shorter_side_size(*image.size, int(image_size[0]))  # (width, height)
     elif len(image_size) == 2:
         size = (int(image_size[1]), int(image_size[0]))
     else:

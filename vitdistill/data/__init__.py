@@ -4,6 +4,8 @@ Submodules are imported explicitly (`from vitdistill.data import deit_transforms
 code needing only `mixup` (JAX) never pulls in TensorFlow.
 """
 
+from vitdistill.errors import ConfigError
+
 # ImageNet channel statistics in 0..1 units (torchvision/timm); multiply by 255 for 0..255 images.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -17,8 +19,6 @@ def steps_per_epoch(num_examples: int, global_batch: int, repeats: int = 1) -> i
     next epoch starts a new order (`pipeline.index_stream`). Fewer positions than one batch: ConfigError."""
     used = num_examples // 256 * 256 if repeats > 1 and num_examples >= 256 else num_examples
     if used < global_batch:
-        from vitdistill.errors import ConfigError
-
         if used < num_examples:
             raise ConfigError(f"batch_size {global_batch} is larger than the {used} positions an epoch of repeated "
                               f"augmentation keeps of the {num_examples} training examples (RASampler's "

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from vitdistill.data.pil_order import FILTERS, resize
+from vitdistill.data.pil_order import FILTERS, resize, shorter_side_size
 from vitdistill.data.randaugment import OP_NAMES
 
 
@@ -34,11 +34,7 @@ def eval_view(image, shorter, size, method) -> np.ndarray:
     offsets int(round((side - size) / 2)). uint8 [size, size, 3]."""
     shorter, size = int(shorter), int(size)
     picture = Image.fromarray(np.asarray(image))
-    width, height = picture.size
-    if width <= height:
-        width, height = shorter, int(shorter * height / width)
-    else:
-        width, height = int(shorter * width / height), shorter
+    width, height = shorter_side_size(*picture.size, shorter)
     picture = resize(picture, width, height, _text(method))
     top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
     return np.asarray(picture.crop((left, top, left + size, top + size)), np.uint8)

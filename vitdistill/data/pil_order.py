@@ -16,3 +16,11 @@ def resize(picture: Image.Image, width: int, height: int, method: str = "bicubic
     if height != picture.height:
         picture = picture.resize((width, height), resample)
     return picture
+
+
+def shorter_side_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """(width, height) of torchvision's Resize(shorter) for a PIL image of `width` x `height`: the shorter side to
+    `shorter`, the longer to int(shorter * long / short)."""
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
