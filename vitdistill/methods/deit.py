@@ -327,16 +327,11 @@ def classification_evaluator(setup: DeitSetup, eval_source: Source, config, mesh
 
 
 def teacher_accuracy(teacher: teachers.Teacher, eval_source: Source, config, mesh) -> dict:
-    def counts(variables, batch):
-        result = topk_correct(teacher.module.apply(variables, batch["image"], train=False), batch["label"],
-                              batch["mask"])
-        result["count"] = jnp.sum(batch["mask"])
-        return result
-
+    counts = jax.jit(functools.partial(classifier_counts, model=teacher.module))
     ds, _ = pipeline.eval_dataset(eval_source, eval_transform(config), global_batch=config.batch_size,
                                   process_index=jax.process_index(), process_count=jax.process_count())
     variables = sharding.place_sharded(teacher.variables, mesh)
-    return fractions(batched.sum_counts(jax.jit(counts), (variables,), ds, mesh))
+    return fractions(batched.sum_counts(counts, (variables["params"], variables.get("batch_stats")), ds, mesh))
 
 
 def summary_table(final: dict, *, config, eval_source: Source, distilled: bool, teacher: Optional[teachers.Teacher],
