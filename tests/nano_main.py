@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,11 +31,11 @@ def _sigterm_at_eval_check(n: int) -> None:
 
 def _signals_in_first_step_call(spec: str) -> None:
     """$NANO_SIGNALS_IN_FIRST_STEP, e.g. `SIGTERM@0.5` or `SIGINT@0.5,SIGINT@0.8`: each signal is sent to this
-    process, by a timer thread, that many seconds into the first call of the train step, the call that traces
+    process, by a thread, that many seconds into the first call of the train step, the call that traces
     and compiles it (seconds with an empty compilation cache). A signal placed on a timeline measured from
     outside landed elsewhere whenever the load on the machine changed between the runs (in the init, or
     after the last step); this one lands in the compile. Before each, a `nano:` line on stderr says whether
-    that call was still running, which the tests check."""
+    that call was still running, which the tests check. They are sent in order, at least 50 ms apart."""
     from vitdistill.train import loop
 
     plan = [(signal.Signals[name], float(at)) for name, at in (item.split("@") for item in spec.split(","))]
@@ -43,20 +44,24 @@ def _signals_in_first_step_call(spec: str) -> None:
     def jit_train_step(*args, **kwargs):
         step, state = real(*args, **kwargs), []
 
-        def send(signum, at):
-            where = "while it was running" if state == ["running"] else "after it had returned"
-            print(f"nano: {signum.name} sent {at:.2f} s into the first train step's call, {where}",
-                  file=sys.stderr, flush=True)
-            os.kill(os.getpid(), signum)
+        def send_all(started):
+            previous = None
+            for signum, at in plan:  # in order, and at least 50 ms apart: two signals sent within microseconds
+                # of each other (two timers, both late on a loaded host) can be one in the kernel, a lost Ctrl-C
+                # no user could cause
+                time.sleep(max(0.0, started + at - time.monotonic(),
+                               0.0 if previous is None else previous + 0.05 - time.monotonic()))
+                where = "while it was running" if state == ["running"] else "after it had returned"
+                print(f"nano: {signum.name} sent {at:.2f} s into the first train step's call, {where}",
+                      file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signum)
+                previous = time.monotonic()
 
         def first_call_signalled(*a, **k):
             if state:
                 return step(*a, **k)
             state.append("running")
-            for signum, at in plan:
-                timer = threading.Timer(at, send, (signum, at))
-                timer.daemon = True
-                timer.start()
+            threading.Thread(target=send_all, args=(time.monotonic(),), daemon=True).start()
             try:
                 return step(*a, **k)
             finally:

@@ -13,7 +13,7 @@ while it evaluates at the end. Each interrupted run must end in one of the outco
 Then the same command re-run without a signal must end exactly as the uninterrupted run: the same final
 loss, bit for bit, and the same k-NN. The default suite interrupts one workdir three times (while the first step
 compiles, while training, twice Ctrl-C while the first step compiles); the slow test signals 20 moments drawn at
-random over the whole run. The signals during the compile come from a timer thread of the process itself
+random over the whole run. The signals during the compile come from a thread of the process itself
 ($NANO_SIGNALS_IN_FIRST_STEP): sent from the test at a moment taken from the uninterrupted run's timeline they
 landed elsewhere when the machine's load changed between the runs (in the set-up before the first step, or
 after the last one; 2 failures on 2026-12-04, both beside other training runs).
@@ -252,6 +252,69 @@ def test_a_second_ctrl_c_ends_the_process_outside_the_steps_and_goes_to_the_loop
     finally:
         stops.uninstall()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_two_ctrl_cs_that_come_during_one_c_call_are_two(capfd):
+    """Python calls a signal's handler once for all its deliveries before the main thread next checks: two Ctrl-Cs
+    while the main thread is in one long C call (XLA compiling the first step) were one call of the handler, and
+    the run stopped at the next step boundary instead of at once (CI, 2026-12-08, the test above). Here the main
+    thread waits in a C call with SIGINT blocked (so the signals' C handler runs on another thread and nothing
+    interrupts the wait) while a thread sends two: they must make a second Ctrl-C. A handler call for which an
+    earlier call already counted the delivery changes nothing. With a wakeup fd someone else holds (asyncio's), it
+    stays theirs, and each handler call counts one Ctrl-C, as before."""
+    from vitdistill.train.preemption import StopRequests
+
+    def two_during_one_call():
+        go = threading.Event()
+
+        def send():
+            go.wait()
+            for _ in range(2):  # 50 ms apart: a signal sent while the last is still pending in the kernel is lost there
+                time.sleep(0.05)  # (the main thread is inside join() by now)
+                os.kill(os.getpid(), signal.SIGINT)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            go.set()
+            sender.join()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        deadline = time.monotonic() + 2  # the handler runs at one of these checks
+        while time.monotonic() < deadline:
+            pass
+
+    exits = []
+    stops = StopRequests().install(before_jax=True)
+    stops.exit_at_once = lambda: exits.append("exit")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            two_during_one_call()
+        assert stops.received == "SIGINT" and exits == ["exit"]
+        stops._on_sigint(signal.SIGINT, None)  # no delivery behind it: nothing happens
+        assert exits == ["exit"]
+    finally:
+        stops.uninstall()
+
+    theirs_read, theirs_write = os.pipe()
+    os.set_blocking(theirs_write, False)
+    before = signal.set_wakeup_fd(theirs_write)
+    stops = StopRequests().install(before_jax=True)
+    stops.exit_at_once = lambda: exits.append("exit")
+    try:
+        assert signal.set_wakeup_fd(theirs_write) == theirs_write
+        os.kill(os.getpid(), signal.SIGINT)  # each handled as it comes: one Ctrl-C, then a second
+        assert stops.received == "SIGINT" and exits == ["exit"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert exits == ["exit", "exit"]
+    finally:
+        stops.uninstall()
+        assert signal.set_wakeup_fd(before) == theirs_write
+        os.close(theirs_read)
+        os.close(theirs_write)
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_a_second_ctrl_c_that_lands_in_a_gc_callback_is_delivered_after_it_not_lost(capfd):

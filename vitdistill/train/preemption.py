@@ -34,6 +34,8 @@ class StopRequests:
         self.in_training_steps = False  # the loop's: it turns a second Ctrl-C into a save where it can
         self._sync_calls = 0  # several processes: the checks made so far, step boundaries and evaluation batches
         self._in_hook = False  # the main thread is inside _redeliver_lost_interrupt
+        self._wakeup: Optional[tuple] = None  # (read end, write end, the wakeup fd it replaced): _take_wakeup_fd
+        self._sigints_pending = 0  # SIGINTs read from the wakeup pipe that no handler call has acted on yet
 
     def install(self, *, before_jax: bool = False) -> "StopRequests":
         """Takes SIGINT, and SIGTERM unless several processes run (JAX's preemption notifier, which
@@ -49,6 +51,7 @@ class StopRequests:
             self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
         if signal.SIGINT not in self._previous:
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+            self._take_wakeup_fd()
             self._previous_unraisable_hook = sys.unraisablehook
             sys.unraisablehook = self._redeliver_lost_interrupt
         if self._multi_process:
@@ -62,7 +65,67 @@ class StopRequests:
             signal.signal(signum, handler)
         if signal.SIGINT in self._previous and sys.unraisablehook == self._redeliver_lost_interrupt:
             sys.unraisablehook = self._previous_unraisable_hook
+        if self._wakeup is not None:
+            read_end, write_end, replaced = self._wakeup
+            current = signal.set_wakeup_fd(replaced)
+            if current != write_end:  # taken over since: it stays, and so does this pipe (its taker puts it back)
+                signal.set_wakeup_fd(current, **({"warn_on_full_buffer": False} if current in _OUR_WAKEUP_FDS else {}))
+            else:
+                _OUR_WAKEUP_FDS.discard(write_end)
+                os.close(read_end)
+                os.close(write_end)
+                self._wakeup = None
         self._previous.clear()
+
+    def _take_wakeup_fd(self):
+        """Python runs a handler once for all the deliveries of one signal made before the main thread checks
+        for them: two Ctrl-Cs while it is inside a long C call (XLA compiling the first step, seconds) were one
+        call of `_on_sigint`, and the second was lost (CI, 2026-12-08: the run stopped at the next step boundary
+        instead of at once). Python's wakeup fd gets one byte per delivery, so the handler counts those. Taken
+        only if no one else holds it (asyncio does while it handles signals); otherwise one call counts one."""
+        read_end, write_end = os.pipe()
+        for fd in (read_end, write_end):
+            os.set_blocking(fd, False)
+        replaced = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        if replaced != -1 and replaced not in _OUR_WAKEUP_FDS:
+            signal.set_wakeup_fd(replaced)
+            os.close(read_end)
+            os.close(write_end)
+            return
+        _OUR_WAKEUP_FDS.add(write_end)
+        self._wakeup = (read_end, write_end, replaced)
+
+    def _sigints_arrived(self) -> int:
+        """How many Ctrl-Cs this call of `_on_sigint` stands for: those the wakeup pipe holds; 0 when an earlier
+        call counted this one's already (it came while that call ran). A delivery on another thread writes its
+        byte just after it marks the signal for the main thread, so an empty pipe is read again for 10 ms; and
+        should someone have set another wakeup fd since (nothing reaches ours then), one call counts one."""
+        if self._wakeup is None:
+            return 1
+        deadline = time.monotonic() + 0.01
+        self._read_wakeup_pipe()
+        while not self._sigints_pending and time.monotonic() < deadline:
+            time.sleep(0.0005)
+            self._read_wakeup_pipe()
+        if not self._sigints_pending:
+            current = signal.set_wakeup_fd(-1)
+            ours = current == self._wakeup[1]
+            signal.set_wakeup_fd(current, **({"warn_on_full_buffer": False} if ours else {}))
+            return 0 if ours else 1
+        arrived, self._sigints_pending = self._sigints_pending, 0
+        return arrived
+
+    def _read_wakeup_pipe(self):
+        if self._wakeup is None:
+            return
+        while True:
+            try:
+                data = os.read(self._wakeup[0], 4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                return
+            self._sigints_pending += data.count(signal.SIGINT)
 
     def _redeliver_lost_interrupt(self, unraisable):
         """A second Ctrl-C's KeyboardInterrupt raised while the main thread ran a callback whose exceptions
@@ -97,19 +160,23 @@ class StopRequests:
             pass
 
     def _on_sigterm(self, signum, frame):
+        self._read_wakeup_pipe()  # (keeps the pipe from filling; the Ctrl-Cs in it stay counted)
         self.received = self.received or "SIGTERM"
 
     def _on_sigint(self, signum, frame):
-        if self.received == "SIGINT":  # the second Ctrl-C: stop now
+        arrived = self._sigints_arrived()
+        if arrived and self.received != "SIGINT":  # the first Ctrl-C: stop at the next step boundary
+            arrived -= 1
+            self.received = "SIGINT"
+            if self._multi_process:
+                os.kill(os.getpid(), signal.SIGTERM)
+        if arrived:  # a second Ctrl-C: stop now
             if self._in_hook:  # raised here it would be lost with the hook's: post it again for after the hook
                 self._post_interrupt_after_hook()
                 return
             if self.exit_at_once is not None and not self.in_training_steps:
                 self.exit_at_once()  # here, not by unwinding: an orbax restore cut short by an exception leaves
             raise KeyboardInterrupt  # its worker threads posting to a closed event loop, each a traceback
-        self.received = "SIGINT"
-        if self._multi_process:
-            os.kill(os.getpid(), signal.SIGTERM)
 
     def should_stop(self) -> bool:
         """Whether to stop at this check (the same answer on every process). With several processes the
@@ -130,6 +197,7 @@ class StopRequests:
 
 
 _installed: Optional[StopRequests] = None
+_OUR_WAKEUP_FDS: set = set()  # the write ends of StopRequests' wakeup pipes (one may take another's over)
 
 
 def install_early(exit_at_once: Optional[Callable[[], None]] = None) -> StopRequests:
