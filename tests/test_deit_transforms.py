@@ -465,3 +465,146 @@ def test_a_jpeg_cut_short_is_refused_whatever_window_is_cropped():
         for box in ([0, 0, 8, 8], [0, 0, 221, 333]):
             with pytest.raises(tf.errors.InvalidArgumentError):
                 sources.decode_crop(cut, lambda h, w: tf.constant(box, tf.int32))
+
+
+def test_padded_crop_is_torchvisions_random_crop_with_padding_4():
+    """DeiT's build_transform at input_size <= 32 trains on torchvision's RandomCrop(32, padding=4): the image
+    with 4 black pixels on each side, a 32 x 32 window at offsets uniform over 0..8 (RandomCrop.get_params:
+    randint(0, h - th + 1)). Each view must be torchvision's F.crop(F.pad(...)) at the drawn offsets, all 81
+    offsets must come, evenly (chi-square over 8,100 draws), and an encoded image gives its decoding's views."""
+    import io
+
+    import tensorflow as tf
+    from PIL import Image
+
+    tf_functional = pytest.importorskip("torchvision.transforms.functional")
+    torch = pytest.importorskip("torch")
+    transforms = pytest.importorskip("torchvision.transforms")
+    image = sample_image("flower", size=(32, 32))
+    draws = 8100
+    padded, boxes = over_seeds(lambda s: dt.padded_crop_source(tf.constant(image), s, 32), draws)
+    assert boxes.shape == (draws, 4) and (boxes[:, 2:] == 32).all()
+    counts = np.zeros((9, 9), int)
+    np.add.at(counts, (boxes[:, 0], boxes[:, 1]), 1)
+    assert (counts > 0).all() and counts.sum() == draws
+    assert stats.chisquare(counts.ravel()).pvalue > 1e-3, counts
+    torch.manual_seed(0)  # torchvision's own range of offsets for the padded 40 x 40 image
+    theirs = np.array([transforms.RandomCrop.get_params(torch.zeros(3, 40, 40), (32, 32))[:2] for _ in range(2000)])
+    assert theirs.min() == boxes[:, :2].min() == 0 and theirs.max() == boxes[:, :2].max() == 8
+    reference = tf_functional.pad(Image.fromarray(image), 4, fill=0)
+    for (top, left, _, _), source in zip(boxes[:40], padded[:40]):
+        want = np.asarray(tf_functional.crop(reference, int(top), int(left), 32, 32))
+        np.testing.assert_array_equal(source[top:top + 32, left:left + 32], want)
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG")
+    seed = tf.constant([5, 0], tf.int64)
+    views = [eager(lambda im: dt.deit_train_transform(im, seed, size=32, crop="padded", erase_prob=0.0), im)
+             for im in (tf.constant(image), tf.constant(png.getvalue()))]
+    np.testing.assert_array_equal(views[0], views[1])
+
+
+@pytest.mark.parametrize("image_ops", ["pil", "tf"])
+def test_padded_deit_view_is_the_padded_crop_then_timms_chain(image_ops):
+    """The whole view with crop='padded' is the torchvision RandomCrop(32, padding=4) window, untouched by any
+    resize, then the same flip and RandAugment as the resized crop's (the choices drawn from the same seeds):
+    with RandAugment off, exactly the window, mirrored where the flip coin says."""
+    import tensorflow as tf
+
+    image = sample_image("china", size=(32, 32))
+    seeds = np.array([[k, 7] for k in range(24)], np.int64)
+    views = _levels(map_in_tf_data(lambda s: dt.deit_train_transform(
+        image, s, size=32, crop="padded", rand_augment=False, erase_prob=0.0, image_ops=image_ops), seeds))
+    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+    flips = 0
+    for view, seed in zip(views, seeds):
+        crop_seed, flip_seed, _, _ = eager(lambda s: dt.split_seed(s, 4), seed)
+        top, left, _, _ = eager(lambda s: dt.padded_crop_source(tf.constant(image), s, 32)[1], crop_seed)
+        want = padded[top:top + 32, left:left + 32]
+        if eager(lambda s: dt.coin(s, 0.5), flip_seed):
+            want, flips = want[:, ::-1], flips + 1
+        np.testing.assert_array_equal(view, want, err_msg=f"seed {seed}")
+    assert 0 < flips < len(seeds)
+
+
+def test_deits_rule_crops_padded_at_32_px_and_below_and_evaluates_the_images_as_they_are():
+    """build_transform: `resize_im = input_size > 32`; at 32 and below RandomCrop(32, padding=4) replaces the
+    random resized crop and the evaluation is ToTensor + Normalize alone (torchvision's, written here as a
+    reference); above 32, Resize + CenterCrop. The small-data recipes keep the resized crop (their images are
+    upsampled). Images that DeiT's transform cannot take are refused with the two ways out."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from vitdistill import recipes, small_data
+    from vitdistill.data import sources
+    from vitdistill.errors import ConfigError
+    from vitdistill.methods import deit
+
+    transforms = pytest.importorskip("torchvision.transforms")
+    config = recipes.deit("deit_tiny_patch16_224")
+    for size, crop in ((32, "padded"), (24, "padded"), (33, "resized"), (224, "resized")):
+        config.data.image_size = size
+        assert deit.crop_of(config) == crop, size
+        assert deit.train_transform(config).keywords["crop"] == crop
+    config.data.image_size = 32
+    photo = sample_image("flower", size=(32, 32))
+    ours = eager(lambda im: deit.eval_transform(config)(im)["image"], tf.constant(photo))
+    official = transforms.Compose([transforms.ToTensor(),  # timm's IMAGENET_DEFAULT_MEAN and _STD
+                                   transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    np.testing.assert_allclose(ours, official(Image.fromarray(photo)).numpy().transpose(1, 2, 0), atol=1e-6)
+    config.augment.crop = "resized"
+    assert deit.crop_of(config) == "resized"
+    config.augment.crop = "centre"
+    with pytest.raises(ConfigError, match="config.augment.crop='centre'; use 'auto'"):
+        deit.crop_of(config)
+
+    assert deit.crop_of(small_data.small_deit_recipe("digits")) == "resized"
+    assert deit.crop_of(small_data.runlocal(recipes.deit("deit_tiny_patch16_224"))) == "resized"
+    digits = sources.digits("train")  # 8 x 8: smaller than the 24 px RandomCrop(32, padding=4) needs
+    config.augment.crop = "auto"
+    with pytest.raises(ConfigError, match=r"digits.* holds 8 x 8 images; config.augment.crop='auto' at image_size "
+                                          r"<= 32 is DeiT's transform.*--config.augment.crop=resized"):
+        deit.check_image_sizes(config, digits, digits)
+    config.data.image_size = 16  # trains (8 + 2 x 4 = 16), but the evaluation takes 16 x 16 images only
+    with pytest.raises(ConfigError, match="holds 8 x 8 images"):
+        deit.check_image_sizes(config, digits, digits)
+    config.data.image_size = 8
+    deit.check_image_sizes(config, digits, digits)
+
+
+def test_an_image_deits_padded_transform_cannot_take_is_named_as_such_not_as_a_corrupt_file(tmp_path):
+    """A folder's images are only seen as they are read: one that RandomCrop(32, padding=4) cannot crop (20 x 20)
+    stops training, and one that is not 32 x 32 stops the evaluation, each with DeiT's rule and the two ways
+    out in one message, not as an image that did not decode (BadImageError's 'remove the corrupt file')."""
+    from PIL import Image
+
+    from vitdistill import recipes
+    from vitdistill.data import pipeline, sources
+    from vitdistill.errors import BadImageError, DataError
+    from vitdistill.evaluate import batched
+    from vitdistill.methods import deit
+    from vitdistill.train import loop, sharding
+
+    for c in range(2):
+        (tmp_path / "train" / f"class{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((20, 20, 3), 60 * c + i, np.uint8)).save(tmp_path / "train" / f"class{c}" / f"{i}.png")
+    source = sources.image_folder(str(tmp_path), "train")
+    config = recipes.deit("deit_tiny_patch16_224")
+    config.data.image_size = 32
+    stream = pipeline.train_dataset(source, deit.train_transform(config), seed=0, global_batch=2)
+    with pytest.raises(DataError) as stopped:
+        loop._next_batch(stream.as_numpy_iterator(), pipeline.TrainData(source, deit.train_transform(config)), 0, config)
+    message = str(stopped.value)
+    assert not isinstance(stopped.value, BadImageError) and "corrupt" not in message
+    assert message.startswith(f"{source.name}, for step 0: an image smaller than 24 x 24, which RandomCrop(32, "
+                              "padding=4) cannot crop"), message
+    assert "--config.data.image_size" in message and "--config.augment.crop=resized" in message
+
+    config.data.image_size = 24  # trains (20 + 8 >= 24); evaluates 24 x 24 images only
+    pipeline.train_dataset(source, deit.train_transform(config), seed=0, global_batch=2).as_numpy_iterator().next()
+    dataset, _ = pipeline.eval_dataset(source, deit.eval_transform(config), global_batch=2)
+    with pytest.raises(DataError) as stopped:
+        next(batched._global_batches(dataset, sharding.make_mesh(None), source, 2))
+    message = str(stopped.value)
+    assert not isinstance(stopped.value, BadImageError) and "corrupt" not in message
+    assert message.startswith(f"{source.name}: an image that is not 24 x 24, which DeiT's evaluation"), message

@@ -65,6 +65,7 @@ def test_three_heads_of_a_converted_distilled_deit_score_as_timms_forward(tmp_pa
     config.data.eval_split = "val"
     config.data.image_size = 32
     config.data.crop_pct = 1.0
+    config.augment.crop = "resized"  # 16-px images resized, as above (DeiT's rule at 32 px takes 32 x 32 as they are)
     config.batch_size = 8
     config.progress_bar = False
     assert config.data.train_split == "val"  # follows eval_split: only the evaluated split is read

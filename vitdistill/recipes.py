@@ -85,6 +85,7 @@ def deit(model: str = "deit_small_patch16_224", *, distilled: bool = False) -> C
     })
     c.data = _data("tfds", name="imagenet2012")
     c.augment = ConfigDict({
+        "crop": "auto",                # auto (build_transform's rule: padded at image_size <= 32) | resized | padded
         "scale": (0.08, 1.0),
         "ratio": (3 / 4, 4 / 3),
         "hflip": 0.5,

@@ -62,6 +62,8 @@ def use_small_data(config: ConfigDict, source: str) -> ConfigDict:
     config.data.eval_split = eval_split
     config.data.image_size = size
     config.data.crop_pct = 1.0  # the whole (upsampled) image; nothing to crop away at 28 or 8 px
+    if config.method == "deit":  # the small images upsampled: the resized crop the recipes were measured with
+        config.augment.crop = "resized"  # (DeiT's own rule at <= 32 px pads and crops them as they are)
     return config
 
 

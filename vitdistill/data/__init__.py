@@ -10,6 +10,16 @@ from vitdistill.errors import ConfigError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# Begins the message of a transform's in-graph check that an image has the size a setting needs (DeiT's padded
+# crop): the loop and the evaluations name the setting instead of calling the image corrupt.
+SIZE_CHECK = "vitdistill: image size"
+
+
+def size_check_text(message: str) -> str:
+    """What a failed SIZE_CHECK says, out of TensorFlow's error message."""
+    text = message[message.index(SIZE_CHECK) + len(SIZE_CHECK):].lstrip(": ")  # "...] [Condition x ...] ..."
+    return text.split("\n")[0].split("] [Condition")[0].rstrip("]").replace("\\'", "'").strip()
+
 
 def steps_per_epoch(num_examples: int, global_batch: int, repeats: int = 1) -> int:
     """The batches of an epoch, as the official samplers give them with drop_last: DistributedSampler's

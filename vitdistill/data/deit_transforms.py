@@ -10,9 +10,10 @@ import math
 
 import tensorflow as tf
 
-from vitdistill.data import IMAGENET_MEAN, IMAGENET_STD
+from vitdistill.data import IMAGENET_MEAN, IMAGENET_STD, SIZE_CHECK
 from vitdistill.data import pil_ops, sources
 from vitdistill.data.pil_resize import pil_resize
+from vitdistill.errors import ConfigError
 from vitdistill.data.randaugment import FILL as RA_FILL
 from vitdistill.data.randaugment import rand_augment as _rand_augment
 from vitdistill.data.randaugment import sample_params as sample_ra_params
@@ -86,7 +87,6 @@ def _setting(data_config, key: str, valid: tuple, fix: str) -> str:
     the key existed)."""
     value = data_config.get(key, valid[0])
     if value not in valid:
-        from vitdistill.errors import ConfigError
 
         raise ConfigError(f"config.data.{key}={value!r}; {fix}")
     return value
@@ -156,6 +156,35 @@ def crop_source(image, seed, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jpeg="a
     return image, crop_box_of(shape[0], shape[1])
 
 
+CROPS = ("resized", "padded")
+PADDED_FIX = ("Set --config.data.image_size to the images' side, or --config.augment.crop=resized (the random resized "
+              "crop, and Resize + CenterCrop to evaluate)")
+PADDING = 4  # DeiT's build_transform: RandomCrop(input_size, padding=4) at input_size <= 32
+
+
+def padded_crop_source(image, seed, size: int, *, padding: int = PADDING, jpeg="accurate"):
+    """(image, box) of torchvision's RandomCrop(size, padding): the image (uint8 [H, W, C], or an encoded one,
+    decoded whole) with `padding` black pixels on every side, and a size x size box at offsets drawn uniformly
+    from 0..H + 2 * padding - size (and the same for the width). DeiT's build_transform trains on it, instead of
+    the random resized crop, at input_size <= 32 (CIFAR). An image too small for the box is refused, as
+    torchvision refuses it."""
+    if image.dtype == tf.string:
+        image = sources.decode_image(image, jpeg)
+    problem = (f"an image smaller than {size - 2 * padding} x {size - 2 * padding}, which RandomCrop({size}, "
+               f"padding={padding}) cannot crop (DeiT's transform at image_size <= 32, config.augment.crop 'auto' or "
+               f"'padded'). {PADDED_FIX}")
+    if None not in image.shape[:2] and min(image.shape[:2]) + 2 * padding < size:  # known as the graph is built
+        raise ConfigError(f"{image.shape[0]} x {image.shape[1]} images: {problem}")
+    padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+    shape = tf.shape(padded, out_type=tf.int32)
+    fits = tf.debugging.assert_greater_equal(tf.reduce_min(shape[:2]), size, message=f"{SIZE_CHECK}: {problem}")
+    top_seed, left_seed = split_seed(seed, 2)
+    with tf.control_dependencies([fits]):
+        top = _random_int(top_seed, shape[0] - size)
+        left = _random_int(left_seed, shape[1] - size)
+    return padded, tf.stack([top, left, tf.constant(size), tf.constant(size)])
+
+
 def random_resized_crop(image, seed, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), method="bicubic",
                         resize="pil", jpeg="accurate"):
     """torchvision RandomResizedCrop(size, scale, ratio, interpolation) -> float32 [size, size, C]. `image` may be
@@ -222,9 +251,15 @@ def random_erasing(image_normalised, seed, p=0.25, scale=(0.02, 1 / 3), ratio=(0
 
 
 def _deit_levels(image, crop_seed, flip_seed, ra_seed, *, size, scale, ratio, interpolation, hflip,
-                 rand_augment, ra_num_ops, ra_magnitude, ra_magnitude_std, ra_prob, resize, image_ops, dtype, jpeg):
+                 rand_augment, ra_num_ops, ra_magnitude, ra_magnitude_std, ra_prob, resize, image_ops, dtype, jpeg,
+                 crop="resized"):
     """The crop, flip and RandAugment of `deit_train_transform`: the view's levels as `dtype` (float32 or uint8)."""
-    image_uint8, box = crop_source(image, crop_seed, scale=scale, ratio=ratio, jpeg=jpeg)  # encoded: its window
+    if crop == "padded":  # a size x size box: Pillow's resize and `resized_crop` leave it as it is
+        image_uint8, box = padded_crop_source(image, crop_seed, size, jpeg=jpeg)
+    elif crop == "resized":
+        image_uint8, box = crop_source(image, crop_seed, scale=scale, ratio=ratio, jpeg=jpeg)  # encoded: its window
+    else:
+        raise ValueError(f"crop={crop!r} is not one of {CROPS}")
     if image_ops == "pil":
         image_uint8, box = pil_source(image_uint8, box, size, interpolation=interpolation, resize=resize)
         flip = coin(flip_seed, hflip) if hflip > 0 else tf.constant(False)
@@ -259,7 +294,7 @@ def crop_and_flip(image, crop_seed, flip_seed, *, size, scale=(0.08, 1.0), inter
 def deit_train_transform(image_uint8, seed, *, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                          interpolation="bicubic", hflip=0.5, rand_augment=True, ra_num_ops=2,
                          ra_magnitude=9.0, ra_magnitude_std=0.5, ra_prob=0.5, erase_prob=0.25, resize="pil",
-                         image_ops="pil", levels=False, jpeg="accurate"):
+                         image_ops="pil", levels=False, jpeg="accurate", crop="resized"):
     """DeiT's training augmentation of one image -> float32 [size, size, 3], normalised.
 
     `image_uint8` is uint8 [H, W, 3], or an encoded image (a scalar string: a source's `load_encoded`), of which
@@ -271,6 +306,10 @@ def deit_train_transform(image_uint8, seed, *, size=224, scale=(0.08, 1.0), rati
     too unless resize='tf'), 'tf' the TF ops (`resize_levels`, `randaugment`). Erasing, on the normalised
     tensor as in timm, is TF's in both.
 
+    `crop`: 'resized', timm's RandomResizedCrop (`scale`, `ratio`, `interpolation`); 'padded', torchvision's
+    RandomCrop(size, padding=4) (`padded_crop_source`), which DeiT's build_transform puts in its place at
+    input_size <= 32.
+
     With `levels` (DeiT's training pipeline): {'image': the uint8 levels before normalisation, 'erase': the
     erase box drawn for them (`erase_box`, only with `erase_prob` > 0)}, for the step to normalise and erase
     (`device_ops`). The image and the box are those the normalised form uses; only the noise is drawn elsewhere.
@@ -279,7 +318,8 @@ def deit_train_transform(image_uint8, seed, *, size=224, scale=(0.08, 1.0), rati
     image = _deit_levels(image_uint8, crop_seed, flip_seed, ra_seed, size=size, scale=scale, ratio=ratio,
                          interpolation=interpolation, hflip=hflip, rand_augment=rand_augment, ra_num_ops=ra_num_ops,
                          ra_magnitude=ra_magnitude, ra_magnitude_std=ra_magnitude_std, ra_prob=ra_prob,
-                         resize=resize, image_ops=image_ops, dtype=tf.uint8 if levels else tf.float32, jpeg=jpeg)
+                         resize=resize, image_ops=image_ops, dtype=tf.uint8 if levels else tf.float32, jpeg=jpeg,
+                         crop=crop)
     if levels:
         out = {"image": image}
         if erase_prob > 0:
@@ -325,6 +365,20 @@ def eval_transform(image_uint8, *, size=224, crop_pct=0.875, interpolation="bicu
                                                       method=interpolation), tf.float32))
     image = resize_shorter_side(image_uint8, int(size / crop_pct), method=interpolation, resize=resize)
     return normalize(center_crop(image, size))
+
+
+def unresized_eval_transform(image_uint8, *, size: int):
+    """DeiT's build_transform(is_train=False) at input_size <= 32: ToTensor and Normalize of the image as it is,
+    which must then be size x size (CIFAR's 32 x 32 at 32); another size is refused."""
+    problem = (f"an image that is not {size} x {size}, which DeiT's evaluation at image_size <= 32 (config.augment."
+               f"crop 'auto' or 'padded') takes as it is, without resizing. {PADDED_FIX}")
+    if None not in image_uint8.shape[:2] and tuple(image_uint8.shape[:2]) != (size, size):  # known as the graph is built
+        raise ConfigError(f"{image_uint8.shape[0]} x {image_uint8.shape[1]} images: {problem}")
+    shape = tf.shape(image_uint8, out_type=tf.int32)
+    same = tf.debugging.assert_equal(shape[:2], tf.constant([size, size]), message=f"{SIZE_CHECK}: {problem}")
+    with tf.control_dependencies([same]):
+        image = tf.identity(image_uint8)
+    return normalize(tf.ensure_shape(tf.cast(image, tf.float32), [size, size, image_uint8.shape[-1]]))
 
 
 def eval_transform_of(data_config, size=None):

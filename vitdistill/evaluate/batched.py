@@ -17,9 +17,9 @@ import numpy as np
 from tensorflow.io import gfile
 
 from vitdistill import models
-from vitdistill.data import pipeline
+from vitdistill.data import SIZE_CHECK, pipeline, size_check_text
 from vitdistill.data.sources import Source
-from vitdistill.errors import BadImageError
+from vitdistill.errors import BadImageError, DataError
 from vitdistill.train import preemption, sharding
 
 
@@ -34,6 +34,9 @@ def _global_batches(dataset, mesh, source: Optional[Source], global_batch: int) 
         except StopIteration:
             return
         except tf.errors.InvalidArgumentError as e:
+            what = source.name if source else "the evaluation data"
+            if SIZE_CHECK in e.message:
+                raise DataError(f"{what}: {size_check_text(e.message)}") from e
             names = (pipeline.eval_batch_examples(source, index, global_batch, jax.process_index(),
                                                   jax.process_count()) if source is not None else ["?"])
             raise BadImageError(

@@ -271,6 +271,43 @@ def train_step(state: DeitState, batch: dict, teacher_variables, *, setup: DeitS
 # ---------------------------------------------------------------------------
 
 
+def crop_of(config) -> str:
+    """`config.augment.crop` resolved: 'auto' is DeiT's build_transform rule, which at input_size <= 32 trains on
+    RandomCrop(input_size, padding=4) instead of the random resized crop and evaluates the images as they are
+    ('padded'), and above 32 resizes ('resized')."""
+    crop = config.augment.get("crop", "auto")
+    if crop == "auto":
+        return "padded" if config.data.image_size <= 32 else "resized"
+    if crop not in deit_transforms.CROPS:
+        raise ConfigError(f"config.augment.crop={crop!r}; use 'auto' (DeiT's rule: 'padded' at image_size <= 32, "
+                          "else 'resized'), 'resized' (the random resized crop; Resize + CenterCrop to evaluate) or "
+                          "'padded' (RandomCrop(image_size, padding=4); the images as they are to evaluate)")
+    return crop
+
+
+def check_image_sizes(config, train_source: Source, eval_source: Source) -> None:
+    """With the padded crop, the sizes DeiT's transform needs, refused before anything runs where the sources hold
+    their images in memory (other sources are checked image by image, `data.SIZE_CHECK`)."""
+    if crop_of(config) != "padded":
+        return
+    size = config.data.image_size
+    for source, smallest, what in ((train_source, size - 2 * deit_transforms.PADDING, "train on"),
+                                   (eval_source, size, "evaluate")):
+        if source.arrays is None:
+            continue
+        height, width = source.arrays[0].shape[1:3]
+        if min(height, width) < smallest or (what == "evaluate" and (height, width) != (size, size)):
+            raise ConfigError(padded_size_message(config, f"{source.name} holds {height} x {width} images"))
+
+
+def padded_size_message(config, found: str) -> str:
+    crop = config.augment.get("crop", "auto")
+    why = ("config.augment.crop='auto' at image_size <= 32 is" if crop == "auto" else "config.augment.crop='padded' is")
+    return (f"{found}; {why} DeiT's transform for images of image_size x image_size (CIFAR at 32): it trains on "
+            f"RandomCrop({config.data.image_size}, padding=4) and evaluates the images as they are. "
+            f"{deit_transforms.PADDED_FIX}")
+
+
 def train_transform(config):
     aug = config.augment
     augment = functools.partial(
@@ -278,12 +315,15 @@ def train_transform(config):
         ratio=tuple(aug.ratio), hflip=aug.hflip, rand_augment=aug.rand_augment, ra_num_ops=aug.ra_num_ops,
         ra_magnitude=aug.ra_magnitude, ra_magnitude_std=aug.ra_magnitude_std, erase_prob=aug.erase_prob,
         resize=deit_transforms.resize_of(config.data), image_ops=deit_transforms.image_ops_of(config.data),
-        levels=True)
+        levels=True, crop=crop_of(config))
     augment.decodes = True  # given an encoded image (and jpeg=), decodes only its crop's window
     return augment  # {'image': uint8 levels, 'erase': the erase box}: the step normalises and erases
 
 
 def eval_transform(config):
+    if crop_of(config) == "padded":
+        size = config.data.image_size
+        return lambda image: {"image": deit_transforms.unresized_eval_transform(image, size=size)}
     return deit_transforms.eval_transform_of(config.data)
 
 
@@ -380,6 +420,7 @@ def build_task(config, workdir: str) -> loop.Task:
     eval_source = get_source(data, data.eval_split, limit=data.eval_limit, class_names=train_source.class_names)
     num_classes = config.model.num_classes or train_source.num_classes
     check_distillation(config)
+    check_image_sizes(config, train_source, eval_source)
     teacher = teachers.load_teacher(config, workdir, num_classes) if config.distill.kind != "none" else None
     length = schedules.run_length(config, train_source.num_examples, config.augment.repeats)
     setup = make_setup(config, num_classes=num_classes, length=length,

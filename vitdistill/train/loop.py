@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from absl import logging
 
 from vitdistill import paths
-from vitdistill.data import pipeline
-from vitdistill.errors import BadImageError, EvalStopped, NonFiniteLossError, Preempted, StoppedAtOnce
+from vitdistill.data import SIZE_CHECK, pipeline, size_check_text
+from vitdistill.errors import BadImageError, DataError, EvalStopped, NonFiniteLossError, Preempted, StoppedAtOnce
 from vitdistill.train import optim, sharding
 from vitdistill.train import preemption
 from vitdistill.train.preemption import StopRequests
@@ -429,6 +429,8 @@ def _next_batch(batches, data: pipeline.TrainData, step: int, config) -> dict:
     except Exception as e:  # tf.errors.* from decoding a bad file, mostly
         import tensorflow as tf
 
+        if isinstance(e, tf.errors.InvalidArgumentError) and SIZE_CHECK in e.message:
+            raise DataError(f"{data.source.name}, for step {step}: {size_check_text(e.message)}") from e
         if isinstance(e, tf.errors.InvalidArgumentError):
             suspects = pipeline.batch_examples(data.source, step, config, data.repeats, jax.process_index(),
                                                jax.process_count(), jax.device_count())
