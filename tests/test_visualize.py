@@ -65,12 +65,21 @@ def test_maps_of_a_converted_dino_checkpoint_are_timms_attention_and_the_command
     # At the native 32 x 32: the maps are timm's CLS -> patch attention.
     assert visualize.main([f"--checkpoint={tmp_path / 'converted'}", f"--image={tmp_path / 'photo.png'}",
                            f"--output={tmp_path / 'native'}", "--image_size=32,32"]) == 0
-    image = np.asarray(Image.open(tmp_path / "native" / "img.png"))
+    image = visualize.load_image(str(tmp_path / "photo.png"), (32, 32), 4)
     # torchvision's Resize on the Pillow DINO ran (<= 12): the horizontal pass, stored, then the vertical. Pillow 13's
     # one call may run the vertical pass first: here 570 pixels one level off.
     expected_image = np.asarray(Image.open(tmp_path / "photo.png").resize((32, 40), Image.BILINEAR)
                                 .resize((32, 32), Image.BILINEAR))
     np.testing.assert_array_equal(image, expected_image)
+    # img.png as visualize_attention.py writes it: save_image(make_grid(img, normalize=True, scale_each=True)) of the
+    # normalised [1, 3, h, w] input (min-max rescaled: not the photo's colours)
+    transforms, utils = pytest.importorskip("torchvision.transforms"), pytest.importorskip("torchvision.utils")
+    tensor = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(
+        transforms.ToTensor()(Image.fromarray(expected_image)))
+    utils.save_image(utils.make_grid(tensor[None], normalize=True, scale_each=True), tmp_path / "official_img.png")
+    saved = np.asarray(Image.open(tmp_path / "native" / "img.png"))
+    np.testing.assert_array_equal(saved, np.asarray(Image.open(tmp_path / "official_img.png")))
+    assert (saved != expected_image).mean() > 0.5
     pixels = (image / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
     attention = _timm_last_attention(reference, torch.tensor(pixels.transpose(2, 0, 1)[None], dtype=torch.float32))
     maps = np.load(tmp_path / "native" / "attention.npy")

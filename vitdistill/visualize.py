@@ -8,12 +8,14 @@ image is resized (`--image_size=H,W`, or one number for the shorter side) with P
 to a multiple of the patch size, normalised with ImageNet's mean and std, and run through the backbone
 (position embeddings resampled as official DINO resamples them). Written to `--output`:
 
-- `img.png`: the image as the network saw it;
+- `img.png`: the image as the network saw it, saved as official DINO saves it (`make_grid(normalize=True,
+  scale_each=True)` of the normalised input: min-max rescaled over all three channels, so its colours are
+  not the photo's);
 - `attn-head{j}.png`: head j's attention from the CLS token to every patch, upsampled (nearest) by the
   patch size, colour-mapped (viridis);
 - `mask_th{t}_head{j}.png`: the smallest set of patches holding at least `t` of head j's attention mass
   (DINO's `--threshold`: sort ascending, keep what lies above `1 - t` of the cumulative mass), white;
-- `overlay_th{t}_head{j}.png`: that mask drawn on the image, outlined;
+- `overlay_th{t}_head{j}.png`: that mask drawn on `img.png` (as DINO draws its masks on it), outlined;
 - `attention.npy` (float32 [heads, h, w], the raw CLS -> patch maps on the patch grid) and `masks.npy`.
 """
 from __future__ import annotations
@@ -90,8 +92,7 @@ def attention_maps(backbone: tuple, model_name: str, image: np.ndarray) -> np.nd
                           pos_embed_interpolation="dino")
     if not isinstance(model, models.VisionTransformer):
         raise ConfigError(f"--model={model_name} is a {type(model).__name__}; attention maps need a ViT")
-    pixels = (image.astype(np.float32) / 255.0 - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
-    attention = models.last_attention(model, {"params": params}, jnp.asarray(pixels[None]))
+    attention = models.last_attention(model, {"params": params}, jnp.asarray(normalised(image)[None]))
     h, w = image.shape[0] // patch, image.shape[1] // patch
     return cls_attention(np.asarray(attention[0], np.float32), (h, w), prefix)
 
@@ -103,6 +104,22 @@ def _colour(maps: np.ndarray) -> np.ndarray:
     lo, hi = float(maps.min()), float(maps.max())
     scaled = (maps - lo) / (hi - lo) if hi > lo else np.zeros_like(maps)
     return (colormaps["viridis"](scaled)[..., :3] * 255).round().astype(np.uint8)
+
+
+def normalised(image: np.ndarray) -> np.ndarray:
+    """float32 [H, W, 3]: torchvision's ToTensor then Normalize with ImageNet's mean and std, in float32."""
+    return (image.astype(np.float32) / np.float32(255) - np.asarray(IMAGENET_MEAN, np.float32)) \
+        / np.asarray(IMAGENET_STD, np.float32)
+
+
+def saved_view(image: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3]: what visualize_attention.py writes as img.png for the network's input `image`:
+    `normalised`, make_grid(normalize=True, scale_each=True) (clamp to, and rescale from, the tensor's own min
+    and max), and save_image's x * 255 + 0.5, clamped, truncated to uint8."""
+    pixels = normalised(image)
+    low, high = float(pixels.min()), float(pixels.max())
+    scaled = (pixels - np.float32(low)) / np.float32(max(high - low, 1e-5))
+    return np.clip(scaled * np.float32(255) + np.float32(0.5), 0, 255).astype(np.uint8)
 
 
 def _overlay(image: np.ndarray, mask: np.ndarray, colour) -> np.ndarray:
@@ -129,7 +146,8 @@ def write_maps(output: str, image: np.ndarray, maps: np.ndarray, patch: int, thr
         Image.fromarray(array).save(path)
         written.append(path)
 
-    save("img.png", image)
+    image = saved_view(image)
+    save("img.png", image)  # (and DINO draws its masks on what it saved)
     up = lambda a: np.kron(a, np.ones((patch, patch), a.dtype))  # noqa: E731  nearest, scale_factor=patch
     palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
                (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
