@@ -87,3 +87,29 @@ def test_three_heads_of_a_converted_distilled_deit_score_as_timms_forward(tmp_pa
     assert final["step"] == 0
     out = capsys.readouterr().out
     assert "distillation" in out and "average" in out and "32 images" in out
+
+
+def test_the_summary_adds_the_best_of_several_evaluations_as_deits_max_accuracy(tmp_path):
+    """main.py prints "Max accuracy" after each epoch's evaluation: the highest acc1 so far (of the averaged
+    heads). The summary adds it, with its step, once metrics.jsonl holds more than one evaluated step (a step
+    evaluated again by a resumed run counts once; of equal maxima, the first)."""
+    import json
+    from types import SimpleNamespace
+
+    from vitdistill import recipes
+    from vitdistill.methods import deit
+
+    config = recipes.deit("deit_tiny_patch16_224")
+    config.distill.kind = "none"
+    final = {"top1": 0.6, "count": 50, "step": 40}
+    summary = lambda: deit.summary_table(final, config=config, eval_source=SimpleNamespace(name="val"),  # noqa: E731
+                                         distilled=False, teacher=None, mesh=None, workdir=str(tmp_path))
+    rows = [{"step": 10, "split": "eval", "top1": 0.5}, {"step": 10, "split": "train", "loss": 2.0, "top1": 0.9}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "Max accuracy" not in summary()  # one evaluation: the table's figure is all there is
+    rows += [{"step": 20, "split": "eval", "top1": 0.7}, {"step": 20, "split": "eval", "top1": 0.7},
+             {"step": 30, "split": "eval", "top1": 0.7}, {"step": 40, "split": "eval", "top1": 0.6}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = summary()
+    assert "| deit_tiny_patch16_224 | class | 60.00   |" in table
+    assert table.endswith("best top-1 of the run's 4 evaluations (DeiT's \"Max accuracy\"): 70.00 % at step 20"), table

@@ -25,7 +25,7 @@ from vitdistill.evaluate import batched
 from vitdistill.evaluate.classify import fractions, topk_correct
 from vitdistill.methods import teacher as teachers
 from vitdistill.train import diagnostics, loop, optim, schedules, sharding, state_checkpoints
-from vitdistill.train.reporting import markdown_table
+from vitdistill.train.reporting import eval_rows, markdown_table
 from vitdistill.train.state import TrainState
 
 
@@ -375,8 +375,9 @@ def teacher_accuracy(teacher: teachers.Teacher, eval_source: Source, config, mes
 
 
 def summary_table(final: dict, *, config, eval_source: Source, distilled: bool, teacher: Optional[teachers.Teacher],
-                  mesh) -> str:
-    """The run's result: the teacher's top-1, the student's per head."""
+                  mesh, workdir: str) -> str:
+    """The run's result: the teacher's top-1, the student's per head; after more than one evaluation, the best
+    top-1 of them (main.py's "Max accuracy", of the averaged heads for a distilled student) and its step."""
     rows = [("model", "head", "top-1 %")]
     if teacher is not None:
         accuracy = teacher_accuracy(teacher, eval_source, config, mesh)["top1"]
@@ -388,8 +389,15 @@ def summary_table(final: dict, *, config, eval_source: Source, distilled: bool, 
                  ("", "average", f"{100 * final['top1']:.2f}")]
     else:
         rows.append((name, "class", f"{100 * final['top1']:.2f}"))
-    return markdown_table(rows, title=f"{eval_source.name}: {int(final.get('count', 0))} images, "
-                                      f"distillation={config.distill.kind}")
+    table = markdown_table(rows, title=f"{eval_source.name}: {int(final.get('count', 0))} images, "
+                                       f"distillation={config.distill.kind}")
+    evals = [row for row in eval_rows(workdir) if "top1" in row]  # (a step evaluated again on resuming: once)
+    steps = {row["step"] for row in evals}
+    if len(steps) > 1:
+        best = max(evals, key=lambda row: row["top1"])  # the first of equals, as main.py keeps its first maximum
+        table += (f"\nbest top-1 of the run's {len(steps)} evaluations (DeiT's \"Max accuracy\"): "
+                  f"{100 * best['top1']:.2f} % at step {best['step']}")
+    return table
 
 
 def load_init_from(state: DeitState, *, path: str, network: str = "auto") -> DeitState:
@@ -448,4 +456,4 @@ def build_task(config, workdir: str) -> loop.Task:
             num_classes=num_classes, total_steps=length.total_steps, distilled=config.distill.kind != "none",
             what=config.model.name),
         summarize=functools.partial(summary_table, config=config, eval_source=eval_source,
-                                    distilled=setup.distilled, teacher=teacher, mesh=mesh))
+                                    distilled=setup.distilled, teacher=teacher, mesh=mesh, workdir=workdir))

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Callable
 
 import flax
@@ -24,7 +22,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from tensorflow.io import gfile
 
 from vitdistill import weights
 from vitdistill.data import deit_transforms, pipeline
@@ -33,7 +30,7 @@ from vitdistill.errors import ConfigError
 from vitdistill.evaluate import batched
 from vitdistill.evaluate.classify import fractions, topk_correct
 from vitdistill.train import loop, schedules, sharding
-from vitdistill.train.reporting import markdown_table
+from vitdistill.train.reporting import eval_rows, markdown_table
 from vitdistill.train.state import TrainState
 
 
@@ -145,11 +142,7 @@ def evaluator(setup: LinearSetup, eval_source: Source, config, mesh) -> Callable
 
 def summary_table(final: dict, *, config, workdir: str, setup: LinearSetup) -> str:
     """Per learning rate: top-1 at the end and the best over the run's evaluations (eval_linear's 'best')."""
-    evals = []
-    path = os.path.join(workdir, "metrics.jsonl")
-    if gfile.exists(path):
-        with gfile.GFile(path) as f:
-            evals = [row for row in map(json.loads, f) if row.get("split") == "eval"]
+    evals = eval_rows(workdir)
     rows = [("learning rate (x batch/256)", "top-1 % (end)", "top-1 % (best)", "top-5 % (end)")]
     for h, lr in enumerate(config.linear.lrs):
         best = max([row.get(f"top1_head{h}", 0.0) for row in evals] + [final.get(f"top1_head{h}", 0.0)])

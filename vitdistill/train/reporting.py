@@ -160,6 +160,17 @@ def save_config(config, workdir: str):
                                   "--workdir.") from e
 
 
+def eval_rows(workdir: str) -> list:
+    """The evaluation rows of the workdir's `metrics.jsonl` (`split == 'eval'`), in the order written."""
+    from tensorflow.io import gfile
+
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not gfile.exists(path):
+        return []
+    with gfile.GFile(path) as f:
+        return [row for row in map(json.loads, f) if row.get("split") == "eval"]
+
+
 def markdown_table(rows, title: str = "") -> str:
     """A Markdown table of `rows` (the first is the header), columns padded to their widest cell."""
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
