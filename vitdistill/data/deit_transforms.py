@@ -13,10 +13,10 @@ import tensorflow as tf
 from vitdistill.data import IMAGENET_MEAN, IMAGENET_STD, SIZE_CHECK
 from vitdistill.data import pil_ops, sources
 from vitdistill.data.pil_resize import pil_resize
-from vitdistill.errors import ConfigError
 from vitdistill.data.randaugment import FILL as RA_FILL
 from vitdistill.data.randaugment import rand_augment as _rand_augment
 from vitdistill.data.randaugment import sample_params as sample_ra_params
+from vitdistill.errors import ConfigError
 
 
 def normalize(image):
@@ -87,7 +87,6 @@ def _setting(data_config, key: str, valid: tuple, fix: str) -> str:
     the key existed)."""
     value = data_config.get(key, valid[0])
     if value not in valid:
-
         raise ConfigError(f"config.data.{key}={value!r}; {fix}")
     return value
 

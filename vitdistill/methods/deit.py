@@ -291,12 +291,10 @@ def check_image_sizes(config, train_source: Source, eval_source: Source) -> None
     if crop_of(config) != "padded":
         return
     size = config.data.image_size
-    for source, smallest, what in ((train_source, size - 2 * deit_transforms.PADDING, "train on"),
-                                   (eval_source, size, "evaluate")):
-        if source.arrays is None:
-            continue
-        height, width = source.arrays[0].shape[1:3]
-        if min(height, width) < smallest or (what == "evaluate" and (height, width) != (size, size)):
+    for source, fits in ((train_source, lambda h, w: min(h, w) + 2 * deit_transforms.PADDING >= size),
+                         (eval_source, lambda h, w: (h, w) == (size, size))):
+        if source.arrays is not None and not fits(*source.arrays[0].shape[1:3]):
+            height, width = source.arrays[0].shape[1:3]
             raise ConfigError(padded_size_message(config, f"{source.name} holds {height} x {width} images"))
 
 
