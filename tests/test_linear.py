@@ -49,10 +49,15 @@ def test_features_are_eval_linears_concatenation_of_timms_intermediate_layers(tm
 @needs_torch
 def test_sgd_and_the_per_epoch_cosine_follow_torch():
     """Two heads (lrs 0.1 and 0.03), 3 epochs of 2 steps, against torch.optim.SGD(momentum=0.9) on
-    nn.Linear and CosineAnnealingLR(T_max=3, eta_min=0) stepped once per epoch."""
+    nn.Linear and CosineAnnealingLR(T_max=3, eta_min=0) stepped once per epoch. Each epoch's second batch is
+    its partial last one, as eval_linear.py's loader (no drop_last) gives it: 5 examples for torch; for the
+    step, 8 rows of which the last 3 are padding (other features and labels) with mask 0."""
     rng = np.random.RandomState(0)
     feats = rng.randn(6, 8, 5).astype(np.float32)  # 6 steps of 8 examples, 5-dim features
     labels = rng.randint(0, 3, (6, 8))
+    mask = np.ones((6, 8), np.float32)
+    mask[1::2, 5:] = 0.0
+    real = lambda i: slice(None, 5 if i % 2 else None)  # noqa: E731  torch's batch i
     identity = type("Identity", (), {})()
     setup = linear.LinearSetup(backbone=identity, n_last_blocks=1, avgpool=False, lrs=(0.1, 0.03), momentum=0.9,
                                num_classes=3, feature_dim=5, steps_per_epoch=2, epochs=3.0)
@@ -63,7 +68,8 @@ def test_sgd_and_the_per_epoch_cosine_follow_torch():
         step = jax.jit(lambda s, b: linear.train_step(s, b, None, setup=setup))
         ours = state
         for i in range(6):
-            ours, _ = step(ours, {"image": jnp.asarray(feats[i]), "label": jnp.asarray(labels[i])})
+            ours, _ = step(ours, {"image": jnp.asarray(feats[i]), "label": jnp.asarray(labels[i]),
+                                  "mask": jnp.asarray(mask[i])})
     finally:
         linear.features = original
     for h, lr in enumerate(setup.lrs):
@@ -75,7 +81,8 @@ def test_sgd_and_the_per_epoch_cosine_follow_torch():
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 3, eta_min=0)
         for epoch in range(3):
             for i in (2 * epoch, 2 * epoch + 1):
-                loss = torch.nn.CrossEntropyLoss()(layer(torch.tensor(feats[i])), torch.tensor(labels[i]))
+                loss = torch.nn.CrossEntropyLoss()(layer(torch.tensor(feats[i][real(i)])),
+                                                   torch.tensor(labels[i][real(i)]))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

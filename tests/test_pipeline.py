@@ -94,6 +94,42 @@ def test_repeated_augmentation_keeps_rasamplers_epoch():
     assert schedules.run_length(config, 600) == schedules.RunLength(9, 18)
 
 
+def test_the_linear_probes_epochs_keep_their_partial_batch_padded_and_masked():
+    """eval_linear.py's loader has no drop_last: an epoch of 10 images at batch 4 is 3 steps, the last holding 2
+    images. Here every epoch's 3 batches hold each image once with mask 1 and 2 padding rows with mask 0 (the
+    first of the permutation again, as DistributedSampler pads); the next epoch is a new permutation; a resume at
+    step 4 gives the same batches and masks; with 2 processes, each holds its rows of them; the schedules count
+    3 steps an epoch. Sequential sources (no epochs) mask nothing."""
+    from ml_collections import ConfigDict
+
+    from vitdistill.train import schedules
+
+    src = _toy(10)
+    stream = lambda **kw: pipeline.train_dataset(src, _identity, seed=2, global_batch=4, keep_partial=True, **kw)  # noqa: E731
+    batches = _ids(stream(), 9)
+    for epoch in range(3):
+        images = np.concatenate([b["image"][:, 0, 0, 0] for b in batches[3 * epoch:3 * epoch + 3]]).astype(int)
+        masks = np.concatenate([b["mask"] for b in batches[3 * epoch:3 * epoch + 3]])
+        assert masks.tolist() == [1.0] * 10 + [0.0] * 2
+        perm = pipeline.epoch_permutation(10, 2, epoch).numpy()
+        assert images.tolist() == perm.tolist() + perm[:2].tolist()
+    for a, b in zip(batches[4:], _ids(stream(start_step=4), 5)):
+        for key in ("image", "noise", "mask"):
+            np.testing.assert_array_equal(a[key], b[key])
+    for k in range(2):
+        for a, b in zip(batches, _ids(stream(process_index=k, process_count=2), 9)):
+            np.testing.assert_array_equal(b["mask"], a["mask"][k::2])
+    config = ConfigDict({"epochs": 2.0, "batch_size": 4, "max_steps": None})
+    assert schedules.run_length(config, 10, keep_partial=True) == schedules.RunLength(3, 6)
+    assert schedules.run_length(config, 10) == schedules.RunLength(2, 4)
+    assert pipeline.epoch_positions(10, 64, keep_partial=True) == 64  # one batch larger than the data: 10 real
+    in_order = sources.Source("in_order", 10, 3, sequential=lambda index, count, seed: tf.data.Dataset.from_tensor_slices(
+        {"image": np.zeros((10, 4, 4, 3), np.uint8), "label": np.arange(10) % 3}))
+    batch = next(pipeline.train_dataset(in_order, _identity, seed=2, global_batch=4, keep_partial=True)
+                 .as_numpy_iterator())
+    assert batch["mask"].tolist() == [1.0] * 4
+
+
 def test_train_batches_resume_at_a_step_and_split_between_processes():
     src = _toy(10)
     full = _ids(pipeline.train_dataset(src, _identity, seed=5, global_batch=4), 6)

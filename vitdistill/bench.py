@@ -185,7 +185,8 @@ class PipelineBench:
 
         self.config = config
         self.ds = pipeline.train_dataset(task.data.source, task.data.transform, seed=0,
-                                         global_batch=config.batch_size, repeats=task.data.repeats)
+                                         global_batch=config.batch_size, repeats=task.data.repeats,
+                                         keep_partial=task.data.keep_partial)
 
     def time(self, steps: int) -> float:
         batches = self.ds.as_numpy_iterator()

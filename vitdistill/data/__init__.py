@@ -21,12 +21,18 @@ def size_check_text(message: str) -> str:
     return text.split("\n")[0].split("] [Condition")[0].rstrip("]").replace("\\'", "'").strip()
 
 
-def steps_per_epoch(num_examples: int, global_batch: int, repeats: int = 1) -> int:
+def steps_per_epoch(num_examples: int, global_batch: int, repeats: int = 1, keep_partial: bool = False) -> int:
     """The batches of an epoch, as the official samplers give them with drop_last: DistributedSampler's
     `num_examples // global_batch`; with repeated augmentation DeiT's RASampler, whose epoch keeps
     `num_examples // 256 * 256` positions of the repeated order (below 256 examples that would be none, and the
     official run would train nothing: there the whole `num_examples`). The rest of an epoch is dropped, and the
-    next epoch starts a new order (`pipeline.index_stream`). Fewer positions than one batch: ConfigError."""
+    next epoch starts a new order (`pipeline.index_stream`). Fewer positions than one batch: ConfigError.
+    `keep_partial` (eval_linear.py's loader, without drop_last): ceil(num_examples / global_batch), the last
+    batch holding the rest (`pipeline.train_dataset` pads it and masks the padding)."""
+    if keep_partial:
+        if repeats > 1:
+            raise ValueError("keep_partial with repeated augmentation: no official loader does both")
+        return -(-num_examples // global_batch)
     used = num_examples // 256 * 256 if repeats > 1 and num_examples >= 256 else num_examples
     if used < global_batch:
         if used < num_examples:

@@ -35,12 +35,14 @@ _NEVER_ENDING = 2 ** 40
 
 @dataclasses.dataclass(frozen=True)
 class TrainData:
-    """A method's training data: the source, its per-example transform, and how many times in a row each
-    example is repeated (DeiT's repeated augmentation; 1 elsewhere)."""
+    """A method's training data: the source, its per-example transform, how many times in a row each
+    example is repeated (DeiT's repeated augmentation; 1 elsewhere), and whether an epoch keeps its last
+    partial batch (the linear probe, as eval_linear.py's loader: padded, with a `mask`) or drops it."""
 
     source: Source
     transform: Transform
     repeats: int = 1
+    keep_partial: bool = False
 
 
 def stream_seed(seed: int, purpose: int, counter) -> tf.Tensor:
@@ -64,24 +66,35 @@ def epoch_permutation(num_examples: int, seed: int, epoch, repeats: int = 1) -> 
 def index_stream(num_examples: int, *, seed: int, start_position: int = 0, repeats: int = 1,
                  epoch_length: int | None = None) -> tf.data.Dataset:
     """An endless dataset of (position, example index), starting at `start_position`: epochs of
-    `epoch_length` positions (all `num_examples` by default), each the start of a new permutation."""
+    `epoch_length` positions (all `num_examples` by default), each the start of a new permutation. An epoch
+    longer than `num_examples` (a kept partial batch padded to a whole one) repeats its permutation's start
+    at the positions past `num_examples` (`is_padding` tells them)."""
     length = num_examples if epoch_length is None else epoch_length
-    if not 1 <= length <= num_examples:
+    if length < 1:
         raise ValueError(f"epoch_length={epoch_length} for {num_examples} examples")
     start_epoch = start_position // length
 
     def one_epoch(epoch):
         positions = epoch * length + tf.range(length, dtype=tf.int64)
-        order = epoch_permutation(num_examples, seed, epoch, repeats)[:length]
+        order = epoch_permutation(num_examples, seed, epoch, repeats)
+        if length > num_examples:
+            order = tf.tile(order, [-(-length // num_examples)])
+        order = order[:length]
         return tf.data.Dataset.from_tensor_slices((positions, order))
 
     epochs = tf.data.Dataset.range(start_epoch, _NEVER_ENDING)
     return epochs.flat_map(one_epoch).skip(start_position - start_epoch * length)
 
 
-def epoch_positions(num_examples: int, global_batch: int, repeats: int = 1) -> int:
-    """The positions of a training epoch: whole global batches (`data.steps_per_epoch`), the rest dropped."""
-    return steps_per_epoch(num_examples, global_batch, repeats) * global_batch
+def epoch_positions(num_examples: int, global_batch: int, repeats: int = 1, keep_partial: bool = False) -> int:
+    """The positions of a training epoch: whole global batches (`data.steps_per_epoch`), the rest dropped, or
+    with `keep_partial` the last batch padded to a whole one."""
+    return steps_per_epoch(num_examples, global_batch, repeats, keep_partial) * global_batch
+
+
+def is_padding(position, num_examples: int, epoch_length: int):
+    """Whether a stream position fills a kept partial batch (an epoch longer than `num_examples`)."""
+    return position % epoch_length >= num_examples
 
 
 def _plain(fn: Callable) -> Callable:
@@ -117,10 +130,12 @@ def process_rows(global_batch: int, process_index: int = 0, process_count: int =
 
 def train_dataset(source: Source, transform: Transform, *, seed: int, global_batch: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1, num_shards: int = 1, repeats: int = 1,
-                  prefetch: int = 2) -> tf.data.Dataset:
+                  prefetch: int = 2, keep_partial: bool = False) -> tf.data.Dataset:
     """This process's endless stream of training batches, each `global_batch // process_count` examples.
 
-    `num_shards` is the number of devices the global batch is split over (all processes' together)."""
+    `num_shards` is the number of devices the global batch is split over (all processes' together). With
+    `keep_partial` each epoch ends on its partial batch, padded to a whole one; every example then has a `mask`
+    (float32: 0 for the padding; 1 everywhere for a sequential source, which has no epochs)."""
     rows = process_rows(global_batch, process_index, process_count, num_shards)
     local_batch = len(rows)
 
@@ -135,17 +150,19 @@ def train_dataset(source: Source, transform: Transform, *, seed: int, global_bat
 
     if source.random_access:
         load = source.load_encoded if decodes and source.load_encoded is not None else source.load
+        epoch_length = epoch_positions(source.num_examples, global_batch, repeats, keep_partial)
         positions = index_stream(source.num_examples, seed=seed, start_position=start_step * global_batch,
-                                 repeats=repeats,
-                                 epoch_length=epoch_positions(source.num_examples, global_batch, repeats)
-                                 ).batch(global_batch)
+                                 repeats=repeats, epoch_length=epoch_length).batch(global_batch)
         rows_t = tf.constant(rows, tf.int64)
 
         def mine(position, index):
             return tf.gather(position, rows_t), tf.gather(index, rows_t)
 
         def load_and_prepare(position, index):
-            return prepare(position, load(index))
+            example = prepare(position, load(index))
+            if keep_partial:
+                example["mask"] = tf.cast(~is_padding(position, source.num_examples, epoch_length), tf.float32)
+            return example
 
         ds = positions.map(mine).unbatch().map(_plain(load_and_prepare), num_parallel_calls=AUTOTUNE)
     else:
@@ -162,6 +179,8 @@ def train_dataset(source: Source, transform: Transform, *, seed: int, global_bat
             ds = ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(repeats))
         first = start_step * global_batch + process_index * local_batch
         ds = ds.enumerate(first).map(_plain(prepare), num_parallel_calls=AUTOTUNE)
+        if keep_partial:
+            ds = ds.map(lambda example: {**example, "mask": tf.constant(1.0)})
     ds = ds.batch(local_batch, drop_remainder=True)
     local_devices = max(num_shards, process_count) // process_count
     if not source.random_access and local_devices > 1:
@@ -184,7 +203,7 @@ def random_batch(data: TrainData, global_batch: int, seed: int = 0) -> dict:
     """Random numpy inputs shaped as `data`'s training batches of `global_batch` examples (from the
     pipeline's element spec), as `random_arrays` fills them. For benchmarks and tests of a step."""
     spec = train_dataset(data.source, data.transform, seed=0, global_batch=global_batch,
-                         repeats=data.repeats).element_spec
+                         repeats=data.repeats, keep_partial=data.keep_partial).element_spec
     shapes = {name: (tuple(s.shape), s.dtype.as_numpy_dtype) for name, s in spec.items()}
     return random_arrays(shapes, data.source.num_classes, seed)
 
@@ -199,7 +218,9 @@ def random_arrays(shapes: dict, num_classes: int, seed: int = 0) -> dict:
     batch = {}
     for name in sorted(shapes):
         shape, dtype = shapes[name][0], np.dtype(shapes[name][1])
-        if np.issubdtype(dtype, np.floating):
+        if name == "mask":  # a kept partial batch's padding: none
+            batch[name] = np.ones(shape, dtype)
+        elif np.issubdtype(dtype, np.floating):
             batch[name] = rng.randn(*shape).astype(dtype)
         elif dtype == np.uint8:
             batch[name] = rng.randint(0, 256, shape).astype(dtype)
@@ -249,13 +270,13 @@ def eval_dataset(source: Source, transform: Callable[[tf.Tensor], dict], *, glob
 
 
 def batch_examples(source: Source, step: int, config, repeats: int = 1, process_index: int = 0,
-                   process_count: int = 1, num_shards: int = 1, limit: int = 20) -> list:
+                   process_count: int = 1, num_shards: int = 1, limit: int = 20, keep_partial: bool = False) -> list:
     """Names the examples of this process's share of training batch `step` (to find a corrupt file)."""
     if not source.random_access:
         return [f"(a record of {source.name}; sequential sources cannot name it)"]
     global_batch = config.batch_size
     stream = index_stream(source.num_examples, seed=config.seed, start_position=step * global_batch, repeats=repeats,
-                          epoch_length=epoch_positions(source.num_examples, global_batch, repeats))
+                          epoch_length=epoch_positions(source.num_examples, global_batch, repeats, keep_partial))
     indices = [int(i) for _, i in stream.take(global_batch).as_numpy_iterator()]
     mine = [indices[r] for r in process_rows(global_batch, process_index, process_count, num_shards)]
     return [source.describe(i) for i in sorted(set(mine))][:limit]

@@ -7,7 +7,8 @@ the CLS token of each of the last `n_last_blocks` blocks, each through the final
 concatenation requires) the average of the last block's normed patch tokens is interleaved with them.
 One linear layer per learning rate in `linear.lrs` (weights N(0, 0.01), bias 0) trains on the same
 features: SGD with momentum 0.9, weight decay 0, lr x batch / 256, cosine annealing to 0 stepped once per
-epoch (`CosineAnnealingLR(epochs, eta_min=0)`), on random-resized crops (scale 0.08-1) and flips; it is
+epoch (`CosineAnnealingLR(epochs, eta_min=0)`), on random-resized crops (scale 0.08-1) and flips, each
+epoch ending on its partial batch as the official loader (no drop_last) ends it; it is
 evaluated after every `eval_every_epochs` on resize (crop_pct) + centre crop, top-1 and top-5 per head,
 and the summary gives each head's last and best top-1.
 """
@@ -77,9 +78,11 @@ def train_step(state: LinearState, batch: dict, backbone_params, *, setup: Linea
     feats = jax.lax.stop_gradient(features(setup.backbone, backbone_params, batch["image"],
                                            n_last_blocks=setup.n_last_blocks, avgpool=setup.avgpool))
     labels = batch["label"].astype(jnp.int32)
+    mask = batch["mask"] if "mask" in batch else jnp.ones(labels.shape, jnp.float32)
 
-    def loss_fn(params):
-        per_head = optax.softmax_cross_entropy_with_integer_labels(logits(params, feats), labels[None]).mean(axis=1)
+    def loss_fn(params):  # nn.CrossEntropyLoss's mean, over the real examples of an epoch's last partial batch
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits(params, feats), labels[None])
+        per_head = jnp.sum(losses * mask, axis=1) / jnp.sum(mask)
         return jnp.sum(per_head), per_head  # heads are independent: the sum's gradient is each head's own
 
     (_, per_head), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -171,7 +174,7 @@ def build_task(config, workdir: str) -> loop.Task:
                           f"{backbone.depth} blocks")
     train_source = get_source(data, data.train_split, limit=data.train_limit)
     eval_source = get_source(data, data.eval_split, limit=data.eval_limit, class_names=train_source.class_names)
-    length = schedules.run_length(config, train_source.num_examples)
+    length = schedules.run_length(config, train_source.num_examples, keep_partial=True)  # eval_linear's loader
     setup = LinearSetup(
         backbone=backbone, n_last_blocks=int(lin.n_last_blocks), avgpool=bool(lin.avgpool_patchtokens),
         lrs=tuple(schedules.scaled_lr(float(lr), config.batch_size, 256) for lr in lin.lrs),
@@ -182,7 +185,7 @@ def build_task(config, workdir: str) -> loop.Task:
     every = int(config.eval_every_epochs * length.steps_per_epoch) if config.eval_every_epochs else 0
     return loop.Task(
         name=f"linear:{config.model.name}",
-        data=pipeline.TrainData(train_source, train_transform(config)),
+        data=pipeline.TrainData(train_source, train_transform(config), keep_partial=True),
         init=functools.partial(init_state, setup=setup),
         train_step=functools.partial(train_step, setup=setup),
         evaluate=evaluator(setup, eval_source, config, mesh),

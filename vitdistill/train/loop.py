@@ -265,7 +265,8 @@ def _run(task: Task, config, workdir: str, stops: StopRequests) -> dict:
                 batches = OnMesh(pipeline.train_dataset(
                     source, task.data.transform, seed=config.seed, global_batch=config.batch_size, start_step=step,
                     process_index=jax.process_index(), process_count=jax.process_count(),
-                    num_shards=mesh.devices.size, repeats=task.data.repeats).as_numpy_iterator(),
+                    num_shards=mesh.devices.size, repeats=task.data.repeats,
+                    keep_partial=task.data.keep_partial).as_numpy_iterator(),
                     task.data, config, mesh, step)
                 reporter.throughput(step)
             checkpoints.check()  # a failed asynchronous save stops the run here, before it trains on
@@ -433,7 +434,8 @@ def _next_batch(batches, data: pipeline.TrainData, step: int, config) -> dict:
             raise DataError(f"{data.source.name}, for step {step}: {size_check_text(e.message)}") from e
         if isinstance(e, tf.errors.InvalidArgumentError):
             suspects = pipeline.batch_examples(data.source, step, config, data.repeats, jax.process_index(),
-                                               jax.process_count(), jax.device_count())
+                                               jax.process_count(), jax.device_count(),
+                                               keep_partial=data.keep_partial)
             raise BadImageError(
                 f"Could not decode an image of {data.source.name} for step {step}: {e.message.splitlines()[0]}"
                 f". It is one of: {suspects}. Remove or replace the corrupt file(s) and re-run the same command "

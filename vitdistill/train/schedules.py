@@ -17,10 +17,11 @@ class RunLength(NamedTuple):
     total_steps: int
 
 
-def run_length(config, num_examples: int, repeats: int = 1) -> RunLength:
+def run_length(config, num_examples: int, repeats: int = 1, keep_partial: bool = False) -> RunLength:
     """Steps per epoch and in all: an epoch is one pass over `num_examples` at the global batch, its last
     partial batch dropped (with `repeats` > 1, DeiT's repeated augmentation: RASampler's epoch,
-    `data.steps_per_epoch`; the pipeline's epochs are the same).
+    `data.steps_per_epoch`; the pipeline's epochs are the same); with `keep_partial` (the linear probe) the
+    last partial batch is kept.
 
     `config.epochs = 0` means no training: the run only evaluates (a converted checkpoint, say).
     `config.max_steps` cuts the run short (0 or None: it does not); the schedules still span `config.epochs`.
@@ -30,7 +31,7 @@ def run_length(config, num_examples: int, repeats: int = 1) -> RunLength:
     if config.get("max_steps") is not None and config.max_steps < 0:
         raise ConfigError(f"config.max_steps={config.max_steps}; use a count of steps >= 1, or 0 (or unset) for the "
                           "whole run (config.epochs=0 evaluates only)")
-    steps_per_epoch = data.steps_per_epoch(num_examples, config.batch_size, repeats)
+    steps_per_epoch = data.steps_per_epoch(num_examples, config.batch_size, repeats, keep_partial)
     total = int(round(config.epochs * steps_per_epoch))
     if config.get("max_steps"):
         total = min(total, int(config.max_steps))
