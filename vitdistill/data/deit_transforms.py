@@ -161,6 +161,11 @@ PADDED_FIX = ("Set --config.data.image_size to the images' side, or --config.aug
 PADDING = 4  # DeiT's build_transform: RandomCrop(input_size, padding=4) at input_size <= 32
 
 
+def padded_crop_fits(height: int, width: int, size: int, padding: int = PADDING) -> bool:
+    """Whether RandomCrop(size, padding) can crop an image of height x width (torchvision refuses it otherwise)."""
+    return min(height, width) + 2 * padding >= size
+
+
 def padded_crop_source(image, seed, size: int, *, padding: int = PADDING, jpeg="accurate"):
     """(image, box) of torchvision's RandomCrop(size, padding): the image (uint8 [H, W, C], or an encoded one,
     decoded whole) with `padding` black pixels on every side, and a size x size box at offsets drawn uniformly
@@ -172,7 +177,7 @@ def padded_crop_source(image, seed, size: int, *, padding: int = PADDING, jpeg="
     problem = (f"an image smaller than {size - 2 * padding} x {size - 2 * padding}, which RandomCrop({size}, "
                f"padding={padding}) cannot crop (DeiT's transform at image_size <= 32, config.augment.crop 'auto' or "
                f"'padded'). {PADDED_FIX}")
-    if None not in image.shape[:2] and min(image.shape[:2]) + 2 * padding < size:  # known as the graph is built
+    if None not in image.shape[:2] and not padded_crop_fits(*image.shape[:2], size, padding):  # known when built
         raise ConfigError(f"{image.shape[0]} x {image.shape[1]} images: {problem}")
     padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
     shape = tf.shape(padded, out_type=tf.int32)

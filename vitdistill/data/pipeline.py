@@ -5,7 +5,9 @@ examples (`data.steps_per_epoch`: `S = N // G`, as DistributedSampler with drop_
 with DeiT's repeated augmentation RASampler's `N // 256 * 256` positions, then `// G`), so
 `L = S * G` positions: stream position `p` holds example `perm_e[p - e*L]` of epoch `e = p // L`,
 where `perm_e` is a permutation drawn from (seed, e) whose last `N - L` entries that epoch drops
-(each epoch starts a new order on a batch boundary, and a batch never spans two epochs), and its
+(each epoch starts a new order on a batch boundary, and a batch never spans two epochs; the linear
+probe's epochs, `keep_partial`, are `ceil(N / G)` batches instead, their `L - N` last positions a masked
+repeat of the permutation's start), and its
 augmentation is seeded from (seed, p). Global batch `b` covers positions `[b*G, (b+1)*G)`. Its
 rows are split over the D devices (batch shards) in `jax.devices()` order, B = G/D each, and
 device `d` takes every D-th position: its row `j` is position `b*G + j*D + d`, as

@@ -40,7 +40,7 @@ def _global_batches(dataset, mesh, source: Optional[Source], global_batch: int) 
             names = (pipeline.eval_batch_examples(source, index, global_batch, jax.process_index(),
                                                   jax.process_count()) if source is not None else ["?"])
             raise BadImageError(
-                f"Could not decode an image of {source.name if source else 'the evaluation data'}: "
+                f"Could not decode an image of {what}: "
                 f"{e.message.splitlines()[0]}. It is one of: {names}. Remove or replace the corrupt file(s).") from e
         yield sharding.to_global(local, mesh)
 

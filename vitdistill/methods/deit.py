@@ -291,7 +291,7 @@ def check_image_sizes(config, train_source: Source, eval_source: Source) -> None
     if crop_of(config) != "padded":
         return
     size = config.data.image_size
-    for source, fits in ((train_source, lambda h, w: min(h, w) + 2 * deit_transforms.PADDING >= size),
+    for source, fits in ((train_source, lambda h, w: deit_transforms.padded_crop_fits(h, w, size)),
                          (eval_source, lambda h, w: (h, w) == (size, size))):
         if source.arrays is not None and not fits(*source.arrays[0].shape[1:3]):
             height, width = source.arrays[0].shape[1:3]

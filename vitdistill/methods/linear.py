@@ -78,7 +78,7 @@ def train_step(state: LinearState, batch: dict, backbone_params, *, setup: Linea
     feats = jax.lax.stop_gradient(features(setup.backbone, backbone_params, batch["image"],
                                            n_last_blocks=setup.n_last_blocks, avgpool=setup.avgpool))
     labels = batch["label"].astype(jnp.int32)
-    mask = batch["mask"] if "mask" in batch else jnp.ones(labels.shape, jnp.float32)
+    mask = batch["mask"]  # 0 for the padding of an epoch's last partial batch (TrainData.keep_partial)
 
     def loss_fn(params):  # nn.CrossEntropyLoss's mean, over the real examples of an epoch's last partial batch
         losses = optax.softmax_cross_entropy_with_integer_labels(logits(params, feats), labels[None])

@@ -69,7 +69,7 @@ class StopRequests:
             read_end, write_end, replaced = self._wakeup
             current = signal.set_wakeup_fd(replaced)
             if current != write_end:  # taken over since: it stays, and so does this pipe (its taker puts it back)
-                signal.set_wakeup_fd(current, **({"warn_on_full_buffer": False} if current in _OUR_WAKEUP_FDS else {}))
+                _set_wakeup_fd(current)
             else:
                 _OUR_WAKEUP_FDS.discard(write_end)
                 os.close(read_end)
@@ -109,9 +109,8 @@ class StopRequests:
             self._read_wakeup_pipe()
         if not self._sigints_pending:
             current = signal.set_wakeup_fd(-1)
-            ours = current == self._wakeup[1]
-            signal.set_wakeup_fd(current, **({"warn_on_full_buffer": False} if ours else {}))
-            return 0 if ours else 1
+            _set_wakeup_fd(current)
+            return 0 if current == self._wakeup[1] else 1
         arrived, self._sigints_pending = self._sigints_pending, 0
         return arrived
 
@@ -198,6 +197,12 @@ class StopRequests:
 
 _installed: Optional[StopRequests] = None
 _OUR_WAKEUP_FDS: set = set()  # the write ends of StopRequests' wakeup pipes (one may take another's over)
+
+
+def _set_wakeup_fd(fd: int) -> None:
+    """Puts `fd` back as Python's wakeup fd: one of ours without warnings when its pipe is full (it is read only
+    when a handler runs), another's as its owner set it (the default)."""
+    signal.set_wakeup_fd(fd, **({"warn_on_full_buffer": False} if fd in _OUR_WAKEUP_FDS else {}))
 
 
 def install_early(exit_at_once: Optional[Callable[[], None]] = None) -> StopRequests:
